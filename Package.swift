@@ -1,0 +1,99 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+let swiftSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+]
+
+let package = Package(
+    name: "swift-mars",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "marsd", targets: ["marsd"]),
+        .executable(name: "marsadm", targets: ["marsadm"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+    ],
+    targets: [
+        // liburing behind an opaque header: <liburing.h> redefines _GNU_SOURCE and clashes with Swift's Glibc module.
+        .target(name: "CIOURing", linkerSettings: [.linkedLibrary("uring")]),
+        // Linux constants and calls the Glibc module hides (_GNU_SOURCE, variadic ioctl, statx DIO alignment).
+        .target(name: "CLinux"),
+        // Data devices and the I/O engines (io_uring, thread-pool pread/pwrite). No NIO: storage threads never need a loop.
+        .target(
+            name: "BlockStore",
+            dependencies: ["CIOURing", "CLinux"],
+            swiftSettings: swiftSettings
+        ),
+        // The NBD wire protocol as pure values: codecs, handshake state machine, request validation.
+        .target(
+            name: "NBDProtocol",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: swiftSettings
+        ),
+        // NIO glue: listeners, per-connection handler, per-event-loop I/O queues.
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "NBDProtocol", "BlockStore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // Requests and replies of the marsd control socket (JSON lines), shared by marsd and marsadm.
+        .target(name: "ControlProtocol", swiftSettings: swiftSettings),
+        // The daemon: services, control socket, configuration.
+        .target(
+            name: "Daemon",
+            dependencies: [
+                "NBDServer", "NBDProtocol", "BlockStore", "ControlProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "marsd",
+            dependencies: [
+                "Daemon", "BlockStore", "NBDServer", "ControlProtocol",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "marsadm",
+            dependencies: ["ControlProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "BlockStoreTests",
+            dependencies: ["BlockStore"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "NBDProtocolTests",
+            dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "NBDServerTests",
+            dependencies: [
+                "NBDServer", "NBDProtocol", "BlockStore", "Daemon", "ControlProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+    ]
+)

@@ -1,0 +1,166 @@
+import CLinux
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How data-device I/O goes through the kernel.
+public enum CacheMode: String, Sendable, CaseIterable {
+    /// Through the page cache (reads of hot data come from memory, as with nbdkit and qemu-nbd).
+    case buffered
+    /// O_DIRECT for aligned requests; unaligned ones use a second, buffered descriptor.
+    case direct
+}
+
+/// The local storage of one export: a regular file (sparse is fine) or a block device.
+///
+/// Holds a buffered descriptor, plus an O_DIRECT descriptor in direct mode. Both refer to the same
+/// inode, so one fdatasync covers writes made through either.
+public final class BlockDevice: Sendable {
+    public enum Kind: String, Sendable {
+        case regularFile = "file"
+        case blockDevice = "block device"
+    }
+
+    public let path: String
+    public let kind: Kind
+    public let size: UInt64
+    public let readOnly: Bool
+    public let cacheMode: CacheMode
+    /// Used for buffered I/O, fallocate, lseek and fdatasync.
+    public let bufferedFD: Int32
+    /// Used for aligned I/O in direct mode.
+    public let directFD: Int32?
+    /// Offset and length alignment an O_DIRECT request needs.
+    public let directOffsetAlignment: UInt64
+    /// Memory alignment an O_DIRECT buffer needs.
+    public let directMemoryAlignment: Int
+
+    public init(path: String, readOnly: Bool = false, cacheMode: CacheMode = .buffered) throws(SystemError) {
+        let access = readOnly ? O_RDONLY : O_RDWR
+        let fd = try Syscall.retrying("open", path) { open(path, access | O_CLOEXEC) }
+        var info = stat()
+        do {
+            _ = try Syscall.retrying("fstat", path) { fstat(fd, &info) }
+        } catch {
+            close(fd)
+            throw error
+        }
+        let type = info.st_mode & S_IFMT
+        var size: UInt64 = 0
+        var logicalSector: UInt32 = 512
+        switch type {
+        case S_IFREG:
+            self.kind = .regularFile
+            size = UInt64(info.st_size)
+        case S_IFBLK:
+            self.kind = .blockDevice
+            do {
+                try Syscall.check("BLKGETSIZE64", path, clinux_block_device_size(fd, &size))
+                try Syscall.check("BLKSSZGET", path, clinux_block_device_logical_sector(fd, &logicalSector))
+            } catch {
+                close(fd)
+                throw error
+            }
+        default:
+            close(fd)
+            throw SystemError("open", "\(path) (not a regular file or block device)", errno: EINVAL)
+        }
+
+        var directFD: Int32?
+        var memoryAlignment = 4096
+        var offsetAlignment = UInt64(max(logicalSector, 512))
+        if cacheMode == .direct {
+            do {
+                let dfd = try Syscall.retrying("open O_DIRECT", path) { open(path, access | O_CLOEXEC | CLINUX_O_DIRECT) }
+                directFD = dfd
+                var memory: UInt32 = 0
+                var offset: UInt32 = 0
+                if clinux_dio_alignment(dfd, &memory, &offset) == 0 {
+                    memoryAlignment = Int(max(memory, 1))
+                    offsetAlignment = UInt64(offset)
+                } else if kind == .regularFile {
+                    // Without STATX_DIOALIGN, page alignment is safe on every filesystem we know.
+                    offsetAlignment = 4096
+                }
+            } catch {
+                close(fd)
+                throw error
+            }
+        }
+        self.path = path
+        self.size = size
+        self.readOnly = readOnly
+        self.cacheMode = cacheMode
+        self.bufferedFD = fd
+        self.directFD = directFD
+        self.directMemoryAlignment = memoryAlignment
+        self.directOffsetAlignment = offsetAlignment
+    }
+
+    deinit {
+        close(bufferedFD)
+        if let directFD { close(directFD) }
+    }
+
+    /// The descriptor for a data transfer at `offset` of `length` bytes whose buffer starts at
+    /// `address`: the O_DIRECT one when everything is aligned, else the buffered one.
+    @inline(__always)
+    public func descriptor(offset: UInt64, length: Int, address: UnsafeRawPointer?) -> Int32 {
+        guard let directFD else { return bufferedFD }
+        let mask = directOffsetAlignment - 1
+        if offset & mask == 0, UInt64(length) & mask == 0,
+            let address, Int(bitPattern: address) % directMemoryAlignment == 0
+        {
+            return directFD
+        }
+        return bufferedFD
+    }
+
+    /// Allocation of `[offset, offset+length)` as runs of data and holes (SEEK_DATA/SEEK_HOLE).
+    /// Block devices report everything as data. At most `maxRuns` runs are returned; the last may
+    /// end before `offset+length`.
+    public func allocationRuns(offset: UInt64, length: UInt64, maxRuns: Int) -> [AllocationRun] {
+        let end = min(offset + length, size)
+        guard kind == .regularFile, offset < end else {
+            return [AllocationRun(length: end - offset, isHole: false)]
+        }
+        var runs: [AllocationRun] = []
+        var position = offset
+        while position < end, runs.count < maxRuns {
+            let data = lseek(bufferedFD, off_t(position), CLINUX_SEEK_DATA)
+            if data < 0 {
+                // ENXIO: no data after `position`; anything else: report data, which is always safe.
+                let isHole = errno == ENXIO
+                runs.append(AllocationRun(length: end - position, isHole: isHole))
+                break
+            }
+            if UInt64(data) > position {
+                runs.append(AllocationRun(length: min(UInt64(data), end) - position, isHole: true))
+                position = min(UInt64(data), end)
+                continue
+            }
+            let hole = lseek(bufferedFD, off_t(position), CLINUX_SEEK_HOLE)
+            let dataEnd = hole < 0 ? end : min(UInt64(hole), end)
+            runs.append(AllocationRun(length: dataEnd - position, isHole: false))
+            position = dataEnd
+        }
+        return runs
+    }
+
+    /// Asks the kernel to read `[offset, offset+length)` ahead (NBD_CMD_CACHE).
+    public func prefetch(offset: UInt64, length: UInt64) {
+        _ = posix_fadvise(bufferedFD, off_t(offset), off_t(length), POSIX_FADV_WILLNEED)
+    }
+}
+
+/// A run of a data device that is either allocated (data) or a hole (reads as zeroes).
+public struct AllocationRun: Sendable, Equatable {
+    public var length: UInt64
+    public var isHole: Bool
+
+    public init(length: UInt64, isHole: Bool) {
+        self.length = length
+        self.isHole = isHole
+    }
+}

@@ -1,0 +1,52 @@
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "CLinux.h"
+
+const int CLINUX_O_DIRECT = O_DIRECT;
+const int CLINUX_FALLOC_FL_KEEP_SIZE = FALLOC_FL_KEEP_SIZE;
+const int CLINUX_FALLOC_FL_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE;
+const int CLINUX_FALLOC_FL_ZERO_RANGE = FALLOC_FL_ZERO_RANGE;
+const int CLINUX_SEEK_DATA = SEEK_DATA;
+const int CLINUX_SEEK_HOLE = SEEK_HOLE;
+const int CLINUX_RWF_DSYNC = RWF_DSYNC;
+
+int clinux_block_device_size(int fd, uint64_t *size) {
+    return ioctl(fd, BLKGETSIZE64, size) == 0 ? 0 : -errno;
+}
+
+int clinux_block_device_logical_sector(int fd, uint32_t *size) {
+    int s = 0;
+    if (ioctl(fd, BLKSSZGET, &s) != 0) return -errno;
+    *size = (uint32_t)s;
+    return 0;
+}
+
+int clinux_dio_alignment(int fd, uint32_t *memory_align, uint32_t *offset_align) {
+#ifdef STATX_DIOALIGN
+    struct statx stx;
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) != 0) return -errno;
+    if (!(stx.stx_mask & STATX_DIOALIGN) || stx.stx_dio_offset_align == 0) return -EOPNOTSUPP;
+    *memory_align = stx.stx_dio_mem_align;
+    *offset_align = stx.stx_dio_offset_align;
+    return 0;
+#else
+    (void)fd; (void)memory_align; (void)offset_align;
+    return -EOPNOTSUPP;
+#endif
+}
+
+int clinux_fallocate(int fd, int mode, uint64_t offset, uint64_t length) {
+    return fallocate(fd, mode, (off_t)offset, (off_t)length) == 0 ? 0 : -errno;
+}
+
+int clinux_eventfd(void) {
+    int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    return fd >= 0 ? fd : -errno;
+}

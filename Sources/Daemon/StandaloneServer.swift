@@ -1,0 +1,168 @@
+import BlockStore
+import ControlProtocol
+import Logging
+import NBDServer
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import UnixSignals
+import NBDProtocol
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One export of `marsd serve`: a name and the device behind it.
+public struct ExportSpec: Sendable, Equatable {
+    public var name: String
+    public var path: String
+    public var readOnly: Bool
+
+    public init(name: String, path: String, readOnly: Bool = false) {
+        self.name = name
+        self.path = path
+        self.readOnly = readOnly
+    }
+
+    /// Parses `NAME=PATH` or `NAME=PATH:ro`.
+    public init(parsing text: String) throws {
+        guard let equals = text.firstIndex(of: "="), equals != text.startIndex else {
+            throw DaemonError("export '\(text)' is not NAME=PATH (for example disk=/var/lib/disk.img)")
+        }
+        var path = String(text[text.index(after: equals)...])
+        var readOnly = false
+        if path.hasSuffix(":ro") {
+            readOnly = true
+            path.removeLast(3)
+        }
+        guard !path.isEmpty else { throw DaemonError("export '\(text)' has no device path after '='") }
+        let name = String(text[..<equals])
+        guard name.utf8.count <= 4096, !name.utf8.contains(0) else {
+            throw DaemonError("export name '\(name)' is longer than 4096 bytes or contains NUL")
+        }
+        self.init(name: name, path: path, readOnly: readOnly)
+    }
+}
+
+/// Configuration of `marsd serve`: local devices over NBD, no log, no replication.
+public struct ServeConfiguration: Sendable {
+    public var exports: [ExportSpec] = []
+    public var nbd = NBDServerConfiguration()
+    public var cacheMode: CacheMode = .buffered
+    public var controlSocketPath: String?
+    public var eventLoopThreads = System.coreCount
+    public var handshakeTimeoutSeconds: Int {
+        get { Int(nbd.limits.handshakeTimeout.nanoseconds / 1_000_000_000) }
+        set { nbd.limits.handshakeTimeout = .seconds(Int64(newValue)) }
+    }
+
+    public init() {}
+}
+
+/// `marsd serve`: serves local devices over NBD until SIGTERM or SIGINT, with a control socket for
+/// `marsadm view`. The daemon is a ServiceGroup, so shutdown is graceful: listeners close first.
+public struct StandaloneServer: Service {
+    public let configuration: ServeConfiguration
+    public let logger: Logger
+
+    public init(configuration: ServeConfiguration, logger: Logger) {
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    /// Opens the devices, starts the listeners, and runs until a signal asks it to stop.
+    public static func runUntilSignalled(_ configuration: ServeConfiguration, logger: Logger) async throws {
+        raiseOpenFileLimit(logger: logger)
+        let service = StandaloneServer(configuration: configuration, logger: logger)
+        let group = ServiceGroup(
+            configuration: .init(services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        )
+        try await group.run()
+    }
+
+    public func run() async throws {
+        guard !configuration.exports.isEmpty else {
+            throw DaemonError("nothing to serve: give at least one --export NAME=PATH")
+        }
+        let names = configuration.exports.map(\.name)
+        guard Set(names).count == names.count else {
+            throw DaemonError("export names must be unique: \(names.joined(separator: ", "))")
+        }
+        var served: [ServedExport] = []
+        for spec in configuration.exports {
+            do {
+                let device = try BlockDevice(path: spec.path, readOnly: spec.readOnly, cacheMode: configuration.cacheMode)
+                served.append(ServedExport(name: spec.name, device: device))
+                logger.info(
+                    "export ready",
+                    metadata: ["name": "\(spec.name)", "device": "\(spec.path)", "size": "\(device.size)", "cache": "\(configuration.cacheMode)"]
+                )
+            } catch {
+                throw DaemonError("cannot open the device of export '\(spec.name)': \(error). Check the path and permissions.")
+            }
+        }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
+        let exports = ExportTable(served)
+        let server: NBDServer
+        do {
+            server = try NBDServer(exports: exports, configuration: configuration.nbd, group: group, logger: logger)
+            try await server.start()
+        } catch {
+            try? await group.shutdownGracefully()
+            throw DaemonError("cannot start the NBD listeners: \(error)")
+        }
+        var control: ControlServer?
+        if let path = configuration.controlSocketPath {
+            let listeners = listenerDescriptions(server)
+            control = try await ControlServer.start(path: path, group: group, logger: logger) { request in
+                switch request.command {
+                case .view:
+                    return ControlResponse(status: status(server, listeners: listeners))
+                }
+            }
+        }
+        logger.info("marsd ready", metadata: ["pid": "\(getpid())", "io-engine": "\(server.ioEngineName)"])
+        try? await gracefulShutdown()
+        logger.info("marsd shutting down")
+        await control?.stop()
+        await server.stop()
+        try await group.shutdownGracefully()
+    }
+
+    private func listenerDescriptions(_ server: NBDServer) -> [String] {
+        var result: [String] = []
+        if let path = configuration.nbd.unixSocketPath { result.append("unix:\(path)") }
+        if let host = configuration.nbd.tcpHost { result.append("tcp:\(host):\(server.tcpPort ?? configuration.nbd.tcpPort)") }
+        return result
+    }
+
+    private func status(_ server: NBDServer, listeners: [String]) -> DaemonStatus {
+        DaemonStatus(
+            version: marsVersion, pid: getpid(), ioEngine: server.ioEngineName, listeners: listeners,
+            exports: server.exports.exports.map { export in
+                let stats = export.statistics
+                return ExportStatus(
+                    name: export.descriptor.name, device: export.device.path, kind: export.device.kind.rawValue,
+                    size: export.device.size, readOnly: export.device.readOnly, cacheMode: export.device.cacheMode.rawValue,
+                    activeConnections: stats.activeConnections.load(ordering: .relaxed),
+                    totalConnections: stats.totalConnections.load(ordering: .relaxed),
+                    requests: stats.requests.load(ordering: .relaxed),
+                    bytesRead: stats.bytesRead.load(ordering: .relaxed),
+                    bytesWritten: stats.bytesWritten.load(ordering: .relaxed),
+                    errors: stats.errors.load(ordering: .relaxed)
+                )
+            }
+        )
+    }
+}
+
+/// Thousands of NBD clients need thousands of descriptors: lift the soft limit to the hard one.
+func raiseOpenFileLimit(logger: Logger) {
+    var limit = rlimit()
+    guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+    limit.rlim_cur = limit.rlim_max
+    if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) != 0 {
+        logger.warning("cannot raise the open-file limit; many NBD connections may be refused")
+    }
+}

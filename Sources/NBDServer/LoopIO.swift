@@ -1,0 +1,134 @@
+import BlockStore
+import Logging
+import NIOCore
+import NIOPosix
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Something that submitted I/O through a `LoopIO` and wants its completions.
+protocol IOCompletionTarget: AnyObject {
+    func ioCompleted(token: Int, result: Int32)
+    /// Called once after a batch of completions, so replies go out with one flush.
+    func completionBatchEnded()
+}
+
+/// The data-device I/O of one event loop: one `IOQueue` (an io_uring, normally) whose completion
+/// eventfd is watched by the loop itself, so requests are submitted and completed on the loop thread
+/// with no hop and no lock. Completions are reaped in batches and each connection flushes once per
+/// batch.
+final class LoopIO {
+    private struct Slot {
+        var target: (any IOCompletionTarget)?
+        var token: Int
+    }
+
+    let queue: any IOQueue
+    private var slots: [Slot] = []
+    private var freeSlots: [Int] = []
+    private var hasUnsubmitted = false
+    /// Targets that got completions in the current batch.
+    private var touched: [any IOCompletionTarget] = []
+
+    init(queue: any IOQueue) {
+        self.queue = queue
+    }
+
+    var inFlight: Int { slots.count - freeSlots.count }
+
+    /// Queues `operation`; the target keeps its buffers alive until `ioCompleted(token:result:)`.
+    func enqueue(_ operation: IOOperation, for target: any IOCompletionTarget, token: Int) {
+        let index: Int
+        if let free = freeSlots.popLast() {
+            index = free
+            slots[index] = Slot(target: target, token: token)
+        } else {
+            index = slots.count
+            slots.append(Slot(target: target, token: token))
+        }
+        queue.enqueue(operation, tag: UInt64(index))
+        hasUnsubmitted = true
+    }
+
+    /// Hands queued operations to the engine; called once per read batch and per completion batch.
+    func submitPending() {
+        guard hasUnsubmitted else { return }
+        hasUnsubmitted = false
+        queue.submit()
+    }
+
+    /// Delivers every ready completion, submits any follow-up operations they queued (short
+    /// transfers, the flush after a FUA trim), then lets each touched target flush its replies once.
+    func reapAll() {
+        queue.reap { tag, result in
+            let index = Int(tag)
+            guard let target = slots[index].target else { return }
+            let token = slots[index].token
+            slots[index].target = nil
+            freeSlots.append(index)
+            target.ioCompleted(token: token, result: result)
+            touched.append(target)
+        }
+        submitPending()
+        // A target may appear several times; it flushes only if it has something to send.
+        for target in touched { target.completionBatchEnded() }
+        touched.removeAll(keepingCapacity: true)
+    }
+}
+
+/// Reads the completion eventfd of a `LoopIO` inside the event loop and reaps on every wake-up.
+private final class CompletionNotifier: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let io: LoopIO
+
+    init(io: LoopIO) {
+        self.io = io
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // The bytes are the eventfd counter; reading them re-arms the notification.
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        io.reapAll()
+    }
+}
+
+/// One `LoopIO` per event loop of a group, created up front.
+final class LoopIORegistry: Sendable {
+    private let byLoop: [ObjectIdentifier: NIOLoopBound<LoopIO>]
+    let engineName: String
+
+    init(group: any EventLoopGroup, engine: IOEngine, logger: Logger) throws {
+        var byLoop: [ObjectIdentifier: NIOLoopBound<LoopIO>] = [:]
+        var names = Set<String>()
+        for loop in group.makeIterator() {
+            // The queue is created on its loop's thread and never leaves it.
+            let (bound, name, notifyFD) = try loop.submit {
+                let queue = try engine.makeQueue()
+                let notifyFD = dup(queue.completionFD)
+                guard notifyFD >= 0 else { throw SystemError("dup", "completion eventfd", errno: errno) }
+                return (NIOLoopBound(LoopIO(queue: queue), eventLoop: loop), queue.engineName, notifyFD)
+            }.wait()
+            names.insert(name)
+            _ = try NIOPipeBootstrap(group: loop)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(CompletionNotifier(io: bound.value))
+                    }
+                }
+                .takingOwnershipOfDescriptor(input: notifyFD)
+                .wait()
+            byLoop[ObjectIdentifier(loop)] = bound
+        }
+        self.byLoop = byLoop
+        self.engineName = names.sorted().joined(separator: ",")
+        logger.info("data-device I/O engine: \(engineName)")
+    }
+
+    /// The `LoopIO` of `loop`; call on that loop only.
+    func io(for loop: any EventLoop) -> LoopIO {
+        byLoop[ObjectIdentifier(loop)]!.value
+    }
+}

@@ -1,0 +1,568 @@
+import BlockStore
+import Logging
+import NBDProtocol
+import NIOCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Limits of one connection.
+public struct ConnectionLimits: Sendable {
+    /// Requests in flight per connection; beyond it the socket is not read (backpressure).
+    public var maxInFlight = 64
+    /// Payload bytes in flight per connection (reads being filled, writes being written).
+    public var maxInFlightBytes = 64 << 20
+    /// A client must finish the handshake within this time.
+    public var handshakeTimeout: TimeAmount = .seconds(30)
+    public var handshake = HandshakeLimits()
+
+    public init() {}
+}
+
+/// One NBD connection: handshake, then transmission. Protocol decisions come from the pure
+/// `HandshakeStateMachine` and `RequestParser`; this class only moves bytes, submits device I/O
+/// through its event loop's `LoopIO`, and writes replies when completions arrive (out of order).
+final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private enum Phase {
+        case handshake(HandshakeStateMachine)
+        case transmission(RequestParser, ServedExport)
+        case closed
+    }
+
+    /// What remains to do for a request whose device operation completed.
+    private enum Stage {
+        case transfer
+        /// Writing zeroes by hand because fallocate cannot zero this range; `next` is the next offset.
+        case zeroFill(next: UInt64)
+        /// The fdatasync a FUA TRIM or WRITE_ZEROES needs after the operation itself.
+        case flushAfter
+    }
+
+    private struct Pending {
+        var cookie: UInt64
+        var command: NBDCommand
+        var flags: NBDCommandFlags
+        var offset: UInt64
+        var length: Int
+        /// READ: the reply, header written, data area behind it. WRITE: the payload.
+        var buffer: ByteBuffer?
+        /// The data area of `buffer` (stable: `buffer` is held unchanged until completion).
+        var address: UnsafeMutableRawPointer?
+        var done = 0
+        var stage = Stage.transfer
+    }
+
+    private let exports: ExportTable
+    private let limits: ConnectionLimits
+    private let logger: Logger
+    private let ioRegistry: LoopIORegistry
+    private var io: LoopIO!
+    private var context: ChannelHandlerContext?
+    private var phase: Phase
+    private var inbound: ByteBuffer?
+    /// True when `inbound` shares storage with a WRITE payload still in flight.
+    private var inboundShared = false
+    private var pending: [Pending?] = []
+    private var freePending: [Int] = []
+    private var inFlight = 0
+    private var inFlightBytes = 0
+    private var needsFlush = false
+    private var disconnectRequested = false
+    private var handshakeTimer: Scheduled<Void>?
+    private var structured = false
+    /// The export whose active-connection count includes this connection.
+    private var countedExport: ServedExport?
+    private let allocator = ByteBufferAllocator()
+
+    init(exports: ExportTable, limits: ConnectionLimits, ioRegistry: LoopIORegistry, logger: Logger) {
+        self.exports = exports
+        self.limits = limits
+        self.ioRegistry = ioRegistry
+        self.logger = logger
+        self.phase = .handshake(HandshakeStateMachine(catalog: exports.catalog, limits: limits.handshake))
+    }
+
+    // MARK: - Channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        self.io = ioRegistry.io(for: context.eventLoop)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        guard case .handshake(let machine) = phase else { return }
+        context.writeAndFlush(wrapOutboundOut(machine.greeting()), promise: nil)
+        let timeout = limits.handshakeTimeout
+        handshakeTimer = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [weak self] in
+            self?.close(reason: "handshake not finished within \(timeout.nanoseconds / 1_000_000_000) s")
+        }
+        context.read()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        handshakeTimer?.cancel()
+        countedExport?.statistics.activeConnections.subtract(1, ordering: .relaxed)
+        countedExport = nil
+        phase = .closed
+        inbound = nil
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        if var buffer = inbound, buffer.readableBytes > 0 {
+            if inboundShared {
+                // Copy only the unread bytes, not storage that an in-flight WRITE still points into.
+                var fresh = allocator.buffer(capacity: buffer.readableBytes + incoming.readableBytes)
+                fresh.writeBuffer(&buffer)
+                buffer = fresh
+                inboundShared = false
+            }
+            inbound = nil  // Keep the buffer uniquely referenced while appending.
+            buffer.writeBuffer(&incoming)
+            inbound = buffer
+        } else {
+            inbound = incoming
+            inboundShared = false
+        }
+        processInbound()
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        flushIfNeeded()
+        readIfReady()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            processInbound()
+            readIfReady()
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        close(reason: "connection error: \(error)")
+    }
+
+    // MARK: - Input
+
+    private var canAcceptRequest: Bool {
+        guard let context, context.channel.isWritable, !disconnectRequested else { return false }
+        return inFlight < limits.maxInFlight && (inFlight == 0 || inFlightBytes < limits.maxInFlightBytes)
+    }
+
+    private func readIfReady() {
+        guard let context, !disconnectRequested else { return }
+        switch phase {
+        case .closed:
+            return
+        case .handshake:
+            context.read()
+        case .transmission:
+            if canAcceptRequest { context.read() }
+        }
+    }
+
+    /// Parses and acts on every complete message in `inbound` while limits allow.
+    private func processInbound() {
+        guard var buffer = inbound else { return }
+        inbound = nil
+        defer {
+            if case .closed = phase { } else { inbound = buffer }
+            io.submitPending()
+            flushIfNeeded()
+        }
+        while true {
+            switch phase {
+            case .closed:
+                return
+            case .handshake(var machine):
+                let action = machine.receive(&buffer)
+                phase = .handshake(machine)
+                guard handle(action) else { return }
+            case .transmission(let parser, let export):
+                guard canAcceptRequest else { return }
+                switch parser.parse(&buffer) {
+                case .needMoreData:
+                    reserveForPayload(&buffer)
+                    return
+                case .request(let request):
+                    if request.command == .disconnect {
+                        disconnectRequested = true
+                        logger.debug("client sent DISC")
+                        closeIfDrained()
+                        return
+                    }
+                    if request.payload != nil { inboundShared = true }
+                    dispatch(request, export)
+                case .reject(let cookie, let command, let error, let message):
+                    logger.debug("rejected request", metadata: ["command": "\(command)", "error": "\(error)", "reason": "\(message)"])
+                    export.statistics.errors.add(1, ordering: .relaxed)
+                    sendError(cookie: cookie, error, message)
+                case .rejectAndClose(let cookie, let command, let error, let message):
+                    logger.notice("rejected request and closing", metadata: ["command": "\(command)", "reason": "\(message)"])
+                    export.statistics.errors.add(1, ordering: .relaxed)
+                    sendError(cookie: cookie, error, message)
+                    flushIfNeeded()
+                    close(reason: message)
+                    return
+                case .close(let reason):
+                    close(reason: reason)
+                    return
+                }
+            }
+        }
+    }
+
+    /// Carries out a handshake action; false when input processing must stop.
+    private func handle(_ action: HandshakeAction) -> Bool {
+        guard let context else { return false }
+        switch action {
+        case .needMoreData:
+            return false
+        case .send(let bytes):
+            context.write(wrapOutboundOut(bytes), promise: nil)
+            needsFlush = true
+            return true
+        case .sendAndClose(let bytes):
+            phase = .closed
+            context.writeAndFlush(wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
+                context.close(promise: nil)
+            }
+            return false
+        case .close(let reason):
+            close(reason: reason)
+            return false
+        case .startTransmission(let bytes, let session):
+            handshakeTimer?.cancel()
+            guard let export = exports.served(session.export) else {
+                close(reason: "export '\(session.export.name)' disappeared during the handshake")
+                return false
+            }
+            context.write(wrapOutboundOut(bytes), promise: nil)
+            needsFlush = true
+            structured = session.structuredReplies
+            phase = .transmission(RequestParser(session: session), export)
+            export.statistics.activeConnections.add(1, ordering: .relaxed)
+            countedExport = export
+            export.statistics.totalConnections.add(1, ordering: .relaxed)
+            logger.debug("transmission started", metadata: ["export": "\(export.descriptor.name)", "structured": "\(structured)"])
+            return true
+        }
+    }
+
+    /// Makes room for the whole WRITE payload at the head of `buffer`, so it arrives without regrowing.
+    private func reserveForPayload(_ buffer: inout ByteBuffer) {
+        guard buffer.readableBytes >= RequestHeader.size,
+            buffer.getInteger(at: buffer.readerIndex + 6, as: UInt16.self) == NBDCommand.write.rawValue,
+            let length = buffer.getInteger(at: buffer.readerIndex + 24, as: UInt32.self),
+            length <= NBDLimits.maxPayload
+        else { return }
+        let needed = RequestHeader.size + Int(length) - buffer.readableBytes
+        if needed > buffer.writableBytes {
+            if inboundShared {
+                var fresh = allocator.buffer(capacity: RequestHeader.size + Int(length))
+                fresh.writeBuffer(&buffer)
+                buffer = fresh
+                inboundShared = false
+            } else {
+                buffer.reserveCapacity(minimumWritableBytes: needed)
+            }
+        }
+    }
+
+    // MARK: - Dispatch
+
+    private func dispatch(_ request: Request, _ export: ServedExport) {
+        let device = export.device
+        export.statistics.requests.add(1, ordering: .relaxed)
+        var item = Pending(
+            cookie: request.cookie, command: request.command, flags: request.flags, offset: request.offset,
+            length: Int(request.length)
+        )
+        switch request.command {
+        case .read:
+            let headerSize = ReplyEncoder.readHeaderSize(structured: structured)
+            var buffer: ByteBuffer
+            if device.cacheMode == .direct {
+                // The data area starts on a page boundary, so the read can go straight to O_DIRECT.
+                buffer = pageAlignedAllocator.buffer(capacity: directIOAlignment + item.length)
+                buffer.moveWriterIndex(to: directIOAlignment - headerSize)
+                buffer.moveReaderIndex(to: directIOAlignment - headerSize)
+            } else {
+                buffer = allocator.buffer(capacity: headerSize + item.length)
+            }
+            ReplyEncoder.writeReadHeader(
+                &buffer, structured: structured, cookie: request.cookie, offset: request.offset, length: item.length
+            )
+            item.address = buffer.withUnsafeMutableWritableBytes { $0.baseAddress! }
+            item.buffer = buffer
+            inFlightBytes += item.length
+            submitTransfer(store(item), device)
+        case .write:
+            var payload = request.payload!
+            var address = payload.withUnsafeReadableBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
+            if device.cacheMode == .direct,
+                device.descriptor(offset: item.offset, length: item.length, address: address) == device.bufferedFD,
+                device.descriptor(offset: item.offset, length: item.length, address: nil) != device.bufferedFD
+                    || isDirectAligned(item, device)
+            {
+                // Aligned range, unaligned memory: copy into a page-aligned buffer to keep O_DIRECT.
+                var aligned = pageAlignedAllocator.buffer(capacity: item.length)
+                aligned.writeBuffer(&payload)
+                payload = aligned
+                address = payload.withUnsafeReadableBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
+            }
+            item.buffer = payload
+            item.address = address
+            inFlightBytes += item.length
+            export.statistics.bytesWritten.add(item.length, ordering: .relaxed)
+            submitTransfer(store(item), device)
+        case .flush:
+            io.enqueue(.fdatasync(fd: device.bufferedFD), for: self, token: store(item))
+        case .trim:
+            io.enqueue(
+                .fallocate(fd: device.bufferedFD, mode: FallocateMode.punchHole, offset: item.offset, length: UInt64(item.length)),
+                for: self, token: store(item)
+            )
+        case .writeZeroes:
+            if item.flags.contains(.fastZero), item.flags.contains(.noHole), device.kind == .blockDevice {
+                // ZERO_RANGE on a block device may write zeroes in the kernel: not fast.
+                sendError(cookie: item.cookie, .notSupported, "fast zeroing without holes is not supported on a block device")
+                return
+            }
+            let mode = item.flags.contains(.noHole) ? FallocateMode.zeroRange : FallocateMode.punchHole
+            io.enqueue(
+                .fallocate(fd: device.bufferedFD, mode: mode, offset: item.offset, length: UInt64(item.length)),
+                for: self, token: store(item)
+            )
+        case .cache:
+            device.prefetch(offset: item.offset, length: UInt64(item.length))
+            sendDone(cookie: item.cookie)
+        case .blockStatus:
+            sendBlockStatus(item, device)
+        case .disconnect:
+            preconditionFailure("DISC is handled before dispatch")
+        }
+    }
+
+    private func isDirectAligned(_ item: Pending, _ device: BlockDevice) -> Bool {
+        let mask = device.directOffsetAlignment - 1
+        return item.offset & mask == 0 && UInt64(item.length) & mask == 0
+    }
+
+    private func store(_ item: Pending) -> Int {
+        inFlight += 1
+        if let index = freePending.popLast() {
+            pending[index] = item
+            return index
+        }
+        pending.append(item)
+        return pending.count - 1
+    }
+
+    private func submitTransfer(_ token: Int, _ device: BlockDevice) {
+        let item = pending[token]!
+        let address = item.address! + item.done
+        let count = item.length - item.done
+        let offset = item.offset + UInt64(item.done)
+        let fd = device.descriptor(offset: offset, length: count, address: address)
+        if item.command == .read {
+            io.enqueue(.read(fd: fd, buffer: address, count: count, offset: offset), for: self, token: token)
+        } else {
+            io.enqueue(
+                .write(fd: fd, buffer: address, count: count, offset: offset, durable: item.flags.contains(.fua)),
+                for: self, token: token
+            )
+        }
+    }
+
+    // MARK: - Completions
+
+    func ioCompleted(token: Int, result: Int32) {
+        guard var item = pending[token], case .transmission(_, let export) = phase else {
+            // The connection is gone; the buffer is released with the slot.
+            release(token)
+            return
+        }
+        let device = export.device
+        if result < 0 {
+            let code = -result
+            if item.command == .trim, code == EOPNOTSUPP, case .transfer = item.stage {
+                // TRIM is a hint: a device that cannot discard has done all it must.
+                return afterOperation(token, &item, device)
+            }
+            if item.command == .writeZeroes, code == EOPNOTSUPP, case .transfer = item.stage {
+                if item.flags.contains(.fastZero) {
+                    return finish(token, error: .notSupported, "the data device cannot zero this range quickly")
+                }
+                item.stage = .zeroFill(next: item.offset)
+                pending[token] = item
+                return submitZeroFill(token, item, device)
+            }
+            let error = nbdError(errno: code, fastZeroRequested: item.flags.contains(.fastZero))
+            logger.warning(
+                "I/O error on data device",
+                metadata: ["device": "\(device.path)", "command": "\(item.command)", "offset": "\(item.offset)", "errno": "\(code)"]
+            )
+            return finish(token, error: error, "\(item.command) at \(item.offset): \(String(cString: strerror(code)))")
+        }
+        switch item.stage {
+        case .transfer where item.command == .read || item.command == .write:
+            if result == 0 {
+                return finish(token, error: .io, "\(item.command) at \(item.offset + UInt64(item.done)): unexpected end of device")
+            }
+            item.done += Int(result)
+            pending[token] = item
+            if item.done < item.length {
+                return submitTransfer(token, device)  // A short transfer: continue with the rest.
+            }
+            finish(token, error: nil, nil)
+        case .transfer:
+            afterOperation(token, &item, device)
+        case .zeroFill(let next):
+            let reached = next + UInt64(result)
+            item.stage = .zeroFill(next: reached)
+            pending[token] = item
+            if reached < item.offset + UInt64(item.length) {
+                return submitZeroFill(token, item, device)
+            }
+            afterOperation(token, &item, device)
+        case .flushAfter:
+            finish(token, error: nil, nil)
+        }
+    }
+
+    /// After TRIM or WRITE_ZEROES: a FUA request still needs its fdatasync.
+    private func afterOperation(_ token: Int, _ item: inout Pending, _ device: BlockDevice) {
+        guard item.flags.contains(.fua), item.command != .flush else {
+            return finish(token, error: nil, nil)
+        }
+        if case .flushAfter = item.stage { return finish(token, error: nil, nil) }
+        item.stage = .flushAfter
+        pending[token] = item
+        io.enqueue(.fdatasync(fd: device.bufferedFD), for: self, token: token)
+    }
+
+    private func submitZeroFill(_ token: Int, _ item: Pending, _ device: BlockDevice) {
+        guard case .zeroFill(let next) = item.stage else { return }
+        let zeroes = ZeroBlock.shared
+        let count = Int(min(UInt64(zeroes.size), item.offset + UInt64(item.length) - next))
+        let fd = device.descriptor(offset: next, length: count, address: zeroes.address)
+        io.enqueue(
+            .write(fd: fd, buffer: zeroes.address, count: count, offset: next, durable: false), for: self, token: token
+        )
+    }
+
+    func completionBatchEnded() {
+        flushIfNeeded()
+        if case .transmission = phase {
+            processInbound()
+            readIfReady()
+        }
+        closeIfDrained()
+    }
+
+    private func release(_ token: Int) {
+        if let item = pending[token], item.command == .read || item.command == .write {
+            inFlightBytes -= item.length
+        }
+        pending[token] = nil
+        freePending.append(token)
+        inFlight -= 1
+    }
+
+    /// Sends the reply of a finished request and frees its slot.
+    private func finish(_ token: Int, error: NBDError?, _ message: String?) {
+        guard let item = pending[token] else { return }
+        release(token)
+        guard let context, case .transmission(_, let export) = phase else { return }
+        if let error {
+            export.statistics.errors.add(1, ordering: .relaxed)
+            sendError(cookie: item.cookie, error, message ?? "\(item.command) failed")
+            return
+        }
+        if item.command == .read, var buffer = item.buffer {
+            buffer.moveWriterIndex(forwardBy: item.length)
+            export.statistics.bytesRead.add(item.length, ordering: .relaxed)
+            context.write(wrapOutboundOut(buffer), promise: nil)
+            needsFlush = true
+        } else {
+            sendDone(cookie: item.cookie)
+        }
+    }
+
+    // MARK: - Replies
+
+    private func sendDone(cookie: UInt64) {
+        guard let context else { return }
+        var out = context.channel.allocator.buffer(capacity: ReplyEncoder.simpleHeaderSize)
+        ReplyEncoder.writeDone(&out, cookie: cookie)
+        context.write(wrapOutboundOut(out), promise: nil)
+        needsFlush = true
+    }
+
+    private func sendError(cookie: UInt64, _ error: NBDError, _ message: String) {
+        guard let context else { return }
+        var out = context.channel.allocator.buffer(capacity: 32 + message.utf8.count)
+        ReplyEncoder.writeError(&out, structured: structured, cookie: cookie, error: error, message: message)
+        context.write(wrapOutboundOut(out), promise: nil)
+        needsFlush = true
+    }
+
+    private func sendBlockStatus(_ item: Pending, _ device: BlockDevice) {
+        guard case .transmission(let parser, _) = phase, let contextID = parser.session.allocationContextID else { return }
+        let maxExtents = item.flags.contains(.requestOne) ? 1 : 1024
+        let runs = device.allocationRuns(offset: item.offset, length: UInt64(item.length), maxRuns: maxExtents)
+        var extents: [Extent] = []
+        extents.reserveCapacity(runs.count)
+        for run in runs where run.length > 0 {
+            let flags = run.isHole ? (NBDAllocationState.hole | NBDAllocationState.zero) : 0
+            if let last = extents.last, last.flags == flags, UInt64(last.length) + run.length <= UInt64(UInt32.max) {
+                extents[extents.count - 1].length += UInt32(run.length)
+            } else {
+                extents.append(Extent(length: UInt32(min(run.length, UInt64(UInt32.max))), flags: flags))
+            }
+        }
+        if extents.isEmpty { extents = [Extent(length: item.length == 0 ? 1 : UInt32(item.length), flags: 0)] }
+        guard let context else { return }
+        var out = context.channel.allocator.buffer(capacity: 32 + 8 * extents.count)
+        ReplyEncoder.writeBlockStatus(&out, cookie: item.cookie, contextID: contextID, extents: extents)
+        context.write(wrapOutboundOut(out), promise: nil)
+        needsFlush = true
+    }
+
+    private func flushIfNeeded() {
+        guard needsFlush, let context else { return }
+        needsFlush = false
+        context.flush()
+    }
+
+    // MARK: - Closing
+
+    private func closeIfDrained() {
+        guard disconnectRequested, inFlight == 0, let context else { return }
+        if case .closed = phase { return }
+        flushIfNeeded()
+        phase = .closed
+        context.close(promise: nil)
+    }
+
+    private func close(reason: String) {
+        guard let context else { return }
+        if case .closed = phase { return }
+        logger.notice("closing NBD connection", metadata: ["peer": "\(context.channel.remoteAddress?.description ?? "unix")", "reason": "\(reason)"])
+        phase = .closed
+        context.close(promise: nil)
+    }
+}

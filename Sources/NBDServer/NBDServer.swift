@@ -1,0 +1,129 @@
+import BlockStore
+import Logging
+import NIOCore
+import NIOPosix
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where and how an NBD server listens.
+public struct NBDServerConfiguration: Sendable {
+    /// A Unix socket path; an existing socket file there is replaced.
+    public var unixSocketPath: String?
+    /// TCP host and port. Port 0 picks a free port (see `NBDServer.tcpPort`).
+    public var tcpHost: String?
+    public var tcpPort: Int = 10809
+    public var limits = ConnectionLimits()
+    /// Connections beyond this are closed right after accept, with a log line.
+    public var maxConnections = 16384
+    public var ioEngine: IOEngine = .auto
+
+    public init() {}
+}
+
+/// The NBD front door: listeners on a Unix socket and/or TCP, serving an `ExportTable`.
+public final class NBDServer: Sendable {
+    public let exports: ExportTable
+    public let configuration: NBDServerConfiguration
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let ioRegistry: LoopIORegistry
+    private let listeners = Mutex<[any Channel]>([])
+    private let connections = ConnectionCounter()
+
+    /// The engine the event loops' I/O queues use ("io_uring" or "threads").
+    public var ioEngineName: String { ioRegistry.engineName }
+
+    public init(
+        exports: ExportTable, configuration: NBDServerConfiguration, group: any EventLoopGroup, logger: Logger
+    ) throws {
+        self.exports = exports
+        self.configuration = configuration
+        self.group = group
+        self.logger = logger
+        self.ioRegistry = try LoopIORegistry(group: group, engine: configuration.ioEngine, logger: logger)
+    }
+
+    /// Binds every configured listener.
+    public func start() async throws {
+        if let path = configuration.unixSocketPath {
+            try removeStaleSocket(path)
+            let channel = try await bootstrap(tcp: false).bind(unixDomainSocketPath: path).get()
+            listeners.withLock { $0.append(channel) }
+            logger.info("NBD listening", metadata: ["unix": "\(path)"])
+        }
+        if let host = configuration.tcpHost {
+            let channel = try await bootstrap(tcp: true).bind(host: host, port: configuration.tcpPort).get()
+            listeners.withLock { $0.append(channel) }
+            logger.info("NBD listening", metadata: ["tcp": "\(channel.localAddress?.description ?? host)"])
+        }
+    }
+
+    /// The bound TCP port, once started.
+    public var tcpPort: Int? {
+        listeners.withLock { channels in
+            channels.lazy.compactMap { $0.localAddress?.protocol == .inet || $0.localAddress?.protocol == .inet6 ? $0.localAddress?.port : nil }.first
+        }
+    }
+
+    /// Closes the listeners; open connections end when their clients disconnect or the group stops.
+    public func stop() async {
+        let channels = listeners.withLock { list in
+            defer { list.removeAll() }
+            return list
+        }
+        for channel in channels {
+            try? await channel.close()
+        }
+        if let path = configuration.unixSocketPath { unlink(path) }
+    }
+
+    private func bootstrap(tcp: Bool) -> ServerBootstrap {
+        let exports = self.exports
+        let limits = configuration.limits
+        let registry = ioRegistry
+        let logger = self.logger
+        let maxConnections = configuration.maxConnections
+        let open = connections
+        var bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.autoRead, value: false)
+            .childChannelOption(
+                .recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 << 10, maximum: 1 << 20)
+            )
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
+        if tcp {
+            bootstrap = bootstrap.childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+        }
+        return bootstrap.childChannelInitializer { channel in
+            let count = open.value.add(1, ordering: .relaxed).newValue
+            channel.closeFuture.whenComplete { _ in open.value.subtract(1, ordering: .relaxed) }
+            if count > maxConnections {
+                logger.warning("refusing NBD connection: \(maxConnections) connections are open (raise --max-connections)")
+                return channel.close()
+            }
+            return channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(
+                    NBDConnectionHandler(exports: exports, limits: limits, ioRegistry: registry, logger: logger)
+                )
+            }
+        }
+    }
+
+    private func removeStaleSocket(_ path: String) throws {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return }
+        guard info.st_mode & S_IFMT == S_IFSOCK else {
+            throw SystemError("bind", "\(path) (exists and is not a socket; choose another --unix path)", errno: EEXIST)
+        }
+        unlink(path)
+    }
+}
+
+/// The number of open NBD connections, shared by the listeners.
+private final class ConnectionCounter: Sendable {
+    let value = Atomic<Int>(0)
+}
