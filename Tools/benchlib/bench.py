@@ -196,17 +196,17 @@ class CpuSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.samples = [(time.monotonic(), cpu_ticks(pid))]
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self):
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             try:
                 self.samples.append((time.monotonic(), cpu_ticks(self.pid)))
             except OSError:
                 return
 
     def finish(self):
-        self._stop.set()
+        self._halt.set()
         self.join()
         self.samples.append((time.monotonic(), cpu_ticks(self.pid)))
 
@@ -306,8 +306,8 @@ class Server:
     def check_alive(self):
         if self.proc is not None and self.proc.poll() is not None:
             raise BenchError(f"server {self.name} exited with status {self.proc.returncode}\n"
-                             f"  command: {shlex.join(self.argv)}\n  log ({self.logpath}):\n"
-                             f"{self.log_tail()}")
+                             f"  command: {shlex.join(self.argv)}\n  last lines of its output"
+                             f" ({self.logpath}; --keep keeps it):\n{self.log_tail()}")
 
     def wait_ready(self, timeout=30.0):
         if self.is_raw:

@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# Runs run-guest-tests.sh against a reference NBD server (qemu-nbd or nbdkit)
-# serving a fresh sparse 256 MiB file on a Unix socket. This proves the guest
-# test itself works, independently of marsd.
+# Runs run-guest-tests.sh against an NBD server it starts on a fresh sparse
+# 256 MiB file behind a Unix socket:
+#   qemu-nbd (default) or nbdkit  reference servers: prove the guest test works
+#   marsd                         the project's server, started as
+#                                 `marsd serve --export NAME=PATH --unix SOCK`
 #
-# Usage: run-against-peer.sh [--peer qemu-nbd|nbdkit] [run-guest-tests.sh options...]
-#   default peer: qemu-nbd (GUEST_PEER overrides)
+# Usage: run-against-peer.sh [--peer qemu-nbd|nbdkit|marsd] [--marsd PATH]
+#                            [--marsd-args "ARGS"] [run-guest-tests.sh options...]
+#   GUEST_PEER, MARSD, GUEST_MARSD_ARGS and GUEST_PEER_SIZE_MIB also set these.
+#   marsd defaults to .build/debug/marsd of this package.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../../.." && pwd)
 PEER=${GUEST_PEER:-qemu-nbd}
+MARSD=${MARSD:-$ROOT/.build/debug/marsd}
+MARSD_ARGS=${GUEST_MARSD_ARGS:-}
 SIZE_MIB=${GUEST_PEER_SIZE_MIB:-256}
 EXPORT=marsguest
 ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --peer) PEER=$2; shift 2 ;;
+        --marsd) MARSD=$2; shift 2 ;;
+        --marsd-args) MARSD_ARGS=$2; shift 2 ;;
         *) ARGS+=("$1"); shift ;;
     esac
 done
@@ -45,10 +54,16 @@ case "$PEER" in
         nbdkit -f -U "$SOCK" file file="$IMG" >"$D/server.log" 2>&1 &
         SERVER_PID=$!
         ;;
-    *) echo "unknown peer $PEER (qemu-nbd or nbdkit)" >&2; exit 2 ;;
+    marsd)
+        [ -x "$MARSD" ] || { echo "run-against-peer: no marsd at $MARSD (swift build first, or --marsd PATH)" >&2; exit 2; }
+        # shellcheck disable=SC2086
+        "$MARSD" serve --export "$EXPORT=$IMG" --unix "$SOCK" $MARSD_ARGS >"$D/server.log" 2>&1 &
+        SERVER_PID=$!
+        ;;
+    *) echo "unknown peer $PEER (qemu-nbd, nbdkit or marsd)" >&2; exit 2 ;;
 esac
 
-for _ in $(seq 1 100); do
+for _ in $(seq 1 150); do
     [ -S "$SOCK" ] && break
     kill -0 "$SERVER_PID" 2>/dev/null || { cat "$D/server.log" >&2; exit 1; }
     sleep 0.1
@@ -58,4 +73,14 @@ echo "run-against-peer: $PEER serving $IMG ($SIZE_MIB MiB) as '$EXPORT' on $SOCK
 
 rc=0
 "$HERE/run-guest-tests.sh" --socket "$SOCK" --export "$EXPORT" --image "$IMG" "${ARGS[@]}" || rc=$?
+if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "FAIL $PEER/server-alive: the server exited during the tests" >&2
+    echo "---- server log ----" >&2
+    tail -n 40 "$D/server.log" >&2
+    rc=1
+fi
+if [ "$rc" -ne 0 ]; then
+    echo "---- $PEER log (last 40 lines) ----" >&2
+    tail -n 40 "$D/server.log" >&2
+fi
 exit $rc

@@ -31,8 +31,8 @@
 #   --scenarios "A B"      scenarios to run; B means every --nbd-block-sizes,
 #                          B512/B4096 pick one                   [GUEST_SCENARIOS]
 #   --nbd-block-sizes "512 4096"                                 [GUEST_NBD_BLOCK_SIZES]
-#   --timeout-a SEC        QEMU time limit for scenario A (default 300)  [GUEST_TIMEOUT_A]
-#   --timeout-b SEC        QEMU time limit per B run (default 300)       [GUEST_TIMEOUT_B]
+#   --timeout-a SEC        QEMU time limit for scenario A (default 240)  [GUEST_TIMEOUT_A]
+#   --timeout-b SEC        QEMU time limit per B run (default 240)       [GUEST_TIMEOUT_B]
 #   --kernel PATH          default: newest /boot/vmlinuz-*       [GUEST_KERNEL]
 #   --smp N  --mem MIB     guest CPUs (default 2) and memory (default 512)
 #   --cache-dir DIR        default ${XDG_CACHE_HOME:-$HOME/.cache}/swift-mars/guest
@@ -41,6 +41,7 @@
 #   --rebuild              rebuild the initramfs even if cached
 #   --seed N               seed of the deterministic data (default 4242)
 #   -v, --verbose          stream the guest console while it runs
+#   GUEST_FWD_RELAY=python use guestfwd-proxy.py even if socat is installed
 #
 # Output: one "PASS <scenario>/<guest|host>/<check>" or "FAIL ..." line per
 # check, then "guest-tests: N passed, N failed". Exit 0 only if all passed.
@@ -57,12 +58,12 @@ IMAGE=""
 CHECK_IMAGE=0
 SCENARIOS=${GUEST_SCENARIOS:-"A B"}
 NBD_BLOCK_SIZES=${GUEST_NBD_BLOCK_SIZES:-"512 4096"}
-TIMEOUT_A=${GUEST_TIMEOUT_A:-300}
-TIMEOUT_B=${GUEST_TIMEOUT_B:-300}
+TIMEOUT_A=${GUEST_TIMEOUT_A:-240}
+TIMEOUT_B=${GUEST_TIMEOUT_B:-240}
 KERNEL=${GUEST_KERNEL:-}
 SMP=${GUEST_SMP:-2}
 MEM=${GUEST_MEM:-512}
-CACHE_DIR=${GUEST_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/swift-mars/guest}
+CACHE_DIR=${GUEST_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/swift-mars/guest}
 WORK=""
 KEEP_WORK=0
 REBUILD=0
@@ -314,7 +315,7 @@ PROXY=$WORK/guestfwd-proxy.sh
     echo '#!/bin/sh'
     echo "# started by QEMU (libslirp) once per guest connection; stdio is the guest socket"
     echo "exec 2>>'$WORK/guestfwd-proxy.log'"
-    if command -v socat >/dev/null 2>&1; then
+    if [ "${GUEST_FWD_RELAY:-auto}" != python ] && command -v socat >/dev/null 2>&1; then
         echo "exec socat -b65536 STDIO 'UNIX-CONNECT:$SOCK'"
     else
         PY=$(command -v python3) || die "need socat or python3 for the guestfwd relay"
@@ -543,12 +544,15 @@ for s in $SCENARIOS; do
     esac
 done
 
-log "total ${SECONDS}s (scenarios $((SECONDS - T_ALL))s); logs in $WORK"
 echo "guest-tests: $NPASS passed, $NFAIL failed"
 if [ "$NFAIL" -eq 0 ] && [ "$NPASS" -gt 0 ]; then
     if [ "$KEEP_WORK" = 0 ]; then
         rm -rf "$WORK"
+        log "total ${SECONDS}s (scenarios $((SECONDS - T_ALL))s)"
+    else
+        log "total ${SECONDS}s (scenarios $((SECONDS - T_ALL))s); logs in $WORK"
     fi
     exit 0
 fi
+log "total ${SECONDS}s (scenarios $((SECONDS - T_ALL))s); logs kept in $WORK"
 exit 1

@@ -1,0 +1,198 @@
+import NIOCore
+import Testing
+
+@testable import NBDProtocol
+
+@Suite("Request parsing and validation")
+struct RequestTests {
+    let plain = RequestParser(session: NegotiatedSession(export: disk, structuredReplies: false, allocationContextID: nil))
+    let structured = RequestParser(session: NegotiatedSession(export: disk, structuredReplies: true, allocationContextID: 1))
+    let readOnly = RequestParser(session: NegotiatedSession(export: backup, structuredReplies: false, allocationContextID: nil))
+
+    private func error(_ parser: RequestParser, _ bytes: ByteBuffer) -> NBDError? {
+        var bytes = bytes
+        if case .reject(_, _, let error, _) = parser.parse(&bytes) { return error }
+        return nil
+    }
+
+    /// A valid READ parses into a request and consumes exactly its header.
+    @Test func validRead() {
+        var input = request(NBDCommand.read.rawValue, cookie: 99, offset: 4096, length: 512)
+        input.writeBytes([0xFF])
+        guard case .request(let r) = plain.parse(&input) else { Issue.record("expected request"); return }
+        #expect(r.command == .read && r.cookie == 99 && r.offset == 4096 && r.length == 512 && r.payload == nil)
+        #expect(input.readableBytes == 1)
+    }
+
+    /// A WRITE is returned only with its whole payload.
+    @Test func writeWaitsForPayload() {
+        var input = request(NBDCommand.write.rawValue, length: 8, payload: [1, 2, 3])
+        #expect(plain.parse(&input) == .needMoreData)
+        input.writeBytes([4, 5, 6, 7, 8])
+        guard case .request(let r) = plain.parse(&input) else { Issue.record("expected request"); return }
+        #expect(Array(r.payload!.readableBytesView) == [1, 2, 3, 4, 5, 6, 7, 8])
+        #expect(input.readableBytes == 0)
+    }
+
+    /// A partial header waits.
+    @Test func partialHeaderWaits() {
+        var input = request(NBDCommand.read.rawValue)
+        var part = input.readSlice(length: 16)!
+        #expect(plain.parse(&part) == .needMoreData)
+    }
+
+    /// Bad request magic: no cookie to answer, close.
+    @Test func badMagicCloses() {
+        var input = request(NBDCommand.read.rawValue, magic: 0x1234_5678)
+        guard case .close = plain.parse(&input) else { Issue.record("expected close"); return }
+    }
+
+    /// A WRITE header claiming more than the maximum payload is answered, then the connection closes.
+    @Test func oversizedWriteClosesAfterError() {
+        var input = request(NBDCommand.write.rawValue, length: 0xFFFF_FFF0)
+        guard case .rejectAndClose(_, _, .invalid, _) = plain.parse(&input) else { Issue.record("expected rejectAndClose"); return }
+    }
+
+    @Test func unknownCommand() { #expect(error(plain, request(0x55)) == .invalid) }
+    @Test func unknownFlag() { #expect(error(plain, request(0, flags: NBDCommandFlags(rawValue: 0x4000))) == .invalid) }
+    @Test func noHoleOnRead() { #expect(error(plain, request(0, flags: .noHole)) == .invalid) }
+    @Test func dfWithoutStructured() { #expect(error(plain, request(0, flags: .doNotFragment)) == .invalid) }
+    @Test func dfWithStructured() { #expect(error(structured, request(0, flags: .doNotFragment)) == nil) }
+    @Test func reqOneOnRead() { #expect(error(plain, request(0, flags: .requestOne)) == .invalid) }
+    @Test func fastZeroOnWrite() {
+        #expect(error(plain, request(1, flags: .fastZero, length: 4, payload: [0, 0, 0, 0])) == .invalid)
+    }
+    /// FUA is accepted on every command once advertised.
+    @Test func fuaOnRead() { #expect(error(plain, request(0, flags: .fua)) == nil) }
+
+    /// Writes to a read-only export are EPERM; the payload is consumed.
+    @Test func writeToReadOnly() {
+        var input = request(NBDCommand.write.rawValue, length: 4, payload: [1, 2, 3, 4])
+        guard case .reject(_, _, .permission, _) = readOnly.parse(&input) else { Issue.record("expected EPERM"); return }
+        #expect(input.readableBytes == 0)
+        #expect(error(readOnly, request(NBDCommand.trim.rawValue)) == .permission)
+    }
+
+    /// Zero-length data commands are EINVAL.
+    @Test(arguments: [NBDCommand.read, .trim, .writeZeroes, .cache, .blockStatus])
+    func zeroLength(command: NBDCommand) {
+        #expect(error(structured, request(command.rawValue, length: 0)) == .invalid)
+    }
+
+    @Test func zeroLengthWrite() { #expect(error(plain, request(1, length: 0, payload: [])) == .invalid) }
+
+    /// Past the end: writes get ENOSPC (payload consumed), everything else EINVAL.
+    @Test func beyondEnd() {
+        let end = disk.size
+        #expect(error(plain, request(0, offset: end, length: 512)) == .invalid)
+        #expect(error(plain, request(4, offset: end - 256, length: 512)) == .invalid)
+        #expect(error(plain, request(6, offset: end, length: 512)) == .noSpace)
+        var write = request(1, offset: end - 2, length: 4, payload: [1, 2, 3, 4])
+        guard case .reject(_, _, .noSpace, _) = plain.parse(&write) else { Issue.record("expected ENOSPC"); return }
+        #expect(write.readableBytes == 0)
+        #expect(error(structured, request(7, offset: end, length: 1)) == .invalid)
+    }
+
+    /// offset + length overflowing 2^64 is out of range, never wrapped.
+    @Test func offsetOverflow() {
+        #expect(error(plain, request(0, offset: UInt64.max - 0xFFF, length: 0x2000)) == .invalid)
+        #expect(error(plain, request(1, offset: UInt64.max - 1, length: 4, payload: [0, 0, 0, 0])) == .noSpace)
+    }
+
+    /// READ beyond the maximum payload is EINVAL (the reply could not be buffered).
+    @Test func oversizedRead() {
+        let big = RequestParser(session: NegotiatedSession(
+            export: ExportDescriptor(name: "big", description: "", size: 1 << 40, readOnly: false),
+            structuredReplies: false, allocationContextID: nil))
+        #expect(error(big, request(0, length: NBDLimits.maxPayload + 1)) == .invalid)
+        #expect(error(big, request(0, length: NBDLimits.maxPayload)) == nil)
+        // TRIM and WRITE_ZEROES carry no payload and may be larger.
+        #expect(error(big, request(4, length: UInt32.max)) == nil)
+    }
+
+    /// BLOCK_STATUS needs structured replies and a selected context.
+    @Test func blockStatusNeedsContext() {
+        #expect(error(plain, request(7)) == .invalid)
+        #expect(error(structured, request(7)) == nil)
+    }
+
+    /// FLUSH and DISC must carry offset 0 and length 0.
+    @Test func flushWithRange() {
+        #expect(error(plain, request(3, offset: 4096, length: 4096)) == .invalid)
+        #expect(error(plain, request(3, length: 0)) == nil)
+    }
+
+    /// Garbage never crashes the parser: every outcome is a defined value.
+    @Test func randomInputNeverCrashes() {
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<2000 {
+            var bytes = ByteBuffer()
+            let count = Int.random(in: 0..<80, using: &generator)
+            for _ in 0..<count { bytes.writeInteger(UInt8.random(in: 0...255, using: &generator)) }
+            if Bool.random(using: &generator) { bytes.setInteger(NBDMagic.request, at: 0) }
+            var rounds = 0
+            while rounds < 10, case .reject = structured.parse(&bytes) { rounds += 1 }
+        }
+    }
+}
+
+@Suite("Reply encoding and error mapping")
+struct ReplyTests {
+    /// A simple reply is magic, error, cookie.
+    @Test func simpleReply() {
+        var out = ByteBuffer()
+        ReplyEncoder.writeSimple(&out, cookie: 0x0102, error: .noSpace)
+        #expect(out.readInteger(as: UInt32.self) == NBDMagic.simpleReply)
+        #expect(out.readInteger(as: UInt32.self) == 28)
+        #expect(out.readInteger(as: UInt64.self) == 0x0102)
+    }
+
+    /// A structured READ header is one OFFSET_DATA chunk marked DONE, length covering offset and data.
+    @Test func structuredReadHeader() {
+        var out = ByteBuffer()
+        ReplyEncoder.writeReadHeader(&out, structured: true, cookie: 5, offset: 4096, length: 512)
+        #expect(out.readableBytes == ReplyEncoder.readHeaderSize(structured: true))
+        #expect(out.readInteger(as: UInt32.self) == NBDMagic.structuredReply)
+        #expect(out.readInteger(as: UInt16.self) == NBDReplyFlag.done)
+        #expect(out.readInteger(as: UInt16.self) == NBDChunkType.offsetData.rawValue)
+        #expect(out.readInteger(as: UInt64.self) == 5)
+        #expect(out.readInteger(as: UInt32.self) == 520)  // offset (8) + data (512)
+        #expect(out.readInteger(as: UInt64.self) == 4096)
+    }
+
+    /// An error chunk carries the error and a message, and is the last chunk.
+    @Test func errorChunk() {
+        var out = ByteBuffer()
+        ReplyEncoder.writeError(&out, structured: true, cookie: 1, error: .invalid, message: "bad")
+        out.moveReaderIndex(forwardBy: 4)
+        #expect(out.readInteger(as: UInt16.self) == NBDReplyFlag.done)
+        #expect(out.readInteger(as: UInt16.self) == NBDChunkType.error.rawValue)
+        out.moveReaderIndex(forwardBy: 8)
+        #expect(out.readInteger(as: UInt32.self) == 9)
+        #expect(out.readInteger(as: UInt32.self) == 22)
+        #expect(out.readInteger(as: UInt16.self) == 3)
+        #expect(out.readString(length: 3) == "bad")
+    }
+
+    /// BLOCK_STATUS: context id then (length, flags) pairs.
+    @Test func blockStatusChunk() {
+        var out = ByteBuffer()
+        ReplyEncoder.writeBlockStatus(&out, cookie: 1, contextID: 1, extents: [Extent(length: 4096, flags: 3), Extent(length: 512, flags: 0)])
+        out.moveReaderIndex(forwardBy: 16)
+        #expect(out.readInteger(as: UInt32.self) == 20)  // context id (4) + two extents (16)
+        #expect(out.readInteger(as: UInt32.self) == 1)
+        #expect(out.readInteger(as: UInt32.self) == 4096)
+        #expect(out.readInteger(as: UInt32.self) == 3)
+    }
+
+    /// One place maps errno to wire errors; ENOTSUP is only reported for FAST_ZERO.
+    @Test func errnoMapping() {
+        #expect(nbdError(errno: 28) == .noSpace)
+        #expect(nbdError(errno: 122) == .noSpace)
+        #expect(nbdError(errno: 30) == .permission)
+        #expect(nbdError(errno: 5) == .io)
+        #expect(nbdError(errno: 95) == .invalid)
+        #expect(nbdError(errno: 95, fastZeroRequested: true) == .notSupported)
+        #expect(nbdError(errno: 9999) == .io)
+    }
+}

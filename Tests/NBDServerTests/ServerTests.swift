@@ -1,0 +1,260 @@
+import BlockStore
+import Logging
+import NBDProtocol
+import NIOCore
+import NIOPosix
+import Testing
+
+@testable import NBDServer
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A running server on a temporary Unix socket over a sparse file, for one test.
+final class ServerHarness {
+    let directory: String
+    let socketPath: String
+    let imagePath: String
+    let group: MultiThreadedEventLoopGroup
+    let server: NBDServer
+
+    init(size: Int = 16 << 20, engine: IOEngine = .auto, cache: CacheMode = .buffered, configure: (inout NBDServerConfiguration) -> Void = { _ in }) async throws {
+        var template = Array("/var/tmp/marsd-srv-XXXXXX".utf8CString)
+        directory = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
+        socketPath = "\(directory)/nbd.sock"
+        imagePath = "\(directory)/disk.img"
+        let fd = open(imagePath, O_CREAT | O_RDWR, 0o600)
+        precondition(fd >= 0 && ftruncate(fd, off_t(size)) == 0)
+        close(fd)
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let device = try BlockDevice(path: imagePath, cacheMode: cache)
+        var configuration = NBDServerConfiguration()
+        configuration.unixSocketPath = socketPath
+        configuration.ioEngine = engine
+        configure(&configuration)
+        var logger = Logger(label: "test")
+        logger.logLevel = .critical
+        server = try NBDServer(exports: ExportTable([ServedExport(name: "disk", device: device)]), configuration: configuration, group: group, logger: logger)
+        try await server.start()
+    }
+
+    func stop() async {
+        await server.stop()
+        try? await group.shutdownGracefully()
+        _ = system("rm -rf '\(directory)'")
+    }
+
+    /// The server still completes a handshake and a read for a new client.
+    func isServing() -> Bool {
+        guard let client = try? TestClient.connected(socketPath) else { return false }
+        return (try? client.read(512, at: 0)) != nil
+    }
+}
+
+func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
+    (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ Int(seed)) }
+}
+
+@Suite("NBD server over real sockets", .serialized)
+struct ServerTests {
+    /// WRITE, FUA WRITE, FLUSH and READ round-trip on both engines and both cache modes.
+    @Test(arguments: [(IOEngine.uring, CacheMode.buffered), (.posix, .buffered), (.auto, .direct)])
+    func roundTrip(engine: IOEngine, cache: CacheMode) async throws {
+        if engine == .uring, (try? URingIOQueue()) == nil { return }
+        let harness = try await ServerHarness(engine: engine, cache: cache)
+        let client = try TestClient.connected(harness.socketPath)
+        let data = pattern(65536, seed: 3)
+        #expect(try client.write(data, at: 4096) == 0)
+        #expect(try client.write(Array(data[0..<512]), at: 512 * 3, flags: .fua) == 0)  // 512-byte granular
+        #expect(try client.command(.flush) == 0)
+        #expect(try client.read(65536, at: 4096) == data)
+        #expect(try client.read(512, at: 512 * 3) == Array(data[0..<512]))
+        #expect(try client.command(.writeZeroes, flags: .noHole, offset: 8192, length: 4096) == 0)
+        #expect(try client.read(4096, at: 8192) == [UInt8](repeating: 0, count: 4096))
+        #expect(try client.command(.trim, flags: .fua, offset: 16384, length: 4096) == 0)
+        #expect(try client.command(.cache, offset: 0, length: 65536) == 0)
+        await harness.stop()
+    }
+
+    /// CAN_MULTI_CONN: a write acknowledged on one connection and flushed on another is visible on a third.
+    @Test func multiConnVisibility() async throws {
+        let harness = try await ServerHarness()
+        let a = try TestClient.connected(harness.socketPath)
+        let b = try TestClient.connected(harness.socketPath)
+        let c = try TestClient.connected(harness.socketPath)
+        #expect(a.flags.contains(.canMultiConn))
+        let data = pattern(4096, seed: 9)
+        #expect(try a.write(data, at: 1 << 20) == 0)
+        #expect(try b.command(.flush) == 0)
+        #expect(try c.read(4096, at: 1 << 20) == data)
+        await harness.stop()
+    }
+
+    /// A WRITE whose payload is cut short is never applied, and the server keeps serving.
+    @Test func writePayloadCutShort() async throws {
+        let harness = try await ServerHarness()
+        let client = try TestClient.connected(harness.socketPath)
+        try client.send(client.requestBytes(.write, offset: 0, length: 65536) + [UInt8](repeating: 0xEE, count: 1000))
+        shutdown(client.fd, Int32(SHUT_WR))
+        #expect(client.isClosedByServer())
+        let fresh = try TestClient.connected(harness.socketPath)
+        #expect(try fresh.read(1000, at: 0) == [UInt8](repeating: 0, count: 1000))
+        await harness.stop()
+    }
+
+    /// Bad request magic closes that connection only.
+    @Test func badMagicClosesOnlyThatConnection() async throws {
+        let harness = try await ServerHarness()
+        let other = try TestClient.connected(harness.socketPath)
+        let client = try TestClient.connected(harness.socketPath)
+        try client.send(be32(0x1234_5678) + [UInt8](repeating: 0, count: 24))
+        #expect(client.isClosedByServer())
+        #expect(try other.read(512, at: 0).count == 512)
+        #expect(harness.isServing())
+        await harness.stop()
+    }
+
+    /// Data after DISC is not applied; requests before it complete.
+    @Test func dataAfterDisconnectIgnored() async throws {
+        let harness = try await ServerHarness()
+        let client = try TestClient.connected(harness.socketPath)
+        let data = pattern(4096, seed: 1)
+        try client.send(
+            client.requestBytes(.write, cookie: 1, offset: 0, length: 4096) + data + client.requestBytes(.disconnect)
+                + client.requestBytes(.write, cookie: 2, offset: 8192, length: 4096) + [UInt8](repeating: 0xAB, count: 4096)
+        )
+        #expect(try client.simpleReply() == (0, 1))
+        #expect(client.isClosedByServer())
+        let fresh = try TestClient.connected(harness.socketPath)
+        #expect(try fresh.read(4096, at: 0) == data)
+        #expect(try fresh.read(4096, at: 8192) == [UInt8](repeating: 0, count: 4096))
+        await harness.stop()
+    }
+
+    /// Errors keep the connection: out of range, unknown command, zero length.
+    @Test func errorsKeepConnection() async throws {
+        let harness = try await ServerHarness(size: 1 << 20)
+        let client = try TestClient.connected(harness.socketPath)
+        #expect(try client.command(.read, offset: 1 << 20, length: 512) == NBDError.invalid.rawValue)
+        try client.send(client.requestBytes(.write, offset: (1 << 20) - 256, length: 512) + [UInt8](repeating: 1, count: 512))
+        #expect(try client.simpleReply().error == NBDError.noSpace.rawValue)
+        try client.send(client.requestBytes(.read, offset: 0, length: 0))
+        #expect(try client.simpleReply().error == NBDError.invalid.rawValue)
+        try client.send(be32(NBDMagic.request) + be16(0) + be16(0x55) + be64(1) + be64(0) + be32(512))
+        #expect(try client.simpleReply().error == NBDError.invalid.rawValue)
+        #expect(try client.read(512, at: 0).count == 512)
+        await harness.stop()
+    }
+
+    /// Structured replies: READ comes as one OFFSET_DATA chunk; BLOCK_STATUS reports a hole, then data.
+    @Test func structuredReadAndBlockStatus() async throws {
+        let harness = try await ServerHarness()
+        let client = try TestClient.connected(harness.socketPath, structured: true)
+        #expect(client.flags.contains(.sendDF))
+        let data = pattern(4096, seed: 5)
+        #expect(try client.write(data, at: 1 << 20) == 0)
+        try client.send(client.requestBytes(.read, flags: .doNotFragment, cookie: 3, offset: 1 << 20, length: 4096))
+        let chunk = try client.receive(20)
+        #expect(be32(chunk, 0) == NBDMagic.structuredReply)
+        #expect(be16(chunk, 4) == NBDReplyFlag.done)
+        #expect(be16(chunk, 6) == NBDChunkType.offsetData.rawValue)
+        #expect(be32(chunk, 16) == 8 + 4096)
+        #expect(be64(try client.receive(8), 0) == 1 << 20)
+        #expect(try client.receive(4096) == data)
+        try client.send(client.requestBytes(.blockStatus, cookie: 4, offset: 0, length: (1 << 20) + 4096))
+        let header = try client.receive(20)
+        #expect(be16(header, 6) == NBDChunkType.blockStatus.rawValue)
+        let payload = try client.receive(Int(be32(header, 16)))
+        #expect(be32(payload, 0) == 1)
+        #expect(be32(payload, 4) == 1 << 20)
+        #expect(be32(payload, 8) == NBDAllocationState.hole | NBDAllocationState.zero)
+        #expect(be32(payload, 16) == 0)
+        await harness.stop()
+    }
+
+    /// Backpressure: a client that sends READs but never reads replies makes the server stop reading
+    /// its socket; the server does not buffer requests or replies without bound.
+    @Test func backpressureStopsReading() async throws {
+        let harness = try await ServerHarness(size: 64 << 20)
+        let client = try TestClient.connected(harness.socketPath)
+        _ = fcntl(client.fd, F_SETFL, fcntl(client.fd, F_GETFL) | O_NONBLOCK)
+        let request = client.requestBytes(.read, offset: 0, length: 32 << 20)
+        var accepted = 0
+        var blocked = false
+        // Keep offering requests for a while; a server that reads without bound accepts all 100000.
+        for _ in 0..<100_000 {
+            let n = request.withUnsafeBytes { send(client.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n < 0 && errno == EAGAIN {
+                try await Task.sleep(for: .milliseconds(20))
+                let retry = request.withUnsafeBytes { send(client.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                if retry < 0 && errno == EAGAIN {
+                    blocked = true
+                    break
+                }
+                accepted += 1
+                continue
+            }
+            #expect(n == request.count)
+            accepted += 1
+        }
+        #expect(blocked, "the server kept reading \(accepted) requests of 32 MiB without the client reading replies")
+        #expect(harness.isServing())
+        await harness.stop()
+    }
+
+    /// A client vanishing with many requests in flight leaves the server serving others.
+    @Test func vanishingClientWithRequestsInFlight() async throws {
+        let harness = try await ServerHarness(size: 64 << 20)
+        do {
+            let client = try TestClient.connected(harness.socketPath)
+            var burst: [UInt8] = []
+            for i in 0..<64 { burst += client.requestBytes(.read, cookie: UInt64(i), offset: UInt64(i) << 20, length: 1 << 20) }
+            try client.send(burst)
+        }
+        #expect(harness.isServing())
+        await harness.stop()
+    }
+
+    /// A client that never finishes the handshake is disconnected after the timeout.
+    @Test func handshakeTimeout() async throws {
+        let harness = try await ServerHarness { $0.limits.handshakeTimeout = .milliseconds(300) }
+        let client = try TestClient(socketPath: harness.socketPath)
+        _ = try client.receive(18)
+        #expect(client.isClosedByServer())
+        #expect(harness.isServing())
+        await harness.stop()
+    }
+
+    /// Connections beyond the limit are closed at once; the ones within it keep working.
+    @Test func connectionLimit() async throws {
+        let harness = try await ServerHarness { $0.maxConnections = 2 }
+        let first = try TestClient.connected(harness.socketPath)
+        let second = try TestClient.connected(harness.socketPath)
+        let third = try TestClient(socketPath: harness.socketPath)
+        #expect(third.isClosedByServer())
+        #expect(try first.read(512, at: 0).count == 512)
+        #expect(try second.read(512, at: 0).count == 512)
+        await harness.stop()
+    }
+
+    /// Many requests in flight on one connection all get their own reply (cookies echoed).
+    @Test func pipelinedRequestsAllAnswered() async throws {
+        let harness = try await ServerHarness()
+        let client = try TestClient.connected(harness.socketPath)
+        var burst: [UInt8] = []
+        let data = pattern(4096, seed: 2)
+        for i in 0..<200 {
+            burst += client.requestBytes(.write, cookie: UInt64(1000 + i), offset: UInt64(i) * 4096, length: 4096) + data
+        }
+        try client.send(burst)
+        var cookies = Set<UInt64>()
+        for _ in 0..<200 {
+            let reply = try client.simpleReply()
+            #expect(reply.error == 0)
+            cookies.insert(reply.cookie)
+        }
+        #expect(cookies == Set((0..<200).map { UInt64(1000 + $0) }))
+        await harness.stop()
+    }
+}
