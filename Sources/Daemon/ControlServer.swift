@@ -1,5 +1,6 @@
 import ControlProtocol
 import Logging
+import NBDServer
 import NIOCore
 import NIOPosix
 
@@ -15,12 +16,10 @@ final class ControlServer: Sendable {
     private let channel: any Channel
 
     static func start(path: String, group: any EventLoopGroup, logger: Logger, responder: @escaping Responder) async throws -> ControlServer {
-        var info = stat()
-        if lstat(path, &info) == 0 {
-            guard info.st_mode & S_IFMT == S_IFSOCK else {
-                throw DaemonError("control socket path \(path) exists and is not a socket; choose another --control path")
-            }
-            unlink(path)
+        do {
+            try claimUnixSocketPath(path)
+        } catch {
+            throw DaemonError("cannot use the control socket: \(error)")
         }
         let channel = try await ServerBootstrap(group: group)
             .childChannelInitializer { channel in

@@ -49,7 +49,7 @@ public final class NBDServer: Sendable {
     /// Binds every configured listener.
     public func start() async throws {
         if let path = configuration.unixSocketPath {
-            try removeStaleSocket(path)
+            try claimUnixSocketPath(path)
             let channel = try await bootstrap(tcp: false).bind(unixDomainSocketPath: path).get()
             listeners.withLock { $0.append(channel) }
             logger.info("NBD listening", metadata: ["unix": "\(path)"])
@@ -112,15 +112,35 @@ public final class NBDServer: Sendable {
             }
         }
     }
+}
 
-    private func removeStaleSocket(_ path: String) throws {
-        var info = stat()
-        guard lstat(path, &info) == 0 else { return }
-        guard info.st_mode & S_IFMT == S_IFSOCK else {
-            throw SystemError("bind", "\(path) (exists and is not a socket; choose another --unix path)", errno: EEXIST)
-        }
-        unlink(path)
+/// Prepares `path` for binding a Unix socket: a stale socket file (no one listening) is removed;
+/// a live one, or any other kind of file, is an error that names the path.
+public func claimUnixSocketPath(_ path: String) throws {
+    var info = stat()
+    guard lstat(path, &info) == 0 else { return }
+    guard info.st_mode & S_IFMT == S_IFSOCK else {
+        throw SystemError("bind", "\(path) (exists and is not a socket; choose another path)", errno: EEXIST)
     }
+    let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(probe) }
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(path.utf8)
+    guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+        throw SystemError("bind", "\(path) (longer than a Unix socket path may be)", errno: ENAMETOOLONG)
+    }
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        raw.copyBytes(from: bytes)
+        raw[bytes.count] = 0
+    }
+    let live = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    if live == 0 {
+        throw SystemError("bind", "\(path) (another process is listening there; stop it or choose another path)", errno: EADDRINUSE)
+    }
+    unlink(path)
 }
 
 /// The number of open NBD connections, shared by the listeners.

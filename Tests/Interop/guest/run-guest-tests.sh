@@ -368,6 +368,7 @@ run_qemu() {
     cat "$INITRAMFS" "$d/config.cpio" >"$d/initrd.cpio"
     : >"$d/console.log"
     : >"$d/results.log"
+    # shellcheck disable=SC2054
     local cmd=(qemu-system-x86_64 -machine pc,accel=tcg -cpu max -smp "$SMP" -m "$MEM"
         -nodefaults -no-user-config -display none -monitor none -no-reboot
         -kernel "$KERNEL" -initrd "$d/initrd.cpio"
