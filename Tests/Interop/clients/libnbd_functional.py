@@ -111,13 +111,37 @@ URI = None
 EXPORT = None
 
 
+CONNECT_TIMEOUT = 15.0
+
+
+def connect_bounded(h):
+    """nbd_connect_uri with a deadline (libnbd 1.14 has no connect timeout;
+    a server that never accepts or never answers must fail, not hang)."""
+    h.aio_connect_uri(URI)
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while h.aio_is_connecting():
+        if time.monotonic() > deadline:
+            raise CheckFailed("connect/handshake did not complete within %ds" % CONNECT_TIMEOUT)
+        h.poll(500)
+    if not (h.aio_is_ready() or (h.get_opt_mode() and h.aio_is_negotiating())):
+        raise CheckFailed("connection failed: state %s" % h.connection_state())
+
+
 def connect(meta=True, strict=True):
     h = nbd.NBD()
     if meta:
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    h.connect_uri(URI)
+    connect_bounded(h)
     if not strict:
         h.set_strict_mode(0)
+    return h
+
+
+def connect_opt():
+    """Connection left in the option phase (opt mode)."""
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    connect_bounded(h)
     return h
 
 
@@ -203,9 +227,7 @@ state = {}
 
 def chk_opt_list():
     # NBD_OPT_LIST (baseline) must show the export we are going to use.
-    h = nbd.NBD()
-    h.set_opt_mode(True)
-    h.connect_uri(URI)
+    h = connect_opt()
     names = []
     h.opt_list(lambda name, desc: names.append(name) or 0)
     h.opt_abort()
@@ -217,9 +239,7 @@ def chk_opt_info_and_meta():
     # NBD_OPT_INFO must carry NBD_INFO_EXPORT and (contract) block sizes
     # 1/4096/32M; LIST_META_CONTEXT must list base:allocation; INFO then an
     # identical GO MUST report the same data.
-    h = nbd.NBD()
-    h.set_opt_mode(True)
-    h.connect_uri(URI)
+    h = connect_opt()
     require(h.get_protocol() == "newstyle-fixed", "protocol %r" % h.get_protocol())
     hf = h.get_handshake_flags()
     require(hf & nbd.HANDSHAKE_FLAG_FIXED_NEWSTYLE, "FIXED_NEWSTYLE not negotiated")
@@ -253,9 +273,7 @@ def chk_opt_unknown_export():
     # Contract: GO (and INFO) for an unknown export -> NBD_REP_ERR_UNKNOWN
     # (libnbd maps it to ENOENT); the option phase MUST continue, so a GO for
     # the real export afterwards succeeds.
-    h = nbd.NBD()
-    h.set_opt_mode(True)
-    h.connect_uri(URI)
+    h = connect_opt()
     h.set_export_name("no-such-export-%d" % random.getrandbits(32))
     e_info = errnum_of(h.opt_info)
     e_go = errnum_of(h.opt_go)
