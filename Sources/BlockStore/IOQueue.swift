@@ -92,3 +92,9 @@ public struct ZeroBlock: @unchecked Sendable {
         return ZeroBlock(address: UnsafeRawPointer(pointer!), size: size)
     }()
 }
+
+/// Makes malloc keep buffers of up to 64 MiB in the heap. Request buffers (up to 32 MiB) are then
+/// reused from one request to the next instead of being mmapped and page-faulted each time.
+public func keepRequestBuffersInHeap() {
+    clinux_keep_large_allocations_in_heap()
+}

@@ -74,6 +74,7 @@ public struct StandaloneServer: Service {
     /// Opens the devices, starts the listeners, and runs until a signal asks it to stop.
     public static func runUntilSignalled(_ configuration: ServeConfiguration, logger: Logger) async throws {
         raiseOpenFileLimit(logger: logger)
+        keepRequestBuffersInHeap()
         let service = StandaloneServer(configuration: configuration, logger: logger)
         let group = ServiceGroup(
             configuration: .init(services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)

@@ -7,6 +7,14 @@ import NIOPosix
 import Glibc
 #endif
 
+/// Where page-aligned writes through the page cache run.
+public enum PageCacheWritePolicy: String, Sendable, CaseIterable {
+    /// On the event loop thread, synchronously: a copy into the page cache.
+    case inline
+    /// Through the I/O engine like everything else.
+    case engine
+}
+
 /// Something that submitted I/O through a `LoopIO` and wants its completions.
 protocol IOCompletionTarget: AnyObject {
     func ioCompleted(token: Int, result: Int32)
@@ -31,14 +39,29 @@ final class LoopIO {
     /// Targets that got completions in the current batch.
     private var touched: [any IOCompletionTarget] = []
 
-    init(queue: any IOQueue) {
+    init(queue: any IOQueue, pageCacheWrites: PageCacheWritePolicy) {
         self.queue = queue
+        self.pageCacheWrites = pageCacheWrites
     }
 
     var inFlight: Int { slots.count - freeSlots.count }
 
+    /// Results of operations run inline, delivered right after the next submit.
+    private var inlineResults: [(target: any IOCompletionTarget, token: Int, result: Int32)] = []
+    private let pageCacheWrites: PageCacheWritePolicy
+
     /// Queues `operation`; the target keeps its buffers alive until `ioCompleted(token:result:)`.
-    func enqueue(_ operation: IOOperation, for target: any IOCompletionTarget, token: Int) {
+    ///
+    /// `pageCacheWrite` marks a page-aligned write through the page cache. Where buffered writes
+    /// cannot be issued without blocking (ext4 has no RWF_NOWAIT for them), io_uring hands each one to
+    /// a kernel worker thread; the `.inline` policy instead copies it into the page cache right here,
+    /// which costs less CPU and latency than the worker round trip (see docs/architecture.md).
+    func enqueue(_ operation: IOOperation, for target: any IOCompletionTarget, token: Int, pageCacheWrite: Bool = false) {
+        if pageCacheWrite && pageCacheWrites == .inline {
+            inlineResults.append((target, token, ThreadPoolIOQueue.execute(operation)))
+            hasUnsubmitted = true
+            return
+        }
         let index: Int
         if let free = freeSlots.popLast() {
             index = free
@@ -56,6 +79,19 @@ final class LoopIO {
         guard hasUnsubmitted else { return }
         hasUnsubmitted = false
         queue.submit()
+        if !inlineResults.isEmpty { deliverInline() }
+    }
+
+    private func deliverInline() {
+        while !inlineResults.isEmpty {
+            let batch = inlineResults
+            inlineResults.removeAll(keepingCapacity: true)
+            for item in batch {
+                item.target.ioCompleted(token: item.token, result: item.result)
+            }
+            queue.submit()
+            for item in batch { item.target.completionBatchEnded() }
+        }
     }
 
     /// Delivers every ready completion, submits any follow-up operations they queued (short
@@ -100,7 +136,7 @@ final class LoopIORegistry: Sendable {
     private let byLoop: [ObjectIdentifier: NIOLoopBound<LoopIO>]
     let engineName: String
 
-    init(group: any EventLoopGroup, engine: IOEngine, logger: Logger) throws {
+    init(group: any EventLoopGroup, engine: IOEngine, pageCacheWrites: PageCacheWritePolicy, logger: Logger) throws {
         var byLoop: [ObjectIdentifier: NIOLoopBound<LoopIO>] = [:]
         var names = Set<String>()
         for loop in group.makeIterator() {
@@ -109,7 +145,7 @@ final class LoopIORegistry: Sendable {
                 let queue = try engine.makeQueue()
                 let notifyFD = dup(queue.completionFD)
                 guard notifyFD >= 0 else { throw SystemError("dup", "completion eventfd", errno: errno) }
-                return (NIOLoopBound(LoopIO(queue: queue), eventLoop: loop), queue.engineName, notifyFD)
+                return (NIOLoopBound(LoopIO(queue: queue, pageCacheWrites: pageCacheWrites), eventLoop: loop), queue.engineName, notifyFD)
             }.wait()
             names.insert(name)
             _ = try NIOPipeBootstrap(group: loop)

@@ -356,6 +356,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         }
     }
 
+    /// Page-aligned buffered writes only copy into the page cache: no read-modify-write from disk.
+    private let pageMask: UInt64 = 4095
+
     private func isDirectAligned(_ item: Pending, _ device: BlockDevice) -> Bool {
         let mask = device.directOffsetAlignment - 1
         return item.offset & mask == 0 && UInt64(item.length) & mask == 0
@@ -382,7 +385,8 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         } else {
             io.enqueue(
                 .write(fd: fd, buffer: address, count: count, offset: offset, durable: item.flags.contains(.fua)),
-                for: self, token: token
+                for: self, token: token,
+                pageCacheWrite: fd == device.bufferedFD && (offset | UInt64(count)) & pageMask == 0
             )
         }
     }

@@ -19,6 +19,7 @@ public struct NBDServerConfiguration: Sendable {
     /// Connections beyond this are closed right after accept, with a log line.
     public var maxConnections = 16384
     public var ioEngine: IOEngine = .auto
+    public var pageCacheWrites: PageCacheWritePolicy = .inline
 
     public init() {}
 }
@@ -43,7 +44,9 @@ public final class NBDServer: Sendable {
         self.configuration = configuration
         self.group = group
         self.logger = logger
-        self.ioRegistry = try LoopIORegistry(group: group, engine: configuration.ioEngine, logger: logger)
+        self.ioRegistry = try LoopIORegistry(
+            group: group, engine: configuration.ioEngine, pageCacheWrites: configuration.pageCacheWrites, logger: logger
+        )
     }
 
     /// Binds every configured listener.

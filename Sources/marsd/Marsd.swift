@@ -54,6 +54,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "buffered (page cache) or direct (O_DIRECT for aligned requests).")
     var cache: CacheMode = .buffered
 
+    @Option(help: "Where page-aligned buffered writes run: inline (on the event loop, a copy into the page cache) or engine (through the I/O engine).")
+    var pageCacheWrites: PageCacheWritePolicy = .inline
+
     @Option(help: ArgumentHelp("Answer marsadm on this Unix socket.", valueName: "path"))
     var control: String?
 
@@ -110,6 +113,7 @@ struct Serve: AsyncParsableCommand {
             configuration.nbd.tcpPort = port
         }
         configuration.nbd.ioEngine = ioEngine
+        configuration.nbd.pageCacheWrites = pageCacheWrites
         configuration.nbd.maxConnections = maxConnections
         configuration.nbd.limits.maxInFlight = maxInflight
         configuration.handshakeTimeoutSeconds = handshakeTimeout
@@ -124,4 +128,5 @@ struct Serve: AsyncParsableCommand {
 
 extension IOEngine: ExpressibleByArgument {}
 extension CacheMode: ExpressibleByArgument {}
+extension PageCacheWritePolicy: ExpressibleByArgument {}
 extension Logger.Level: @retroactive ExpressibleByArgument {}

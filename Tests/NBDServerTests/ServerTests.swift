@@ -59,10 +59,13 @@ func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
 @Suite("NBD server over real sockets", .serialized)
 struct ServerTests {
     /// WRITE, FUA WRITE, FLUSH and READ round-trip on both engines and both cache modes.
-    @Test(arguments: [(IOEngine.uring, CacheMode.buffered), (.posix, .buffered), (.auto, .direct)])
-    func roundTrip(engine: IOEngine, cache: CacheMode) async throws {
+    @Test(arguments: [
+        (IOEngine.uring, CacheMode.buffered, PageCacheWritePolicy.inline), (.uring, .buffered, .engine),
+        (.posix, .buffered, .engine), (.auto, .direct, .inline),
+    ])
+    func roundTrip(engine: IOEngine, cache: CacheMode, pageCacheWrites: PageCacheWritePolicy) async throws {
         if engine == .uring, (try? URingIOQueue()) == nil { return }
-        let harness = try await ServerHarness(engine: engine, cache: cache)
+        let harness = try await ServerHarness(engine: engine, cache: cache) { $0.pageCacheWrites = pageCacheWrites }
         let client = try TestClient.connected(harness.socketPath)
         let data = pattern(65536, seed: 3)
         #expect(try client.write(data, at: 4096) == 0)

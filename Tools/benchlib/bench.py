@@ -19,6 +19,7 @@ What happens:
 import argparse
 import ctypes
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -71,8 +72,6 @@ VARIANTS = {
     "marsd-posix-direct": ("marsd", ["--io-engine", "posix", "--cache", "direct"], [],
                            "marsd --io-engine posix --cache direct"),
     "nbdkit": ("nbdkit", [], [], "nbdkit file plugin, defaults (16 threads per connection)"),
-    "nbdkit-direct": ("nbdkit", [], ["cache=none"],
-                      "nbdkit file plugin cache=none (evicts written pages, not O_DIRECT)"),
     "qemu-nbd": ("qemu-nbd", ["--cache=writeback", "--aio=threads"], [],
                  "qemu-nbd --cache=writeback --aio=threads (its defaults)"),
     "qemu-nbd-uring": ("qemu-nbd", ["--cache=writeback", "--aio=io_uring"], [],
@@ -80,9 +79,11 @@ VARIANTS = {
     "qemu-nbd-direct": ("qemu-nbd", ["--cache=none", "--aio=native"], [],
                         "qemu-nbd --cache=none --aio=native (O_DIRECT)"),
     "raw": ("raw", [], [], "fio --ioengine=io_uring on the file, buffered (the physical limit)"),
-    "raw-direct": ("raw", [], [], "fio --ioengine=io_uring on the file, --direct=1"),
+    "raw-direct": ("raw", [], [], "fio --ioengine=io_uring on the file, --direct=1 "
+                                  "(fio jobs only)"),
 }
 DEFAULT_SERVERS = "marsd,nbdkit,qemu-nbd,raw"
+LOCKFILE = "/tmp/marsd-bench.lock"
 
 
 class BenchError(Exception):
@@ -256,7 +257,12 @@ class Server:
 
     @property
     def direct(self):
-        return self.name == "raw-direct"
+        """True if the server bypasses the page cache (O_DIRECT); its file is then kept uncached."""
+        if self.kind == "raw":
+            return self.name == "raw-direct"
+        a = self.server_args + self.plugin_args
+        return (any(x in a for x in ("--cache=direct", "--cache=none", "--cache=directsync"))
+                or any(a[i] == "--cache" and a[i + 1] == "direct" for i in range(len(a) - 1)))
 
     @property
     def uri(self):
@@ -355,7 +361,10 @@ class Server:
 def fio_argv(server, job, cfg, out, prefill=False):
     argv = ["fio", f"--name={job['name']}", f"--rw={job['rw']}", f"--bs={job['bs']}",
             f"--iodepth={job['qd']}", f"--numjobs={job['numjobs']}", "--group_reporting",
-            "--offset=0", "--output-format=json", f"--output={out}"]
+            "--offset=0", "--output-format=json", f"--output={out}",
+            # fio invalidates (POSIX_FADV_DONTNEED) the file range before a job by default; the
+            # page cache state is managed by prepare_cache() instead
+            "--invalidate=0"]
     if prefill:
         argv += [f"--size={cfg.size}"]
     else:
@@ -502,6 +511,82 @@ def run_copy_job(server, job, cfg, rnd):
     else:
         res["server_cpu_us"] = res["cpu_per_unit"] = None
     return res
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+class _CacheStatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+_SYS_CACHESTAT = 451  # Linux >= 6.5, same number on all architectures
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_fraction(path, length):
+    """Fraction of [0, length) of path that is in the page cache (None if cachestat is missing)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        rng, cs = _CacheStatRange(0, length), _CacheStat()
+        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(cs), 0) != 0:
+            return None
+        return min(1.0, cs.nr_cache * PAGE / length)
+    finally:
+        os.close(fd)
+
+
+def warm(path, length):
+    """Read [0, length) of path so that it is in the page cache (untimed preparation)."""
+    buf = bytearray(4 * MiB)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
+        off = 0
+        while off < length:
+            n = os.preadv(fd, [memoryview(buf)[:min(len(buf), length - off)]], off)
+            if n <= 0:
+                break
+            off += n
+    finally:
+        os.close(fd)
+
+
+def evict(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def prepare_cache(server, job, cfg):
+    """Before each measured job: flush dirty pages (sync), then put the page cache into the same
+    state for every server, whatever other processes on the machine did to it meanwhile.
+    Returns the resident fraction of the job's data found before warming (diagnostics)."""
+    if cfg.page_cache == "cold":
+        drop_caches()
+        return None
+    os.sync()
+    if cfg.page_cache == "asis":
+        return None
+    if server.direct:
+        evict(server.path)
+        return None
+    if job["name"] == "nbdcopy-out":
+        ranges = [(server.path, cfg.size)]
+    elif job["name"] == "nbdcopy-in":
+        ranges = [(cfg.randfile, cfg.copy_size), (server.path, cfg.copy_size)]
+    else:
+        ranges = [(server.path, cfg.region)]
+    fracs = [resident_fraction(p, n) for p, n in ranges]
+    for p, n in ranges:
+        warm(p, n)
+    known = [f for f in fracs if f is not None]
+    return min(known) if known else None
 
 
 def drop_caches():
@@ -657,6 +742,11 @@ def render_markdown(meta, cfg, servers, jobs, summary, ratios):
              f"null:, {cfg.nbdcopy_conns} connections/threads"
              f"{', --flush' if cfg.nbdcopy_flush else ''}; transport {cfg.transport}")
     L.append(f"- page cache: {meta['cache_policy']}")
+    ev = meta["cache_evicted_before"]
+    if ev:
+        L.append(f"- note: before {len(ev)} job(s) the data was found partly evicted from the page "
+                 "cache (by another process or memory pressure) and was read back in before the "
+                 "job: " + "; ".join(ev[:8]) + (" …" if len(ev) > 8 else ""))
     L.append("- servers:")
     for s in servers:
         if s.is_raw:
@@ -746,10 +836,14 @@ def parse_args(argv):
     ap.add_argument("--transport", choices=("unix", "tcp"), default="unix",
                     help="unix socket (default) or TCP on 127.0.0.1 for all NBD servers")
     ap.add_argument("--jobs", help="comma-separated subset of jobs (default: all)")
-    ap.add_argument("--drop-caches", choices=("start", "every", "never"), default="start",
-                    help="start (default): sync + drop the page cache once before the backing "
-                         "files are created; every: also before every measured job (then the "
-                         "read jobs measure the disk); never")
+    ap.add_argument("--page-cache", choices=("warm", "cold", "asis"), default="warm",
+                    help="warm (default): before every measured job, sync and make sure the data "
+                         "the job touches is in the page cache (read it, untimed), or not cached at "
+                         "all for O_DIRECT variants; cold: sync and drop the whole page cache "
+                         "before every job (reads then measure the disk); asis: only sync")
+    ap.add_argument("--lock-wait", type=float, default=1800,
+                    help="another Tools/bench running? wait up to this many seconds for it "
+                         f"(lock {LOCKFILE}; default 1800, 0 = fail at once)")
     ap.add_argument("--nbdcopy-conns", type=int, default=4,
                     help="nbdcopy -C and -T (default 4)")
     ap.add_argument("--nbdcopy-flush", action="store_true",
@@ -810,6 +904,34 @@ def parse_args(argv):
     return a
 
 
+def take_lock(wait_s):
+    """One benchmark at a time on this machine: two concurrent runs would measure each other."""
+    f = open(LOCKFILE, "a+")
+    deadline = time.monotonic() + wait_s
+    next_note = 0.0
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            now = time.monotonic()
+            if now >= deadline:
+                raise BenchError(f"another benchmark holds {LOCKFILE} ({holder}); gave up after "
+                                 f"{wait_s:.0f} s (see --lock-wait)")
+            if now >= next_note:
+                log(f"another benchmark is running ({holder}); waiting for it "
+                    f"(up to {max(0, deadline - now):.0f} s more)")
+                next_note = now + 60
+            time.sleep(1)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n")
+    f.flush()
+    return f  # keep it open: the lock lives as long as the process
+
+
 def check_tools(cfg):
     kinds = {cfg.variants[n][0] for n in cfg.server_names}
     need = ["fio", "nbdinfo"]
@@ -839,7 +961,6 @@ def check_tools(cfg):
 
 def main(argv):
     cfg = parse_args(argv)
-    t_start = time.monotonic()
     command = shlex.join([os.environ.get("BENCH_ARGV0", sys.argv[0])] + argv)
     check_tools(cfg)
 
@@ -849,6 +970,10 @@ def main(argv):
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
 
+    t_lock = time.monotonic()
+    lock = take_lock(cfg.lock_wait)  # noqa: F841 (held until exit)
+    t_start = time.monotonic()
+    lock_wait_s = t_start - t_lock
     parent = os.path.abspath(cfg.workdir or "/var/tmp")
     os.makedirs(parent, exist_ok=True)
     cfg.workdir = tempfile.mkdtemp(prefix="marsd-bench.", dir=parent)
@@ -863,6 +988,7 @@ def main(argv):
     results = {}
     versions = {}
     cache_policy = ""
+    evicted = []
     exit_code = 0
     try:
         servers = [Server(n, cfg, cfg.workdir, sockdir) for n in cfg.server_names]
@@ -882,13 +1008,10 @@ def main(argv):
         if need_disk > free * 0.95:
             raise BenchError(f"need {need_disk / GiB:.1f} GiB in {cfg.workdir}, "
                              f"only {free / GiB:.1f} GiB free (use a smaller --size)")
-        dropped = False
-        if cfg.drop_caches in ("start", "every"):
-            dropped = drop_caches()
-            if not dropped:
-                warnings.append("could not drop the page cache (not root?)")
+        if cfg.page_cache == "cold" and not drop_caches():
+            raise BenchError("--page-cache cold needs root (writes /proc/sys/vm/drop_caches)")
         mem = meminfo()
-        cached_need = sum(cfg.size for s in servers if "direct" not in s.name) + cfg.copy_size
+        cached_need = sum(cfg.size for s in servers if not s.direct) + cfg.copy_size
         if cached_need > 0.8 * mem.get("MemAvailable", mem["MemTotal"]):
             warnings.append(
                 f"the backing files ({cached_need / GiB:.1f} GiB) do not comfortably fit in the "
@@ -925,15 +1048,17 @@ def main(argv):
             log(f"prefilled {s.name}: {fmt_size(cfg.size)} in {secs:.1f} s")
         os.sync()
 
-        cache_policy = ("sync before every measured job (untimed); page cache "
-                        + {"start": "dropped once before the files were created, not between "
-                                    "servers, so every export stays cached and reads measure the "
-                                    "server rather than the disk",
-                           "every": "dropped before every measured job (cold cache: reads go to "
-                                    "the disk)",
-                           "never": "never dropped"}[cfg.drop_caches])
-        if cfg.drop_caches != "never" and not dropped:
-            cache_policy += " (drop FAILED)"
+        cache_policy = {
+            "warm": "before every measured job (untimed): sync, then the data the job touches "
+                    "(fio: the region; nbdcopy-in: the source file and the target range; "
+                    "nbdcopy-out: the whole file) is read into the page cache, or evicted for "
+                    "O_DIRECT variants. The page cache is never dropped: every buffered server "
+                    "runs fully cached, so the figures measure the server, not the disk, and "
+                    "other processes dropping caches do not skew them",
+            "cold": "sync + drop of the whole page cache before every measured job "
+                    "(cold cache: reads measure the disk)",
+            "asis": "sync before every measured job; the page cache is left as it is",
+        }[cfg.page_cache]
 
         # rounds
         for rnd in range(cfg.rounds):
@@ -942,15 +1067,18 @@ def main(argv):
             log(f"round {rnd + 1}/{cfg.rounds}: order {', '.join(s.name for s in order)}")
             for job in cfg.job_list:
                 for s in order:
-                    if cfg.drop_caches == "every":
-                        drop_caches()
-                    else:
-                        os.sync()
+                    if s.is_raw and s.direct and job in COPY_JOBS:
+                        continue  # nbdcopy has no O_DIRECT mode for local files
+                    resident = prepare_cache(s, job, cfg)
                     if job in FIO_JOBS:
                         res = run_fio_job(s, job, cfg, rnd + 1)
                     else:
                         res = run_copy_job(s, job, cfg, rnd + 1)
                     res["round"] = rnd + 1
+                    res["resident_before_warm"] = resident
+                    if resident is not None and resident < 0.95:
+                        evicted.append(f"r{rnd + 1} {job['name']} {s.name}: "
+                                       f"{resident * 100:.0f}%")
                     results.setdefault(job["name"], {}).setdefault(s.name, []).append(res)
                     cpu = res["cpu_per_unit"]
                     log(f"  r{rnd + 1} {job['name']:24s} {s.name:16s} "
@@ -988,12 +1116,12 @@ def main(argv):
     meta = dict(
         command=command,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        wall_seconds=time.monotonic() - t_start,
+        wall_seconds=time.monotonic() - t_start, lock_wait_seconds=lock_wait_s,
         hostname=u.node, kernel=f"{u.system} {u.release} {u.version} {u.machine}",
         cpus=os.cpu_count(), cpu_model=cpu_model(), mem_total_gib=mem["MemTotal"] / GiB,
         loadavg_start=None, loadavg_end=" ".join(f"{x:.2f}" for x in os.getloadavg()),
         versions=versions, fs=fs_type(parent), cache_policy=cache_policy,
-        warnings=warnings, complete=(exit_code == 0),
+        warnings=warnings, complete=(exit_code == 0), cache_evicted_before=evicted,
     )
     meta["loadavg_start"] = LOADAVG_START
     md = render_markdown(meta, cfg, servers, jobs, summary, ratios)
@@ -1008,7 +1136,7 @@ def main(argv):
             meta=meta,
             config=dict(rounds=cfg.rounds, runtime_s=cfg.runtime, ramp_s=cfg.ramp, size=cfg.size,
                         region=cfg.region, copy_size=cfg.copy_size, alloc=cfg.alloc,
-                        transport=cfg.transport, drop_caches=cfg.drop_caches,
+                        transport=cfg.transport, page_cache=cfg.page_cache,
                         nbdcopy_conns=cfg.nbdcopy_conns, nbdcopy_flush=cfg.nbdcopy_flush,
                         servers=cfg.server_names, jobs=[j["name"] for j in jobs]),
             servers={s.name: dict(kind=s.kind, description=s.desc,
@@ -1033,3 +1161,6 @@ if __name__ == "__main__":
     except BenchError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -30,4 +30,8 @@ int clinux_fallocate(int fd, int mode, uint64_t offset, uint64_t length);
 /// A non-blocking, close-on-exec eventfd. Returns the fd or -errno.
 int clinux_eventfd(void);
 
+/// Keeps large request buffers (up to 64 MiB) in the heap instead of fresh mmaps, so a buffer
+/// freed after one request is reused by the next without page faults.
+void clinux_keep_large_allocations_in_heap(void);
+
 #endif

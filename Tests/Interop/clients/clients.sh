@@ -184,7 +184,7 @@ rm -f "$SPARSE"
 truncate -s $WIN "$SPARSE"
 ISLANDS="1:3 37:1 100:2 200:16 255:1"       # MiB offset:length
 for isl in $ISLANDS; do
-    dd if="$SRC" of="$SPARSE" bs=1M skip=$((RANDOM % 512)) seek=${isl%%:*} count=${isl##*:} \
+    dd if="$SRC" of="$SPARSE" bs=1M skip=$((RANDOM % 512)) seek="${isl%%:*}" count="${isl##*:}" \
         conv=notrunc status=none
 done
 WOPTS=$(qemu_window 0 $WIN)

@@ -7,7 +7,7 @@ Usage:  /usr/bin/python3 libnbd_functional.py URI
 (Run it with /usr/bin/python3: the pyenv python on PATH has no nbd module.)
 
 Prints "PASS name" / "FAIL name: reason" per check and a summary line; exits
-non-zero if any check failed.  The export must be >= 256 MiB; its contents are
+non-zero if any check failed.  The export must be >= 384 MiB; its contents are
 overwritten in the regions listed in LAYOUT below and at the very end.
 
 Expectations: NBD spec (proto.md) plus the marsd server contract (see
@@ -45,7 +45,9 @@ LAYOUT = {
     "aio": 64 * MiB,              # 64..68 MiB: 64 parallel reads
     "multi": 128 * MiB,           # 128..192 MiB: 8 connections x 8 MiB
     "visible": 200 * MiB,         # multi-conn visibility
+    "big": 256 * MiB,             # 256..320 MiB: TRIM / WRITE_ZEROES above the max payload
 }
+MIN_EXPORT = 384 * MiB
 
 # --------------------------------------------------------------------------
 # Reporting, watchdog
@@ -265,7 +267,7 @@ def chk_opt_info_and_meta():
     # Contract values.
     require(bs == (1, 4096, 32 * MiB), "block sizes %r, contract says (1, 4096, 33554432)" % (bs,))
     require("base:allocation" in ctxs, "LIST_META_CONTEXT did not list base:allocation: %r" % ctxs)
-    require(size >= 256 * MiB, "export too small for this test (%d bytes)" % size)
+    require(size >= MIN_EXPORT, "export too small for this test (%d bytes)" % size)
     return "size %d, block sizes %r, contexts %r" % (size, bs, ctxs)
 
 
@@ -345,8 +347,8 @@ def chk_unaligned():
 def chk_max_io():
     # The contract maximum payload (32 MiB) must work for READ and WRITE.
     h = connect()
-    mx = h.get_block_size(nbd.SIZE_MAXIMUM)
-    n = min(mx, 32 * MiB)
+    mx = h.get_block_size(nbd.SIZE_MAXIMUM)      # 0 if not advertised
+    n = min(mx, 32 * MiB) if mx else 32 * MiB
     d = os.urandom(n)
     h.pwrite(d, LAYOUT["maxio"])
     require(h.pread(n, LAYOUT["maxio"]) == d, "%d-byte read-back mismatch" % n)
@@ -454,6 +456,27 @@ def chk_trim():
     ok = all_zero_flag(ext, off, off + MiB)
     close(h)
     require(ok, "freshly trimmed range not reported as ZERO: %r" % ext[:4])
+
+
+def chk_big_trim_zero():
+    # TRIM / WRITE_ZEROES / CACHE carry no payload and may exceed the maximum
+    # payload size (spec: server SHOULD NOT disconnect; it may fail them with
+    # EINVAL or EOVERFLOW).  If WRITE_ZEROES succeeds the range reads as zero.
+    h = connect(strict=False)
+    off, n = LAYOUT["big"], 64 * MiB
+    h.pwrite(b"\xff" * MiB, off + 40 * MiB)
+    got = []
+    for what, fn in (("WRITE_ZEROES", lambda: h.zero(n, off)),
+                     ("TRIM", lambda: h.trim(n, off)),
+                     ("CACHE", lambda: h.cache(n, off))):
+        e = errnum_of(fn)
+        require(e in (0, errno.EINVAL, errno.EOVERFLOW), "64 MiB %s failed with %s" % (what, ename(e)))
+        alive(h, "64 MiB %s" % what)
+        got.append("%s %s" % (what, ename(e)))
+        if what == "WRITE_ZEROES" and e == 0:
+            require(h.pread(MiB, off + 40 * MiB) == bytes(MiB), "64 MiB WRITE_ZEROES left data behind")
+    close(h)
+    return ", ".join(got)
 
 
 def chk_cache():
@@ -782,6 +805,7 @@ CHECKS = [
     ("zero_fast_zero", chk_zero_fast),
     ("trim_reports_zero", chk_trim),
     ("cache", chk_cache),
+    ("trim_zero_cache_above_max_payload", chk_big_trim_zero),
     ("structured_read_chunks", chk_structured_read),
     ("structured_read_df", chk_df),
     ("block_status", chk_block_status),
