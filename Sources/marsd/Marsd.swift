@@ -44,7 +44,10 @@ struct Serve: AsyncParsableCommand {
 
     @Option(
         name: .customLong("tcp"),
-        help: ArgumentHelp("Listen on TCP at HOST:PORT (port 0 picks a free one). Bind to loopback unless the network is trusted.", valueName: "host:port")
+        help: ArgumentHelp(
+            "Listen on TCP at HOST:PORT, or PORT alone for 127.0.0.1:PORT (port 0 picks a free one). Bind beyond loopback only on a trusted network.",
+            valueName: "[host:]port"
+        )
     )
     var tcp: String?
 
@@ -79,13 +82,14 @@ struct Serve: AsyncParsableCommand {
         if exports.isEmpty { throw ValidationError("give at least one --export NAME=PATH") }
         if unixSocket == nil && tcp == nil { throw ValidationError("give --unix PATH and/or --tcp HOST:PORT") }
         if let tcp, Self.parseHostPort(tcp) == nil {
-            throw ValidationError("--tcp must be HOST:PORT, for example 127.0.0.1:10809")
+            throw ValidationError("--tcp must be HOST:PORT or PORT, for example 127.0.0.1:10809")
         }
         if maxInflight < 1 { throw ValidationError("--max-inflight must be at least 1") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
     }
 
     static func parseHostPort(_ text: String) -> (String, Int)? {
+        if let port = Int(text), (0...65535).contains(port) { return ("127.0.0.1", port) }
         guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
             (0...65535).contains(port)
         else { return nil }

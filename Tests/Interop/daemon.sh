@@ -31,7 +31,7 @@ check "marsadm explains an unreachable daemon" fails_with "Is marsd running" "$M
 
 truncate -s 256M "$T/a.img"
 truncate -s 64M "$T/b.img"
-"$MARSD" serve --export a="$T/a.img" --export b="$T/b.img":ro --unix "$T/nbd.sock" --control "$T/ctl.sock" \
+"$MARSD" serve --export a="$T/a.img" --export b="$T/b.img":ro --unix "$T/nbd.sock" --control "$T/ctl.sock" --tcp 0 \
     --log-level notice 2>"$T/marsd.log" &
 PID=$!
 check "marsd starts and listens" wait_for_socket "$T/ctl.sock"
@@ -43,6 +43,7 @@ try:
     h.set_strict_mode(0); h.pwrite(b"x" * 512, 0); raise SystemExit("write succeeded")
 except nbd.Error as e:
     assert e.errnum == errno.EPERM, e'
+check "--tcp PORT listens on loopback only" bash -c "'$MARSADM' view --control '$T/ctl.sock' | grep -E 'tcp:127\.0\.0\.1:[1-9][0-9]*'"
 check "marsadm view shows both exports" bash -c "'$MARSADM' view --control '$T/ctl.sock' | tee /dev/stderr | grep -E '^a .*rw,buffered' && '$MARSADM' view --control '$T/ctl.sock' | grep -E '^b .*ro,buffered'"
 check "marsadm view --json counts the traffic" bash -c "'$MARSADM' view --json --control '$T/ctl.sock' | /usr/bin/python3 -c '
 import json, sys
