@@ -19,6 +19,8 @@ PY=/usr/bin/python3
 MiB=$((1 << 20))
 GiB=$((1 << 30))
 mkdir -p "$WORKDIR" || exit 2
+WORKDIR=$(cd "$WORKDIR" && pwd)
+cd "$WORKDIR" || exit 2          # fio drops *-verify.state files into the cwd
 LOG=$WORKDIR/log
 mkdir -p "$LOG"
 PASSED=0
