@@ -44,8 +44,6 @@ final class LoopIO {
         self.pageCacheWrites = pageCacheWrites
     }
 
-    var inFlight: Int { slots.count - freeSlots.count }
-
     /// Results of operations run inline, delivered right after the next submit.
     private var inlineResults: [(target: any IOCompletionTarget, token: Int, result: Int32)] = []
     private let pageCacheWrites: PageCacheWritePolicy

@@ -72,6 +72,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     private var inFlight = 0
     private var inFlightBytes = 0
     private var needsFlush = false
+    private var completedSinceBatchEnd = false
     private var disconnectRequested = false
     private var handshakeTimer: Scheduled<Void>?
     private var structured = false
@@ -312,10 +313,8 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         case .write:
             var payload = request.payload!
             var address = payload.withUnsafeReadableBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
-            if device.cacheMode == .direct,
-                device.descriptor(offset: item.offset, length: item.length, address: address) == device.bufferedFD,
-                device.descriptor(offset: item.offset, length: item.length, address: nil) != device.bufferedFD
-                    || isDirectAligned(item, device)
+            if device.cacheMode == .direct, isDirectAligned(item, device),
+                device.descriptor(offset: item.offset, length: item.length, address: address) == device.bufferedFD
             {
                 // Aligned range, unaligned memory: copy into a page-aligned buffer to keep O_DIRECT.
                 var aligned = pageAlignedAllocator.buffer(capacity: item.length)
@@ -394,6 +393,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     // MARK: - Completions
 
     func ioCompleted(token: Int, result: Int32) {
+        completedSinceBatchEnd = true
         guard var item = pending[token], case .transmission(_, let export) = phase else {
             // The connection is gone; the buffer is released with the slot.
             release(token)
@@ -469,6 +469,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     }
 
     func completionBatchEnded() {
+        // LoopIO calls this once per completion of the batch; only the first call has work to do.
+        guard completedSinceBatchEnd else { return }
+        completedSinceBatchEnd = false
         flushIfNeeded()
         if case .transmission = phase {
             processInbound()
@@ -538,7 +541,10 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
                 extents.append(Extent(length: UInt32(min(run.length, UInt64(UInt32.max))), flags: flags))
             }
         }
-        if extents.isEmpty { extents = [Extent(length: item.length == 0 ? 1 : UInt32(item.length), flags: 0)] }
+        if extents.isEmpty {
+            // lseek found nothing to report (the device shrank): "allocated, contents unknown" is always safe.
+            extents = [Extent(length: UInt32(item.length), flags: 0)]
+        }
         guard let context else { return }
         var out = context.channel.allocator.buffer(capacity: 32 + 8 * extents.count)
         ReplyEncoder.writeBlockStatus(&out, cookie: item.cookie, contextID: contextID, extents: extents)
