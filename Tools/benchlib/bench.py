@@ -10,8 +10,11 @@ What happens:
   2. Each export is prefilled once, completely, through its own server (fio, 1 MiB sequential
      writes), so no read is ever served from a hole and nbdcopy reads real data everywhere.
   3. Rounds: in each round every job runs on every server in turn; the server order is rotated
-     each round. `sync` (untimed) runs before every measured job so that one server's dirty
-     pages are not written back during the next server's measurement.
+     each round. Before every measured job (untimed): `sync`, so that one server's dirty pages
+     are not written back during the next server's measurement, and then the data the job
+     touches is read into the page cache (evicted for O_DIRECT variants), so every server starts
+     from the same cache state even if something else on the machine dropped caches.
+     One benchmark at a time per machine (flock on /tmp/marsd-bench.lock).
   4. Medians over rounds are reported, with server CPU time (utime+stime of all threads, from
      /proc/PID/stat) per request for fio jobs and per GiB for nbdcopy.
 """
@@ -72,6 +75,8 @@ VARIANTS = {
     "marsd-posix-direct": ("marsd", ["--io-engine", "posix", "--cache", "direct"], [],
                            "marsd --io-engine posix --cache direct"),
     "nbdkit": ("nbdkit", [], [], "nbdkit file plugin, defaults (16 threads per connection)"),
+    "nbdkit-aa": ("nbdkit", [], [], "a second, identical nbdkit: an A/A control that shows how "
+                                    "much of a ratio is noise"),
     "qemu-nbd": ("qemu-nbd", ["--cache=writeback", "--aio=threads"], [],
                  "qemu-nbd --cache=writeback --aio=threads (its defaults)"),
     "qemu-nbd-uring": ("qemu-nbd", ["--cache=writeback", "--aio=io_uring"], [],
@@ -1011,12 +1016,18 @@ def main(argv):
         if cfg.page_cache == "cold" and not drop_caches():
             raise BenchError("--page-cache cold needs root (writes /proc/sys/vm/drop_caches)")
         mem = meminfo()
-        cached_need = sum(cfg.size for s in servers if not s.direct) + cfg.copy_size
-        if cached_need > 0.8 * mem.get("MemAvailable", mem["MemTotal"]):
+        # with --page-cache warm each job re-reads what it needs, so one export (plus the copy
+        # source) must fit; otherwise all of them must stay cached at once
+        if cfg.page_cache == "warm":
+            cached_need = cfg.size + cfg.copy_size
+        else:
+            cached_need = sum(cfg.size for s in servers if not s.direct) + cfg.copy_size
+        avail = mem.get("MemAvailable", mem["MemTotal"])
+        if cfg.page_cache != "cold" and cached_need > 0.8 * avail:
             warnings.append(
-                f"the backing files ({cached_need / GiB:.1f} GiB) do not comfortably fit in the "
-                f"page cache ({mem.get('MemAvailable', 0) / GiB:.1f} GiB available): nbdcopy-out "
-                "may partly read from disk, unevenly between servers; use a smaller --size")
+                f"the data to keep cached ({cached_need / GiB:.1f} GiB) does not comfortably fit "
+                f"in the page cache ({avail / GiB:.1f} GiB available): jobs may partly read from "
+                "disk, unevenly between servers; use a smaller --size")
         for w in warnings:
             log("WARNING: " + w)
 
