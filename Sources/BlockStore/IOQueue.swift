@@ -15,6 +15,8 @@ public enum IOOperation: @unchecked Sendable {
     case read(fd: Int32, buffer: UnsafeMutableRawPointer, count: Int, offset: UInt64)
     /// `durable` asks for the data to be on stable storage when the write completes (RWF_DSYNC).
     case write(fd: Int32, buffer: UnsafeRawPointer, count: Int, offset: UInt64, durable: Bool)
+    /// A gathered write from `count` iovecs (each buffer kept alive like the others).
+    case writev(fd: Int32, iovecs: UnsafePointer<iovec>, count: Int, offset: UInt64, durable: Bool)
     case fdatasync(fd: Int32)
     case fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64)
 }

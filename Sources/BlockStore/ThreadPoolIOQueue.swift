@@ -69,6 +69,13 @@ public final class ThreadPoolIOQueue: IOQueue, @unchecked Sendable {
             }
             if written >= 0, durable, fdatasync(fd) != 0 { return -errno }
             return written
+        case .writev(let fd, let iovecs, let count, let offset, let durable):
+            // One call; a short count is reported and the caller continues with the rest.
+            var written = pwritev(fd, iovecs, Int32(count), off_t(offset))
+            while written < 0 && errno == EINTR { written = pwritev(fd, iovecs, Int32(count), off_t(offset)) }
+            if written < 0 { return -errno }
+            if durable, fdatasync(fd) != 0 { return -errno }
+            return Int32(written)
         case .fdatasync(let fd):
             while fdatasync(fd) != 0 {
                 if errno != EINTR { return -errno }

@@ -54,6 +54,8 @@ public final class URingIOQueue: IOQueue {
             return curing_prep_read(ring, fd, buffer, UInt32(count), offset, tag)
         case .write(let fd, let buffer, let count, let offset, let durable):
             return curing_prep_write(ring, fd, buffer, UInt32(count), offset, durable ? RWF_DSYNC_FLAG : 0, tag)
+        case .writev(let fd, let iovecs, let count, let offset, let durable):
+            return curing_prep_writev(ring, fd, iovecs, UInt32(count), offset, durable ? RWF_DSYNC_FLAG : 0, tag)
         case .fdatasync(let fd):
             return curing_prep_fdatasync(ring, fd, tag)
         case .fallocate(let fd, let mode, let offset, let length):

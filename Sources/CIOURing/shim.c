@@ -51,6 +51,15 @@ int curing_prep_write(curing_t *r, int fd, const void *buf, unsigned n, uint64_t
     return 0;
 }
 
+int curing_prep_writev(curing_t *r, int fd, const void *iov, unsigned nr, uint64_t off, int rw_flags, uint64_t ud) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_writev(sqe, fd, (const struct iovec *)iov, nr, off);
+    sqe->rw_flags = rw_flags;
+    io_uring_sqe_set_data64(sqe, ud);
+    return 0;
+}
+
 int curing_prep_fdatasync(curing_t *r, int fd, uint64_t ud) {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
     if (!sqe) return -EBUSY;

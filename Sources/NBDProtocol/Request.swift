@@ -41,15 +41,23 @@ public enum ParsedRequest: Equatable {
     case rejectAndClose(cookie: UInt64, command: UInt16, NBDError, message: String)
     /// Close at once without a reply (bad magic: there is no cookie to answer).
     case close(reason: String)
+    /// A WRITE header (consumed) whose payload of `header.length` bytes is still arriving. The caller
+    /// gathers the payload without copying it, then calls `finishWrite(_:)`. Only returned for
+    /// payloads of at least `gatherPayloadsFrom` bytes.
+    case writeHeader(RequestHeader)
 }
 
 /// Parses and validates requests of one connection, nbdkit-style: every check before dispatch,
 /// in a fixed order (command, flags, read-only, range), each failure with its spec error.
 public struct RequestParser {
     public let session: NegotiatedSession
+    /// WRITE payloads of at least this many bytes that are not complete yet are handed to the caller
+    /// to gather (`.writeHeader`) instead of being waited for in one buffer.
+    public var gatherPayloadsFrom: Int
 
-    public init(session: NegotiatedSession) {
+    public init(session: NegotiatedSession, gatherPayloadsFrom: Int = .max) {
         self.session = session
+        self.gatherPayloadsFrom = gatherPayloadsFrom
     }
 
     /// Takes one request off the front of `input` when it is complete (a WRITE with its payload).
@@ -76,7 +84,13 @@ public struct RequestParser {
                     message: "WRITE of \(header.length) bytes exceeds the maximum payload of \(NBDLimits.maxPayload)"
                 )
             }
-            guard input.readableBytes >= RequestHeader.size + Int(header.length) else { return .needMoreData }
+            guard input.readableBytes >= RequestHeader.size + Int(header.length) else {
+                if Int(header.length) >= gatherPayloadsFrom {
+                    input.moveReaderIndex(forwardBy: RequestHeader.size)
+                    return .writeHeader(header)
+                }
+                return .needMoreData
+            }
             input.moveReaderIndex(forwardBy: RequestHeader.size)
             payload = input.readSlice(length: Int(header.length))
         } else {
@@ -90,6 +104,17 @@ public struct RequestParser {
                 command: NBDCommand(rawValue: header.type)!, flags: header.flags, cookie: header.cookie,
                 offset: header.offset, length: header.length, payload: payload
             )
+        )
+    }
+
+    /// Validates a WRITE whose payload the caller gathered after `.writeHeader`; the returned request
+    /// carries no payload.
+    public func finishWrite(_ header: RequestHeader) -> ParsedRequest {
+        if let (error, message) = validate(header) {
+            return .reject(cookie: header.cookie, command: header.type, error, message: message)
+        }
+        return .request(
+            Request(command: .write, flags: header.flags, cookie: header.cookie, offset: header.offset, length: header.length, payload: nil)
         )
     }
 

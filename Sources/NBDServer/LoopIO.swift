@@ -9,7 +9,7 @@ import Glibc
 
 /// Where page-aligned writes through the page cache run.
 public enum PageCacheWritePolicy: String, Sendable, CaseIterable {
-    /// On the event loop thread, synchronously: a copy into the page cache.
+    /// Small ones (up to 32 KiB) on the event loop thread, synchronously: a copy into the page cache.
     case inline
     /// Through the I/O engine like everything else.
     case engine
@@ -50,10 +50,10 @@ final class LoopIO {
 
     /// Queues `operation`; the target keeps its buffers alive until `ioCompleted(token:result:)`.
     ///
-    /// `pageCacheWrite` marks a page-aligned write through the page cache. Where buffered writes
-    /// cannot be issued without blocking (ext4 has no RWF_NOWAIT for them), io_uring hands each one to
-    /// a kernel worker thread; the `.inline` policy instead copies it into the page cache right here,
-    /// which costs less CPU and latency than the worker round trip (see docs/architecture.md).
+    /// `pageCacheWrite` marks a small page-aligned write through the page cache. Where buffered
+    /// writes cannot be issued without blocking (ext4 has no RWF_NOWAIT for them), io_uring hands each
+    /// one to a kernel worker thread; the `.inline` policy instead copies it into the page cache right
+    /// here, which costs less CPU and latency than the worker round trip (see docs/architecture.md).
     func enqueue(_ operation: IOOperation, for target: any IOCompletionTarget, token: Int, pageCacheWrite: Bool = false) {
         if pageCacheWrite && pageCacheWrites == .inline {
             inlineResults.append((target, token, ThreadPoolIOQueue.execute(operation)))

@@ -17,6 +17,9 @@ public struct ConnectionLimits: Sendable {
     /// A client must finish the handshake within this time.
     public var handshakeTimeout: TimeAmount = .seconds(30)
     public var handshake = HandshakeLimits()
+    /// WRITE payloads of at least this size are gathered from the received buffers without copying
+    /// and written with one writev.
+    public var gatherWritesFrom = 64 << 10
 
     public init() {}
 }
@@ -53,6 +56,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         var buffer: ByteBuffer?
         /// The data area of `buffer` (stable: `buffer` is held unchanged until completion).
         var address: UnsafeMutableRawPointer?
+        /// A gathered WRITE payload: the received buffers and the iovecs pointing into them.
+        var fragments: [ByteBuffer] = []
+        var iovecs: UnsafeMutablePointer<iovec>?
         var done = 0
         var stage = Stage.transfer
     }
@@ -67,6 +73,8 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     private var inbound: ByteBuffer?
     /// True when `inbound` shares storage with a WRITE payload still in flight.
     private var inboundShared = false
+    /// A WRITE whose payload is still arriving, gathered as slices of the received buffers.
+    private var gathering: (header: RequestHeader, fragments: [ByteBuffer], remaining: Int)?
     private var pending: [Pending?] = []
     private var freePending: [Int] = []
     private var inFlight = 0
@@ -115,6 +123,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         countedExport = nil
         phase = .closed
         inbound = nil
+        gathering = nil
         context.fireChannelInactive()
     }
 
@@ -170,7 +179,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         case .handshake:
             context.read()
         case .transmission:
-            if canAcceptRequest { context.read() }
+            if canAcceptRequest || gathering != nil { context.read() }
         }
     }
 
@@ -192,8 +201,14 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
                 phase = .handshake(machine)
                 guard handle(action) else { return }
             case .transmission(let parser, let export):
+                if gathering != nil {
+                    guard gatherPayload(&buffer, parser, export) else { return }
+                    continue
+                }
                 guard canAcceptRequest else { return }
                 switch parser.parse(&buffer) {
+                case .writeHeader(let header):
+                    gathering = (header, [], Int(header.length))
                 case .needMoreData:
                     reserveForPayload(&buffer)
                     return
@@ -207,9 +222,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
                     if request.payload != nil { inboundShared = true }
                     dispatch(request, export)
                 case .reject(let cookie, let command, let error, let message):
-                    logger.debug("rejected request", metadata: ["command": "\(command)", "error": "\(error)", "reason": "\(message)"])
-                    export.statistics.errors.add(1, ordering: .relaxed)
-                    sendError(cookie: cookie, error, message)
+                    reject(cookie: cookie, command: command, error, message, export)
                 case .rejectAndClose(let cookie, let command, let error, let message):
                     logger.notice("rejected request and closing", metadata: ["command": "\(command)", "reason": "\(message)"])
                     export.statistics.errors.add(1, ordering: .relaxed)
@@ -223,6 +236,38 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
                 }
             }
         }
+    }
+
+    private func reject(cookie: UInt64, command: UInt16, _ error: NBDError, _ message: String, _ export: ServedExport) {
+        logger.debug("rejected request", metadata: ["command": "\(command)", "error": "\(error)", "reason": "\(message)"])
+        export.statistics.errors.add(1, ordering: .relaxed)
+        sendError(cookie: cookie, error, message)
+    }
+
+    /// Moves payload bytes of the WRITE being gathered out of `buffer` (as slices, no copy); true
+    /// once the payload is complete and the request was handled.
+    private func gatherPayload(_ buffer: inout ByteBuffer, _ parser: RequestParser, _ export: ServedExport) -> Bool {
+        guard var write = gathering else { return true }
+        gathering = nil  // Keep the fragment list uniquely referenced while appending.
+        let count = min(write.remaining, buffer.readableBytes)
+        if count > 0 {
+            write.fragments.append(buffer.readSlice(length: count)!)
+            write.remaining -= count
+            inboundShared = true
+        }
+        guard write.remaining == 0 else {
+            gathering = write
+            return false
+        }
+        switch parser.finishWrite(write.header) {
+        case .request(let request):
+            dispatch(request, export, fragments: write.fragments)
+        case .reject(let cookie, let command, let error, let message):
+            reject(cookie: cookie, command: command, error, message, export)
+        default:
+            preconditionFailure("finishWrite returns a request or a rejection")
+        }
+        return true
     }
 
     /// Carries out a handshake action; false when input processing must stop.
@@ -253,7 +298,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             context.write(wrapOutboundOut(bytes), promise: nil)
             needsFlush = true
             structured = session.structuredReplies
-            phase = .transmission(RequestParser(session: session), export)
+            phase = .transmission(RequestParser(session: session, gatherPayloadsFrom: limits.gatherWritesFrom), export)
             export.statistics.activeConnections.add(1, ordering: .relaxed)
             countedExport = export
             export.statistics.totalConnections.add(1, ordering: .relaxed)
@@ -284,7 +329,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
 
     // MARK: - Dispatch
 
-    private func dispatch(_ request: Request, _ export: ServedExport) {
+    /// Starts a validated request. A WRITE's payload is `request.payload`, or `fragments` when it was
+    /// gathered.
+    private func dispatch(_ request: Request, _ export: ServedExport, fragments: [ByteBuffer] = []) {
         let device = export.device
         export.statistics.requests.add(1, ordering: .relaxed)
         var item = Pending(
@@ -310,8 +357,25 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             item.buffer = buffer
             inFlightBytes += item.length
             submitTransfer(store(item), device)
+        case .write where fragments.count > 1 && device.cacheMode == .buffered:
+            // Write the received buffers as they are: one writev, no copy.
+            let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: fragments.count)
+            for (index, fragment) in fragments.enumerated() {
+                let base = fragment.withUnsafeReadableBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
+                iovecs[index] = iovec(iov_base: base, iov_len: fragment.readableBytes)
+            }
+            item.fragments = fragments
+            item.iovecs = iovecs
+            inFlightBytes += item.length
+            export.statistics.bytesWritten.add(item.length, ordering: .relaxed)
+            let token = store(item)
+            io.enqueue(
+                .writev(fd: device.bufferedFD, iovecs: iovecs, count: fragments.count, offset: item.offset, durable: item.flags.contains(.fua)),
+                for: self, token: token, pageCacheWrite: isInlineCandidate(offset: item.offset, count: item.length)
+            )
         case .write:
-            var payload = request.payload!
+            var payload = request.payload
+                ?? (fragments.count == 1 ? fragments[0] : coalesce(fragments, aligned: device.cacheMode == .direct))
             var address = payload.withUnsafeReadableBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
             if device.cacheMode == .direct, isDirectAligned(item, device),
                 device.descriptor(offset: item.offset, length: item.length, address: address) == device.bufferedFD
@@ -355,8 +419,22 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         }
     }
 
-    /// Page-aligned buffered writes only copy into the page cache: no read-modify-write from disk.
-    private let pageMask: UInt64 = 4095
+    /// A buffered write that may run inline on the loop: page-aligned (only a copy into the page
+    /// cache, no read-modify-write from disk) and small. Larger writes go to io_uring's workers, which
+    /// copy in parallel with this loop receiving the next request (measured: docs/architecture.md).
+    private func isInlineCandidate(offset: UInt64, count: Int) -> Bool {
+        (offset | UInt64(count)) & 4095 == 0 && count <= inlineWriteLimit
+    }
+
+    private let inlineWriteLimit = 32 << 10
+
+    /// One contiguous copy of gathered fragments; page-aligned for O_DIRECT.
+    private func coalesce(_ fragments: [ByteBuffer], aligned: Bool) -> ByteBuffer {
+        let length = fragments.reduce(0) { $0 + $1.readableBytes }
+        var buffer = (aligned ? pageAlignedAllocator : allocator).buffer(capacity: length)
+        for var fragment in fragments { buffer.writeBuffer(&fragment) }
+        return buffer
+    }
 
     private func isDirectAligned(_ item: Pending, _ device: BlockDevice) -> Bool {
         let mask = device.directOffsetAlignment - 1
@@ -385,7 +463,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             io.enqueue(
                 .write(fd: fd, buffer: address, count: count, offset: offset, durable: item.flags.contains(.fua)),
                 for: self, token: token,
-                pageCacheWrite: fd == device.bufferedFD && (offset | UInt64(count)) & pageMask == 0
+                pageCacheWrite: fd == device.bufferedFD && isInlineCandidate(offset: offset, count: count)
             )
         }
     }
@@ -427,6 +505,15 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
                 return finish(token, error: .io, "\(item.command) at \(item.offset + UInt64(item.done)): unexpected end of device")
             }
             item.done += Int(result)
+            if item.done < item.length, let iovecs = item.iovecs {
+                // A short gathered write: continue from one contiguous copy.
+                var buffer = coalesce(item.fragments, aligned: false)
+                item.address = buffer.withUnsafeMutableReadableBytes { $0.baseAddress! }
+                item.buffer = buffer
+                item.fragments = []
+                item.iovecs = nil
+                iovecs.deallocate()
+            }
             pending[token] = item
             if item.done < item.length {
                 return submitTransfer(token, device)  // A short transfer: continue with the rest.
@@ -483,6 +570,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     private func release(_ token: Int) {
         if let item = pending[token], item.command == .read || item.command == .write {
             inFlightBytes -= item.length
+            item.iovecs?.deallocate()
         }
         pending[token] = nil
         freePending.append(token)

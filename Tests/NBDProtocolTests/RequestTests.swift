@@ -196,3 +196,42 @@ struct ReplyTests {
         #expect(nbdError(errno: 9999) == .io)
     }
 }
+
+@Suite("Gathered WRITE payloads")
+struct GatherTests {
+    let parser = RequestParser(
+        session: NegotiatedSession(export: disk, structuredReplies: false, allocationContextID: nil), gatherPayloadsFrom: 4096
+    )
+
+    /// A large WRITE whose payload has not fully arrived is handed over after its header.
+    @Test func largeIncompleteWriteIsGathered() {
+        var input = request(NBDCommand.write.rawValue, cookie: 5, offset: 8192, length: 65536, payload: [1, 2, 3])
+        guard case .writeHeader(let header) = parser.parse(&input) else { Issue.record("expected writeHeader"); return }
+        #expect(header.cookie == 5 && header.offset == 8192 && header.length == 65536)
+        #expect(Array(input.readableBytesView) == [1, 2, 3])  // Payload bytes stay for the caller.
+        guard case .request(let r) = parser.finishWrite(header) else { Issue.record("expected request"); return }
+        #expect(r.command == .write && r.payload == nil && r.length == 65536)
+    }
+
+    /// Small writes and complete large writes are parsed whole, as before.
+    @Test func smallOrCompleteWritesAreNotGathered() {
+        var small = request(NBDCommand.write.rawValue, length: 512, payload: [0])
+        #expect(parser.parse(&small) == .needMoreData)
+        var complete = request(NBDCommand.write.rawValue, length: 4096, payload: [UInt8](repeating: 9, count: 4096))
+        guard case .request(let r) = parser.parse(&complete) else { Issue.record("expected request"); return }
+        #expect(r.payload?.readableBytes == 4096)
+    }
+
+    /// A gathered WRITE is validated when its payload is complete: past the end is ENOSPC.
+    @Test func gatheredWriteIsValidated() {
+        var input = request(NBDCommand.write.rawValue, offset: disk.size - 4096, length: 65536)
+        guard case .writeHeader(let header) = parser.parse(&input) else { Issue.record("expected writeHeader"); return }
+        guard case .reject(_, _, .noSpace, _) = parser.finishWrite(header) else { Issue.record("expected ENOSPC"); return }
+    }
+
+    /// Oversized WRITEs are still refused before any gathering.
+    @Test func oversizedWriteIsNotGathered() {
+        var input = request(NBDCommand.write.rawValue, length: NBDLimits.maxPayload + 1)
+        guard case .rejectAndClose = parser.parse(&input) else { Issue.record("expected rejectAndClose"); return }
+    }
+}

@@ -48,6 +48,7 @@ final class TestClient {
         var sent = 0
         while sent < bytes.count {
             let n = bytes[sent...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n < 0 && errno == EINTR { continue }
             guard n > 0 else { throw ClientError(description: "send: errno \(errno)") }
             sent += n
         }
@@ -58,6 +59,7 @@ final class TestClient {
         var got = 0
         while got < count {
             let n = bytes[got...].withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n < 0 && errno == EINTR { continue }
             guard n > 0 else { throw ClientError(description: n == 0 ? "closed by server" : "recv: errno \(errno)") }
             got += n
         }
@@ -69,6 +71,7 @@ final class TestClient {
         var byte: UInt8 = 0
         while true {
             let n = recv(fd, &byte, 1, 0)
+            if n < 0 && errno == EINTR { continue }
             if n == 0 { return true }
             if n < 0 { return errno == ECONNRESET }
         }

@@ -23,6 +23,9 @@ unsigned curing_sq_space_left(curing_t *ring);
 int curing_prep_read(curing_t *ring, int fd, void *buf, unsigned nbytes, uint64_t offset, uint64_t user_data);
 int curing_prep_write(curing_t *ring, int fd, const void *buf, unsigned nbytes, uint64_t offset,
                       int rw_flags, uint64_t user_data);
+/// `iov` points to `nr` struct iovec (opaque here so this header needs no <sys/uio.h>).
+int curing_prep_writev(curing_t *ring, int fd, const void *iov, unsigned nr, uint64_t offset, int rw_flags,
+                       uint64_t user_data);
 int curing_prep_fdatasync(curing_t *ring, int fd, uint64_t user_data);
 int curing_prep_fallocate(curing_t *ring, int fd, int mode, uint64_t offset, uint64_t length, uint64_t user_data);
 
