@@ -24,6 +24,10 @@ let package = Package(
         .target(name: "CIOURing", linkerSettings: [.linkedLibrary("uring")]),
         // Linux constants and calls the Glibc module hides (_GNU_SOURCE, variadic ioctl, statx DIO alignment).
         .target(name: "CLinux"),
+        // CRC32C with the SSE4.2 instruction where available (a C target: per-function target attributes).
+        .target(name: "CChecksum"),
+        // The transaction log's on-disk format: records, segments, scanning. Pure: no I/O policy, no NIO.
+        .target(name: "TransactionLog", dependencies: ["CChecksum"], swiftSettings: swiftSettings),
         // Data devices and the I/O engines (io_uring, thread-pool pread/pwrite). No NIO: storage threads never need a loop.
         .target(
             name: "BlockStore",
@@ -76,6 +80,7 @@ let package = Package(
             dependencies: ["ControlProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: swiftSettings
         ),
+        .testTarget(name: "TransactionLogTests", dependencies: ["TransactionLog"], swiftSettings: swiftSettings),
         .testTarget(
             name: "BlockStoreTests",
             dependencies: ["BlockStore"],
