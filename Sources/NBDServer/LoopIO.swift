@@ -20,6 +20,8 @@ protocol IOCompletionTarget: AnyObject {
     func ioCompleted(token: Int, result: Int32)
     /// Called once after a batch of completions, so replies go out with one flush.
     func completionBatchEnded()
+    /// The loop's payload budget has room again after this target waited for it.
+    func budgetAvailable()
 }
 
 /// The data-device I/O of one event loop: one `IOQueue` (an io_uring, normally) whose completion
@@ -39,9 +41,54 @@ final class LoopIO {
     /// Targets that got completions in the current batch.
     private var touched: [any IOCompletionTarget] = []
 
-    init(queue: any IOQueue, pageCacheWrites: PageCacheWritePolicy) {
+    /// Payload bytes held by requests of this loop's connections (read buffers being filled, write
+    /// payloads being received or written), and the most they may hold before connections stop
+    /// taking new requests. Bounds memory however many clients there are (invariant 7).
+    private(set) var bufferedBytes = 0
+    let bufferBudget: Int
+    private var budgetWaiters: [any IOCompletionTarget] = []
+    private var wakeScheduled = false
+    private let eventLoop: any EventLoop
+
+    init(queue: any IOQueue, pageCacheWrites: PageCacheWritePolicy, bufferBudget: Int, eventLoop: any EventLoop) {
         self.queue = queue
         self.pageCacheWrites = pageCacheWrites
+        self.bufferBudget = bufferBudget
+        self.eventLoop = eventLoop
+    }
+
+    var hasBudget: Bool { bufferedBytes < bufferBudget }
+
+    /// The most `bufferedBytes` has been, for tests and status.
+    private(set) var peakBufferedBytes = 0
+
+    func reserve(_ bytes: Int) {
+        bufferedBytes += bytes
+        peakBufferedBytes = max(peakBufferedBytes, bufferedBytes)
+    }
+
+    /// Returns bytes to the budget. Waiters are woken in a later loop tick, never from inside the
+    /// completion or connection code that released.
+    func release(_ bytes: Int) {
+        bufferedBytes -= bytes
+        if hasBudget, !budgetWaiters.isEmpty, !wakeScheduled {
+            wakeScheduled = true
+            eventLoop.assumeIsolated().execute { [self] in
+                wakeScheduled = false
+                wakeBudgetWaiters()
+            }
+        }
+    }
+
+    /// Asks for `budgetAvailable()` once the budget has room; each target asks at most once.
+    func waitForBudget(_ target: any IOCompletionTarget) {
+        budgetWaiters.append(target)
+    }
+
+    private func wakeBudgetWaiters() {
+        while hasBudget, !budgetWaiters.isEmpty {
+            budgetWaiters.removeFirst().budgetAvailable()
+        }
     }
 
     /// Results of operations run inline, delivered right after the next submit.
@@ -134,7 +181,10 @@ final class LoopIORegistry: Sendable {
     private let byLoop: [ObjectIdentifier: NIOLoopBound<LoopIO>]
     let engineName: String
 
-    init(group: any EventLoopGroup, engine: IOEngine, pageCacheWrites: PageCacheWritePolicy, logger: Logger) throws {
+    init(
+        group: any EventLoopGroup, engine: IOEngine, pageCacheWrites: PageCacheWritePolicy, bufferBudget: Int,
+        logger: Logger
+    ) throws {
         var byLoop: [ObjectIdentifier: NIOLoopBound<LoopIO>] = [:]
         var names = Set<String>()
         for loop in group.makeIterator() {
@@ -143,7 +193,10 @@ final class LoopIORegistry: Sendable {
                 let queue = try engine.makeQueue()
                 let notifyFD = dup(queue.completionFD)
                 guard notifyFD >= 0 else { throw SystemError("dup", "completion eventfd", errno: errno) }
-                return (NIOLoopBound(LoopIO(queue: queue, pageCacheWrites: pageCacheWrites), eventLoop: loop), queue.engineName, notifyFD)
+                return (NIOLoopBound(
+                    LoopIO(queue: queue, pageCacheWrites: pageCacheWrites, bufferBudget: bufferBudget, eventLoop: loop),
+                    eventLoop: loop
+                ), queue.engineName, notifyFD)
             }.wait()
             names.insert(name)
             _ = try NIOPipeBootstrap(group: loop)
@@ -159,6 +212,15 @@ final class LoopIORegistry: Sendable {
         self.byLoop = byLoop
         self.engineName = names.sorted().joined(separator: ",")
         logger.info("data-device I/O engine: \(engineName)")
+    }
+
+    /// The highest payload bytes each loop's connections held at once.
+    func peakBufferedBytes() async throws -> [Int] {
+        var peaks: [Int] = []
+        for bound in byLoop.values {
+            peaks.append(try await bound.eventLoop.submit { bound.value.peakBufferedBytes }.get())
+        }
+        return peaks
     }
 
     /// The `LoopIO` of `loop`; call on that loop only.

@@ -80,6 +80,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     private var inFlight = 0
     private var inFlightBytes = 0
     private var needsFlush = false
+    private var waitingForBudget = false
     private var completedSinceBatchEnd = false
     private var disconnectRequested = false
     private var handshakeTimer: Scheduled<Void>?
@@ -123,7 +124,10 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         countedExport = nil
         phase = .closed
         inbound = nil
-        gathering = nil
+        if let write = gathering {
+            io.release(Int(write.header.length))
+            gathering = nil
+        }
         context.fireChannelInactive()
     }
 
@@ -166,9 +170,24 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
 
     // MARK: - Input
 
-    private var canAcceptRequest: Bool {
+    /// Whether the next request may be taken; registers for a wake-up when the loop's budget is spent.
+    private func readyForRequest() -> Bool {
         guard let context, context.channel.isWritable, !disconnectRequested else { return false }
+        guard io.hasBudget else {
+            if !waitingForBudget {
+                waitingForBudget = true
+                io.waitForBudget(self)
+            }
+            return false
+        }
         return inFlight < limits.maxInFlight && (inFlight == 0 || inFlightBytes < limits.maxInFlightBytes)
+    }
+
+    func budgetAvailable() {
+        waitingForBudget = false
+        guard case .transmission = phase else { return }
+        processInbound()
+        readIfReady()
     }
 
     private func readIfReady() {
@@ -179,7 +198,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         case .handshake:
             context.read()
         case .transmission:
-            if canAcceptRequest || gathering != nil { context.read() }
+            if readyForRequest() || gathering != nil { context.read() }
         }
     }
 
@@ -205,9 +224,10 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
                     guard gatherPayload(&buffer, parser, export) else { return }
                     continue
                 }
-                guard canAcceptRequest else { return }
+                guard readyForRequest() else { return }
                 switch parser.parse(&buffer) {
                 case .writeHeader(let header):
+                    io.reserve(Int(header.length))  // Released with the request, or if it never becomes one.
                     gathering = (header, [], Int(header.length))
                 case .needMoreData:
                     reserveForPayload(&buffer)
@@ -261,8 +281,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         }
         switch parser.finishWrite(write.header) {
         case .request(let request):
-            dispatch(request, export, fragments: write.fragments)
+            dispatch(request, export, fragments: write.fragments, reserved: true)
         case .reject(let cookie, let command, let error, let message):
+            io.release(Int(write.header.length))
             reject(cookie: cookie, command: command, error, message, export)
         default:
             preconditionFailure("finishWrite returns a request or a rejection")
@@ -331,9 +352,12 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
 
     /// Starts a validated request. A WRITE's payload is `request.payload`, or `fragments` when it was
     /// gathered.
-    private func dispatch(_ request: Request, _ export: ServedExport, fragments: [ByteBuffer] = []) {
+    private func dispatch(_ request: Request, _ export: ServedExport, fragments: [ByteBuffer] = [], reserved: Bool = false) {
         let device = export.device
         export.statistics.requests.add(1, ordering: .relaxed)
+        if !reserved && (request.command == .read || request.command == .write) {
+            io.reserve(Int(request.length))
+        }
         var item = Pending(
             cookie: request.cookie, command: request.command, flags: request.flags, offset: request.offset,
             length: Int(request.length)
@@ -570,6 +594,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     private func release(_ token: Int) {
         if let item = pending[token], item.command == .read || item.command == .write {
             inFlightBytes -= item.length
+            io.release(item.length)
             item.iovecs?.deallocate()
         }
         pending[token] = nil

@@ -20,6 +20,8 @@ public struct NBDServerConfiguration: Sendable {
     public var maxConnections = 16384
     public var ioEngine: IOEngine = .auto
     public var pageCacheWrites: PageCacheWritePolicy = .inline
+    /// Payload bytes all connections of one event loop may hold together (see `LoopIO`).
+    public var bufferBudgetPerLoop = 256 << 20
 
     public init() {}
 }
@@ -45,8 +47,14 @@ public final class NBDServer: Sendable {
         self.group = group
         self.logger = logger
         self.ioRegistry = try LoopIORegistry(
-            group: group, engine: configuration.ioEngine, pageCacheWrites: configuration.pageCacheWrites, logger: logger
+            group: group, engine: configuration.ioEngine, pageCacheWrites: configuration.pageCacheWrites,
+            bufferBudget: configuration.bufferBudgetPerLoop, logger: logger
         )
+    }
+
+    /// The highest payload bytes held at once by the connections of each event loop.
+    func peakBufferedBytes() async throws -> [Int] {
+        try await ioRegistry.peakBufferedBytes()
     }
 
     /// Binds every configured listener.

@@ -66,6 +66,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Requests in flight per connection before marsd stops reading from it.")
     var maxInflight = 64
 
+    @Option(help: "MiB of request payload (reads being filled, writes being received or written) the connections of one event loop may hold together; beyond it they stop taking requests.")
+    var maxBufferedMib = 256
+
     @Option(help: "Open NBD connections beyond which new ones are closed at once.")
     var maxConnections = 16384
 
@@ -85,6 +88,7 @@ struct Serve: AsyncParsableCommand {
             throw ValidationError("--tcp must be HOST:PORT or PORT, for example 127.0.0.1:10809")
         }
         if maxInflight < 1 { throw ValidationError("--max-inflight must be at least 1") }
+        if maxBufferedMib < 1 { throw ValidationError("--max-buffered-mib must be at least 1") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
     }
 
@@ -119,6 +123,7 @@ struct Serve: AsyncParsableCommand {
         configuration.nbd.ioEngine = ioEngine
         configuration.nbd.pageCacheWrites = pageCacheWrites
         configuration.nbd.maxConnections = maxConnections
+        configuration.nbd.bufferBudgetPerLoop = maxBufferedMib << 20
         configuration.nbd.limits.maxInFlight = maxInflight
         configuration.handshakeTimeoutSeconds = handshakeTimeout
         do {

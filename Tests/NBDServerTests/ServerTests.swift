@@ -135,6 +135,44 @@ struct ServerTests {
         await harness.stop()
     }
 
+    /// Invariant 7: however many clients pipeline large requests, the payload a loop holds stays within
+    /// its budget (plus at most one request), and every request still completes (no deadlock).
+    @Test func loopBufferBudget() async throws {
+        let budget = 1 << 20
+        let harness = try await ServerHarness(size: 64 << 20) { $0.bufferBudgetPerLoop = budget }
+        let data = pattern(512 << 10, seed: 4)
+        let socketPath = harness.socketPath
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for connection in 0..<6 {
+                group.addTask {
+                    let client = try TestClient.connected(socketPath)
+                    var writes: [UInt8] = []
+                    var reads: [UInt8] = []
+                    for i in 0..<8 {
+                        let offset = UInt64(connection * 8 + i) * UInt64(data.count)
+                        writes += client.requestBytes(.write, cookie: UInt64(i), offset: offset, length: UInt32(data.count)) + data
+                        reads += client.requestBytes(.read, cookie: UInt64(100 + i), offset: offset, length: UInt32(data.count))
+                    }
+                    // A read is only ordered after a write once the write is acknowledged.
+                    try client.send(writes)
+                    for _ in 0..<8 { #expect(try client.simpleReply().error == 0) }
+                    try client.send(reads)
+                    for _ in 0..<8 {
+                        let reply = try client.simpleReply()
+                        #expect(reply.error == 0 && reply.cookie >= 100)
+                        #expect(try client.receive(data.count) == data)
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        for peak in try await harness.server.peakBufferedBytes() {
+            #expect(peak <= budget + Int(NBDLimits.maxPayload), "a loop held \(peak) bytes")
+            #expect(peak <= budget + (512 << 10))
+        }
+        await harness.stop()
+    }
+
     /// Bad request magic closes that connection only.
     @Test func badMagicClosesOnlyThatConnection() async throws {
         let harness = try await ServerHarness()
