@@ -61,8 +61,3 @@ uint32_t cchecksum_crc32c(uint32_t crc, const void *data, size_t length) {
 #endif
     return ~software(crc, data, length);
 }
-
-int cchecksum_crc32c_is_hardware(void) {
-    pthread_once(&once, initialize);
-    return hardware;
-}

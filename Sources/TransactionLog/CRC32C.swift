@@ -9,6 +9,4 @@ public enum CRC32C {
     public static func checksum(_ bytes: [UInt8], continuing crc: UInt32 = 0) -> UInt32 {
         bytes.withUnsafeBytes { checksum($0, continuing: crc) }
     }
-
-    public static var isHardwareAccelerated: Bool { cchecksum_crc32c_is_hardware() != 0 }
 }

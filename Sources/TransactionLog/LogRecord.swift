@@ -114,8 +114,8 @@ public func decodeRecord(
 ) -> Result<LogRecord, RecordDefect> {
     let available = bytes.count - position
     guard available >= LogRecordLayout.headerSize else { return .failure(.incomplete) }
-    func load<T: FixedWidthInteger>(_ at: Int, as: T.Type) -> T {
-        T(littleEndian: bytes.loadUnaligned(fromByteOffset: position + at, as: T.self))
+    func load<T: FixedWidthInteger>(_ at: Int, as type: T.Type) -> T {
+        bytes.loadLittleEndian(at: position + at, as: type)
     }
     guard load(0, as: UInt32.self) == LogRecordLayout.magic else { return .failure(.badMagic) }
     let version = bytes[position + 4]
@@ -166,6 +166,12 @@ public func decodeRecord(
     return .success(
         LogRecord(type: type, flags: flags, lsn: lsn, epoch: epoch, offset: offset, length: length, payload: payload)
     )
+}
+
+extension UnsafeRawBufferPointer {
+    func loadLittleEndian<T: FixedWidthInteger>(at offset: Int, as: T.Type) -> T {
+        T(littleEndian: loadUnaligned(fromByteOffset: offset, as: T.self))
+    }
 }
 
 extension [UInt8] {

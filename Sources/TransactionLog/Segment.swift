@@ -92,8 +92,8 @@ public struct SegmentHeader: Equatable, Sendable {
 
     public static func decode(_ bytes: UnsafeRawBufferPointer) -> Result<SegmentHeader, Defect> {
         guard bytes.count >= size else { return .failure(.incomplete) }
-        func load<T: FixedWidthInteger>(_ at: Int, as: T.Type) -> T {
-            T(littleEndian: bytes.loadUnaligned(fromByteOffset: at, as: T.self))
+        func load<T: FixedWidthInteger>(_ at: Int, as type: T.Type) -> T {
+            bytes.loadLittleEndian(at: at, as: type)
         }
         guard load(0, as: UInt64.self) == magic else { return .failure(.badMagic) }
         let version = load(8, as: UInt16.self)

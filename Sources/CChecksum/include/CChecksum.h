@@ -10,7 +10,4 @@
 /// Continues `crc` (0 to start) over `length` bytes. Standard CRC32C: pre- and post-inverted.
 uint32_t cchecksum_crc32c(uint32_t crc, const void *data, size_t length);
 
-/// 1 when the hardware instruction is used.
-int cchecksum_crc32c_is_hardware(void);
-
 #endif
