@@ -47,15 +47,15 @@ public enum IOEngine: String, Sendable, CaseIterable {
     /// pread/pwrite/fdatasync on worker threads.
     case posix
 
-    /// Creates the queue for one event loop.
-    public func makeQueue() throws(SystemError) -> any IOQueue {
+    /// Creates the queue for one event loop; `ringEntries` sizes an io_uring.
+    public func makeQueue(ringEntries: UInt32 = 256) throws(SystemError) -> any IOQueue {
         switch self {
         case .uring:
-            return try URingIOQueue()
+            return try URingIOQueue(entries: ringEntries)
         case .posix:
             return try ThreadPoolIOQueue()
         case .auto:
-            if let queue = try? URingIOQueue() { return queue }
+            if let queue = try? URingIOQueue(entries: ringEntries) { return queue }
             return try ThreadPoolIOQueue()
         }
     }

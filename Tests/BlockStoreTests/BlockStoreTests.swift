@@ -93,6 +93,18 @@ struct BlockStoreTests {
         #expect(readBack == data)
     }
 
+    /// Where an io_uring cannot be created, `auto` falls back to the thread engine and `uring` fails
+    /// with the errno (a ring of 0 entries is refused by every kernel, as a disabled io_uring would be).
+    @Test func autoFallsBackWhenIOUringFails() throws {
+        let fallback = try IOEngine.auto.makeQueue(ringEntries: 0)
+        #expect(fallback.engineName == "threads")
+        let error = #expect(throws: SystemError.self) { try IOEngine.uring.makeQueue(ringEntries: 0) }
+        #expect(error?.operation == "io_uring_queue_init")
+        if uringAvailable {
+            #expect(try IOEngine.auto.makeQueue().engineName == "io_uring")
+        }
+    }
+
     /// A read past the end of a file returns a short count, never garbage.
     @Test(arguments: engines())
     func shortReadAtEnd(engine: IOEngine) throws {
