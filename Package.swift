@@ -28,6 +28,8 @@ let package = Package(
         .target(name: "CChecksum"),
         // The transaction log's on-disk format: records, segments, scanning. Pure: no I/O policy, no NIO.
         .target(name: "TransactionLog", dependencies: ["CChecksum"], swiftSettings: swiftSettings),
+        // The log engine: pending writes, group commit, writeback, recovery (growing with issue 3).
+        .target(name: "LogEngine", swiftSettings: swiftSettings),
         // Data devices and the I/O engines (io_uring, thread-pool pread/pwrite). No NIO: storage threads never need a loop.
         .target(
             name: "BlockStore",
@@ -80,6 +82,7 @@ let package = Package(
             dependencies: ["ControlProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: swiftSettings
         ),
+        .testTarget(name: "LogEngineTests", dependencies: ["LogEngine"], swiftSettings: swiftSettings),
         .testTarget(name: "TransactionLogTests", dependencies: ["TransactionLog"], swiftSettings: swiftSettings),
         .testTarget(
             name: "BlockStoreTests",

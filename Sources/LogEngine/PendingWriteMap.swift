@@ -1,0 +1,207 @@
+/// What a logged, not yet written-back change holds.
+public enum PendingContent: Sendable, Equatable {
+    case data([UInt8])
+    /// TRIM or WRITE_ZEROES: the range reads as zeroes.
+    case zeroes(length: Int)
+
+    var length: Int {
+        switch self {
+        case .data(let bytes): bytes.count
+        case .zeroes(let length): length
+        }
+    }
+
+    /// Memory the content holds.
+    var heldBytes: Int {
+        if case .data(let bytes) = self { return bytes.count }
+        return 0
+    }
+}
+
+/// One piece of a read or a writeback.
+public enum PendingPiece: Sendable, Equatable {
+    /// Bytes from a pending write.
+    case data(offset: UInt64, bytes: ArraySlice<UInt8>)
+    case zeroes(offset: UInt64, length: Int)
+    /// Not pending: read it from the data device.
+    case device(offset: UInt64, length: Int)
+}
+
+/// A set of pending changes being written back together.
+public struct WritebackBatch: Sendable, Equatable {
+    /// The changes the batch retires, oldest first.
+    public let lsns: [UInt64]
+    /// What to write, sorted by device offset: for each byte only its newest change.
+    public let pieces: [PendingPiece]
+}
+
+/// The writes that are durable in the log but not yet on the data device, by device range.
+///
+/// Reads overlay them on the device (the newest change of every byte wins). Writeback goes in
+/// batches, one at a time, oldest changes first: a batch writes only the bytes no newer change has
+/// replaced, and its changes leave the map when the batch is on the device. Because the next batch
+/// starts only after that, an older change can never land on the device after a newer one, even
+/// when a new change to the same range arrives while a batch is being written.
+/// The map holds at most `capacity` payload bytes; the caller waits for `hasRoom` (backpressure).
+public struct PendingWriteMap: Sendable {
+    private struct Extent: Sendable {
+        var start: UInt64
+        var end: UInt64
+        var lsn: UInt64
+    }
+
+    private struct Entry: Sendable {
+        var offset: UInt64
+        var content: PendingContent
+    }
+
+    /// Non-overlapping visible ranges, sorted by start.
+    private var extents: [Extent] = []
+    private var entries: [UInt64: Entry] = [:]
+    /// Pending LSNs in order; the first `batchCount` of them are being written back.
+    private var order: [UInt64] = []
+    private var batchCount = 0
+    public let capacity: Int
+    public private(set) var heldBytes = 0
+
+    public init(capacity: Int) {
+        self.capacity = capacity
+    }
+
+    public var isEmpty: Bool { entries.isEmpty }
+    public var count: Int { entries.count }
+
+    /// Whether a change of `bytes` payload bytes fits now. An empty map takes any one change, so a
+    /// change larger than the capacity cannot wait forever.
+    public func hasRoom(for bytes: Int) -> Bool {
+        entries.isEmpty || heldBytes + bytes <= capacity
+    }
+
+    /// Records a change at `lsn` (newer than every change in the map) covering `offset`.
+    public mutating func insert(lsn: UInt64, offset: UInt64, content: PendingContent) {
+        precondition(order.last.map { $0 < lsn } ?? true, "changes must arrive in LSN order")
+        let length = UInt64(content.length)
+        guard length > 0 else { return }
+        entries[lsn] = Entry(offset: offset, content: content)
+        order.append(lsn)
+        heldBytes += content.heldBytes
+        let end = offset + length
+        var replaced: [Extent] = []
+        var index = firstIndex(endingAfter: offset)
+        let insertAt = index
+        while index < extents.count, extents[index].start < end {
+            let old = extents[index]
+            if old.start < offset { replaced.append(Extent(start: old.start, end: offset, lsn: old.lsn)) }
+            if old.end > end { replaced.append(Extent(start: end, end: old.end, lsn: old.lsn)) }
+            index += 1
+        }
+        let new = Extent(start: offset, end: end, lsn: lsn)
+        let merged = replaced.filter { $0.start < offset } + [new] + replaced.filter { $0.start >= end }
+        extents.replaceSubrange(insertAt..<index, with: merged)
+    }
+
+    /// The pieces that make up `[offset, offset+length)`: pending changes where there are any, the
+    /// device elsewhere, in order.
+    public func read(offset: UInt64, length: Int) -> [PendingPiece] {
+        let end = offset + UInt64(length)
+        var pieces: [PendingPiece] = []
+        var position = offset
+        var index = firstIndex(endingAfter: offset)
+        while position < end {
+            guard index < extents.count, extents[index].start < end else {
+                pieces.append(.device(offset: position, length: Int(end - position)))
+                break
+            }
+            let extent = extents[index]
+            if extent.start > position {
+                pieces.append(.device(offset: position, length: Int(extent.start - position)))
+                position = extent.start
+            }
+            let pieceEnd = min(extent.end, end)
+            pieces.append(piece(of: extent.lsn, from: position, to: pieceEnd))
+            position = pieceEnd
+            index += 1
+        }
+        return pieces
+    }
+
+    /// Starts writing back up to `maxChanges` of the oldest changes; nil when there is nothing to do.
+    /// Only one batch may be in flight.
+    public mutating func beginWriteback(maxChanges: Int = .max) -> WritebackBatch? {
+        precondition(batchCount == 0, "a writeback batch is already in flight")
+        guard !order.isEmpty else { return nil }
+        batchCount = min(maxChanges, order.count)
+        let lsns = Array(order[..<batchCount])
+        let pieces = lsns.flatMap { visibleParts(of: $0) }.sorted { $0.offset < $1.offset }
+        return WritebackBatch(lsns: lsns, pieces: pieces)
+    }
+
+    /// The batch is on the data device: its changes leave the map (bytes newer changes replaced in
+    /// the meantime stay visible through those changes).
+    public mutating func finishWriteback(_ batch: WritebackBatch) {
+        precondition(batch.lsns.count == batchCount && Array(order[..<batchCount]) == batch.lsns, "not the batch in flight")
+        order.removeFirst(batchCount)
+        batchCount = 0
+        for lsn in batch.lsns { remove(lsn: lsn) }
+    }
+
+    /// The parts of the change at `lsn` no newer change has replaced.
+    private func visibleParts(of lsn: UInt64) -> [PendingPiece] {
+        guard let entry = entries[lsn] else { return [] }
+        let end = entry.offset + UInt64(entry.content.length)
+        var pieces: [PendingPiece] = []
+        var index = firstIndex(endingAfter: entry.offset)
+        while index < extents.count, extents[index].start < end {
+            if extents[index].lsn == lsn { pieces.append(piece(of: lsn, from: extents[index].start, to: extents[index].end)) }
+            index += 1
+        }
+        return pieces
+    }
+
+    private mutating func remove(lsn: UInt64) {
+        guard let entry = entries.removeValue(forKey: lsn) else { return }
+        heldBytes -= entry.content.heldBytes
+        let end = entry.offset + UInt64(entry.content.length)
+        let start = firstIndex(endingAfter: entry.offset)
+        var index = start
+        while index < extents.count, extents[index].start < end { index += 1 }
+        extents.removeSubrange(start..<index, where: { $0.lsn == lsn })
+    }
+
+    private func piece(of lsn: UInt64, from start: UInt64, to end: UInt64) -> PendingPiece {
+        let entry = entries[lsn]!
+        switch entry.content {
+        case .data(let bytes):
+            let from = Int(start - entry.offset)
+            return .data(offset: start, bytes: bytes[from..<(from + Int(end - start))])
+        case .zeroes:
+            return .zeroes(offset: start, length: Int(end - start))
+        }
+    }
+
+    /// The first extent whose end lies after `offset` (binary search).
+    private func firstIndex(endingAfter offset: UInt64) -> Int {
+        var low = 0
+        var high = extents.count
+        while low < high {
+            let middle = (low + high) / 2
+            if extents[middle].end <= offset { low = middle + 1 } else { high = middle }
+        }
+        return low
+    }
+}
+
+extension PendingPiece {
+    var offset: UInt64 {
+        switch self {
+        case .data(let offset, _), .zeroes(let offset, _), .device(let offset, _): offset
+        }
+    }
+}
+
+extension Array {
+    fileprivate mutating func removeSubrange(_ range: Range<Int>, where shouldRemove: (Element) -> Bool) {
+        let kept = self[range].filter { !shouldRemove($0) }
+        replaceSubrange(range, with: kept)
+    }
+}
