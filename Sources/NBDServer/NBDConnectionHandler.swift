@@ -355,8 +355,13 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     private func dispatch(_ request: Request, _ export: ServedExport, fragments: [ByteBuffer] = [], reserved: Bool = false) {
         let device = export.device
         export.statistics.requests.add(1, ordering: .relaxed)
-        if !reserved && (request.command == .read || request.command == .write) {
-            io.reserve(Int(request.length))
+        if request.command == .read || request.command == .write {
+            // Payload bytes this request holds until it completes: per connection and per loop.
+            if !reserved { io.reserve(Int(request.length)) }
+            inFlightBytes += Int(request.length)
+            if request.command == .write {
+                export.statistics.bytesWritten.add(Int(request.length), ordering: .relaxed)
+            }
         }
         var item = Pending(
             cookie: request.cookie, command: request.command, flags: request.flags, offset: request.offset,
@@ -379,7 +384,6 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             )
             item.address = buffer.withUnsafeMutableWritableBytes { $0.baseAddress! }
             item.buffer = buffer
-            inFlightBytes += item.length
             submitTransfer(store(item), device)
         case .write where fragments.count > 1 && device.cacheMode == .buffered:
             // Write the received buffers as they are: one writev, no copy.
@@ -390,8 +394,6 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             }
             item.fragments = fragments
             item.iovecs = iovecs
-            inFlightBytes += item.length
-            export.statistics.bytesWritten.add(item.length, ordering: .relaxed)
             let token = store(item)
             io.enqueue(
                 .writev(fd: device.bufferedFD, iovecs: iovecs, count: fragments.count, offset: item.offset, durable: item.flags.contains(.fua)),
@@ -412,8 +414,6 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             }
             item.buffer = payload
             item.address = address
-            inFlightBytes += item.length
-            export.statistics.bytesWritten.add(item.length, ordering: .relaxed)
             submitTransfer(store(item), device)
         case .flush:
             io.enqueue(.fdatasync(fd: device.bufferedFD), for: self, token: store(item))
