@@ -82,8 +82,12 @@ let package = Package(
             dependencies: ["ControlProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: swiftSettings
         ),
-        .testTarget(name: "LogEngineTests", dependencies: ["LogEngine"], swiftSettings: swiftSettings),
-        .testTarget(name: "TransactionLogTests", dependencies: ["TransactionLog"], swiftSettings: swiftSettings),
+        // Helpers shared by the test targets.
+        .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: swiftSettings),
+        .testTarget(name: "LogEngineTests", dependencies: ["LogEngine", "TestSupport"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "TransactionLogTests", dependencies: ["TransactionLog", "TestSupport"], swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "BlockStoreTests",
             dependencies: ["BlockStore"],
