@@ -29,7 +29,7 @@ let package = Package(
         // The transaction log's on-disk format: records, segments, scanning. Pure: no I/O policy, no NIO.
         .target(name: "TransactionLog", dependencies: ["CChecksum"], swiftSettings: swiftSettings),
         // The log engine: pending writes, group commit, writeback, recovery (growing with issue 3).
-        .target(name: "LogEngine", swiftSettings: swiftSettings),
+        .target(name: "LogEngine", dependencies: ["TransactionLog", "BlockStore"], swiftSettings: swiftSettings),
         // Data devices and the I/O engines (io_uring, thread-pool pread/pwrite). No NIO: storage threads never need a loop.
         .target(
             name: "BlockStore",
@@ -84,7 +84,7 @@ let package = Package(
         ),
         // Helpers shared by the test targets.
         .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: swiftSettings),
-        .testTarget(name: "LogEngineTests", dependencies: ["LogEngine", "TestSupport"], swiftSettings: swiftSettings),
+        .testTarget(name: "LogEngineTests", dependencies: ["LogEngine", "TransactionLog", "BlockStore", "TestSupport"], swiftSettings: swiftSettings),
         .testTarget(
             name: "TransactionLogTests", dependencies: ["TransactionLog", "TestSupport"], swiftSettings: swiftSettings
         ),

@@ -1,13 +1,14 @@
 /// What a logged, not yet written-back change holds.
 public enum PendingContent: Sendable, Equatable {
     case data([UInt8])
-    /// TRIM or WRITE_ZEROES: the range reads as zeroes.
-    case zeroes(length: Int)
+    /// TRIM or WRITE_ZEROES: the range reads as zeroes; `keepAllocated` asks writeback not to punch
+    /// holes (WRITE_ZEROES with NO_HOLE).
+    case zeroes(length: Int, keepAllocated: Bool)
 
     var length: Int {
         switch self {
         case .data(let bytes): bytes.count
-        case .zeroes(let length): length
+        case .zeroes(let length, _): length
         }
     }
 
@@ -22,7 +23,7 @@ public enum PendingContent: Sendable, Equatable {
 public enum PendingPiece: Sendable, Equatable {
     /// Bytes from a pending write.
     case data(offset: UInt64, bytes: ArraySlice<UInt8>)
-    case zeroes(offset: UInt64, length: Int)
+    case zeroes(offset: UInt64, length: Int, keepAllocated: Bool)
     /// Not pending: read it from the data device.
     case device(offset: UInt64, length: Int)
 }
@@ -59,7 +60,7 @@ public struct PendingWriteMap: Sendable {
     private var extents: [Extent] = []
     private var entries: [UInt64: Entry] = [:]
     /// Pending LSNs in order; the first `batchCount` of them are being written back.
-    private var order: [UInt64] = []
+    private var order = FIFO<UInt64>()
     private var batchCount = 0
     public let capacity: Int
     public private(set) var heldBytes = 0
@@ -125,12 +126,27 @@ public struct PendingWriteMap: Sendable {
         return pieces
     }
 
-    /// Starts writing back up to `maxChanges` of the oldest changes; nil when there is nothing to do.
-    /// Only one batch may be in flight.
-    public mutating func beginWriteback(maxChanges: Int = .max) -> WritebackBatch? {
+    /// Whether any pending change overlaps `[offset, offset+length)` (no allocation: the read path
+    /// asks this first).
+    public func overlaps(offset: UInt64, length: Int) -> Bool {
+        let index = firstIndex(endingAfter: offset)
+        return index < extents.count && extents[index].start < offset + UInt64(length)
+    }
+
+    /// The LSN of the oldest change still in the map.
+    public var oldestLSN: UInt64? { order.first }
+
+    /// Starts writing back up to `maxChanges` of the oldest changes, only those with an LSN below
+    /// `limit` (the durable ones); nil when there is nothing to do. Only one batch may be in flight.
+    public mutating func beginWriteback(maxChanges: Int = .max, below limit: UInt64 = .max) -> WritebackBatch? {
         precondition(batchCount == 0, "a writeback batch is already in flight")
-        guard !order.isEmpty else { return nil }
-        batchCount = min(maxChanges, order.count)
+        var count = 0
+        for lsn in order {
+            guard count < maxChanges, lsn < limit else { break }
+            count += 1
+        }
+        guard count > 0 else { return nil }
+        batchCount = count
         let lsns = Array(order[..<batchCount])
         let pieces = lsns.flatMap { visibleParts(of: $0) }.sorted { $0.offset < $1.offset }
         return WritebackBatch(lsns: lsns, pieces: pieces)
@@ -174,8 +190,8 @@ public struct PendingWriteMap: Sendable {
         case .data(let bytes):
             let from = Int(start - entry.offset)
             return .data(offset: start, bytes: bytes[from..<(from + Int(end - start))])
-        case .zeroes:
-            return .zeroes(offset: start, length: Int(end - start))
+        case .zeroes(_, let keepAllocated):
+            return .zeroes(offset: start, length: Int(end - start), keepAllocated: keepAllocated)
         }
     }
 
@@ -194,7 +210,7 @@ public struct PendingWriteMap: Sendable {
 extension PendingPiece {
     var offset: UInt64 {
         switch self {
-        case .data(let offset, _), .zeroes(let offset, _), .device(let offset, _): offset
+        case .data(let offset, _), .zeroes(let offset, _, _), .device(let offset, _): offset
         }
     }
 }
@@ -204,4 +220,37 @@ extension Array {
         let kept = self[range].filter { !shouldRemove($0) }
         replaceSubrange(range, with: kept)
     }
+}
+
+/// An array with O(1) amortized removal from the front.
+struct FIFO<Element: Sendable>: Sendable, Sequence {
+    private var storage: [Element] = []
+    private var head = 0
+
+    var isEmpty: Bool { head == storage.count }
+    var count: Int { storage.count - head }
+    var first: Element? { isEmpty ? nil : storage[head] }
+    var last: Element? { isEmpty ? nil : storage[storage.count - 1] }
+
+    mutating func append(_ element: Element) { storage.append(element) }
+
+    subscript(range: PartialRangeUpTo<Int>) -> ArraySlice<Element> {
+        storage[head..<(head + range.upperBound)]
+    }
+
+    mutating func removeFirst(_ count: Int) {
+        head += count
+        if head > 1024, head * 2 > storage.count {
+            storage.removeFirst(head)
+            head = 0
+        }
+    }
+
+    mutating func popFirst() -> Element? {
+        guard let element = first else { return nil }
+        removeFirst(1)
+        return element
+    }
+
+    func makeIterator() -> ArraySlice<Element>.Iterator { storage[head...].makeIterator() }
 }

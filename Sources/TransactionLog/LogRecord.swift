@@ -6,14 +6,10 @@ public enum LogRecordType: UInt8, Sendable, CaseIterable {
     case trim = 2
     /// A range that reads as zeroes afterwards. No payload; flag `noHole` keeps it allocated.
     case writeZeroes = 3
-    /// A group-commit point: everything before it was durable when it was written. No range.
-    case flush = 4
-    /// The primary generation changes to `epoch` here. No range.
+    /// The primary generation changes to `epoch` here (the first record of every history). No range.
     case epoch = 5
-    /// The segment is closed; the history continues in the next segment. No range.
-    case segmentEnd = 6
 
-    var carriesRange: Bool { self == .write || self == .trim || self == .writeZeroes }
+    public var carriesRange: Bool { self == .write || self == .trim || self == .writeZeroes }
 }
 
 /// Flags of a record (16 bits on disk).

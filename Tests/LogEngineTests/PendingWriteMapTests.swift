@@ -8,7 +8,7 @@ func compose(_ pieces: [PendingPiece], device: [UInt8]) -> [UInt8] {
     pieces.flatMap { piece -> [UInt8] in
         switch piece {
         case .data(_, let bytes): Array(bytes)
-        case .zeroes(_, let length): [UInt8](repeating: 0, count: length)
+        case .zeroes(_, let length, _): [UInt8](repeating: 0, count: length)
         case .device(let offset, let length): Array(device[Int(offset)..<(Int(offset) + length)])
         }
     }
@@ -18,7 +18,7 @@ extension PendingPiece {
     var length: Int {
         switch self {
         case .data(_, let bytes): bytes.count
-        case .zeroes(_, let length), .device(_, let length): length
+        case .zeroes(_, let length, _), .device(_, let length): length
         }
     }
 }
@@ -29,7 +29,7 @@ func apply(_ batch: WritebackBatch, to device: inout [UInt8]) {
         switch piece {
         case .data(let offset, let bytes):
             device.replaceSubrange(Int(offset)..<(Int(offset) + bytes.count), with: bytes)
-        case .zeroes(let offset, let length):
+        case .zeroes(let offset, let length, _):
             device.replaceSubrange(Int(offset)..<(Int(offset) + length), with: [UInt8](repeating: 0, count: length))
         case .device:
             Issue.record("writeback was asked to copy the device onto itself")
@@ -44,7 +44,7 @@ struct PendingWriteMapTests {
         var map = PendingWriteMap(capacity: 1 << 20)
         map.insert(lsn: 1, offset: 10, content: .data([UInt8](repeating: 1, count: 20)))
         map.insert(lsn: 2, offset: 15, content: .data([UInt8](repeating: 2, count: 5)))
-        map.insert(lsn: 3, offset: 28, content: .zeroes(length: 4))
+        map.insert(lsn: 3, offset: 28, content: .zeroes(length: 4, keepAllocated: false))
         let device = [UInt8](repeating: 9, count: 40)
         let expected: [UInt8] = Array(repeating: 9, count: 10) + Array(repeating: 1, count: 5) + Array(repeating: 2, count: 5)
             + Array(repeating: 1, count: 8) + Array(repeating: 0, count: 4) + Array(repeating: 9, count: 8)
@@ -75,12 +75,12 @@ struct PendingWriteMapTests {
     @Test func batchWritesNewestOnlySorted() {
         var map = PendingWriteMap(capacity: 1 << 20)
         map.insert(lsn: 1, offset: 100, content: .data([1, 1, 1, 1]))
-        map.insert(lsn: 2, offset: 0, content: .zeroes(length: 4))
+        map.insert(lsn: 2, offset: 0, content: .zeroes(length: 4, keepAllocated: false))
         map.insert(lsn: 3, offset: 101, content: .data([3, 3]))
         let batch = map.beginWriteback()!
         #expect(batch.lsns == [1, 2, 3])
         #expect(batch.pieces == [
-            .zeroes(offset: 0, length: 4), .data(offset: 100, bytes: [1]), .data(offset: 101, bytes: [3, 3]),
+            .zeroes(offset: 0, length: 4, keepAllocated: false), .data(offset: 100, bytes: [1]), .data(offset: 101, bytes: [3, 3]),
             .data(offset: 103, bytes: [1]),
         ])
     }
@@ -91,7 +91,7 @@ struct PendingWriteMapTests {
         #expect(map.hasRoom(for: 1000))
         map.insert(lsn: 1, offset: 0, content: .data([UInt8](repeating: 1, count: 60)))
         #expect(map.hasRoom(for: 40) && !map.hasRoom(for: 41))
-        map.insert(lsn: 2, offset: 0, content: .zeroes(length: 1 << 30))
+        map.insert(lsn: 2, offset: 0, content: .zeroes(length: 1 << 30, keepAllocated: false))
         #expect(map.heldBytes == 60)  // Zeroes hold no memory however long the range.
         let batch = map.beginWriteback(maxChanges: 1)!
         map.finishWriteback(batch)
@@ -118,7 +118,7 @@ struct PendingWriteMapTests {
                 let length = Int.random(in: 1...min(700, size - offset), using: &rng)
                 let content: PendingContent = Bool.random(using: &rng)
                     ? .data((0..<length).map { _ in UInt8.random(in: 0...255, using: &rng) })
-                    : .zeroes(length: length)
+                    : .zeroes(length: length, keepAllocated: false)
                 map.insert(lsn: lsn, offset: UInt64(offset), content: content)
                 switch content {
                 case .data(let bytes): logical.replaceSubrange(offset..<(offset + length), with: bytes)

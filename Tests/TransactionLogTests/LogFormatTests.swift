@@ -19,7 +19,7 @@ func randomRecord(lsn: UInt64, using rng: inout SplitMix64) -> LogRecord {
             type: type, flags: type == .writeZeroes && Bool.random(using: &rng) ? .noHole : [], lsn: lsn, epoch: epoch,
             offset: UInt64.random(in: 0...(1 << 40), using: &rng), length: UInt64.random(in: 1...(1 << 30), using: &rng)
         )
-    case .flush, .epoch, .segmentEnd:
+    case .epoch:
         return LogRecord(type: type, lsn: lsn, epoch: epoch)
     }
 }
@@ -140,8 +140,8 @@ struct LogFormatTests {
 
     /// A record from another position of the history (stale bytes) is not taken as the next record.
     @Test func recordAtTheWrongPositionIsNotAccepted() {
-        let first = LogRecord(type: .flush, lsn: 1000, epoch: 1)
-        let stale = LogRecord(type: .flush, lsn: 5000, epoch: 1)
+        let first = LogRecord(type: .epoch, lsn: 1000, epoch: 1)
+        let stale = LogRecord(type: .epoch, lsn: 5000, epoch: 1)
         let (decoded, end) = scan(first.encoded() + stale.encoded())
         #expect(decoded == [first])
         #expect(end == .tornTail(offset: first.encodedSize, defect: .unexpectedPosition(expected: 1052, found: 5000)))
@@ -167,7 +167,7 @@ struct LogFormatTests {
         let cases = [
             LogRecord(type: .write, lsn: 1000, epoch: 1, offset: 0, length: 10, payload: [1, 2, 3]),
             LogRecord(type: .trim, lsn: 1000, epoch: 1, offset: 0, length: 10, payload: [1]),
-            LogRecord(type: .flush, lsn: 1000, epoch: 1, offset: 4096, length: 0),
+            LogRecord(type: .epoch, lsn: 1000, epoch: 1, offset: 4096, length: 0),
             LogRecord(type: .trim, lsn: 1000, epoch: 1, offset: UInt64.max, length: 2),
         ]
         for record in cases {

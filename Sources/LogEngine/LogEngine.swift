@@ -1,0 +1,448 @@
+import BlockStore
+import TransactionLog
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Limits and sizes of one resource's log.
+public struct LogEngineConfiguration: Sendable {
+    /// The host name in segment file names (`log-<sequence>-<host>`).
+    public var host: String
+    /// A segment is closed and a new one opened before it would grow beyond this (a segment holds at
+    /// least one record, so one large record may exceed it).
+    public var segmentSize: UInt64 = 256 << 20
+    /// Bytes all segments of the resource may take together. When the log reaches it, new writes
+    /// wait until writeback frees whole segments (docs/log-format.md, "When the log area fills").
+    public var spaceLimit: UInt64 = 64 << 30
+    /// Payload bytes of logged changes not yet written back that are held in memory; beyond it new
+    /// writes wait.
+    public var pendingCapacity = 64 << 20
+    /// The largest write a client may send (the NBD server's limit).
+    public var maxRecordPayload = 32 << 20
+    /// Changes one writeback batch takes at most.
+    public var writebackBatchChanges = 4096
+
+    public init(host: String) {
+        self.host = host
+    }
+
+    /// Why this configuration cannot work, or nil.
+    public var problem: String? {
+        guard SegmentName.isValidHost(host) else { return "host name '\(host)' cannot be part of a segment file name" }
+        guard segmentSize >= 4096 else { return "segment size must be at least 4096 bytes" }
+        let record = UInt64(maxRecordPayload + LogRecordLayout.headerSize + LogRecordLayout.trailerSize)
+        // After writeback catches up only the open segment remains (at most segmentSize + one
+        // record); one more record must always fit, or writes could wait forever.
+        let minimum = 2 * (segmentSize + record)
+        guard spaceLimit >= minimum else {
+            return "log space limit \(spaceLimit) is below \(minimum) bytes (twice a segment plus the largest record)"
+        }
+        return nil
+    }
+}
+
+/// An error a client's request gets from the log: an errno for the wire, and what happened.
+public struct LogEngineError: Error, Sendable, Equatable, CustomStringConvertible {
+    public let errno: Int32
+    public let message: String
+
+    public init(errno: Int32, _ message: String) {
+        self.errno = errno
+        self.message = message
+    }
+
+    init(_ error: any Error, while doing: String) {
+        if let error = error as? SystemError {
+            self.init(errno: error.errno, "\(doing): \(error)")
+        } else {
+            self.init(errno: EIO, "\(doing): \(error)")
+        }
+    }
+
+    public var description: String { message }
+}
+
+/// The result of a request for a resource whose log cannot be recovered safely: the resource stays
+/// down (invariant 6), and the message names the segment and offset.
+public struct LogRecoveryError: Error, Sendable, CustomStringConvertible {
+    public let segment: String?
+    public let offset: UInt64?
+    public let reason: String
+
+    public var description: String {
+        var text = "log recovery stopped"
+        if let segment { text += " in segment \(segment)" }
+        if let offset { text += " at byte \(offset)" }
+        return text + ": \(reason). The resource stays down; inspect it with 'marsadm log-verify'."
+    }
+}
+
+/// A logged change, as a client sent it.
+public enum LogChange: Sendable {
+    case write([UInt8])
+    case trim(length: Int)
+    case writeZeroes(length: Int, noHole: Bool)
+
+    var length: Int {
+        switch self {
+        case .write(let bytes): bytes.count
+        case .trim(let length), .writeZeroes(let length, _): length
+        }
+    }
+}
+
+/// Receives the outcome of requests that did not complete at once; called on an engine thread,
+/// with every completion of one group commit or writeback round for this target together.
+public protocol LogCompletionTarget: AnyObject, Sendable {
+    func logCompleted(_ completions: [LogCompletion])
+}
+
+public struct LogCompletion: Sendable {
+    public let token: Int
+    public let error: LogEngineError?
+}
+
+/// What happened to a write or flush handed to the engine.
+public enum LogAdmission: Sendable, Equatable {
+    /// Done: reply now.
+    case acknowledged
+    /// The reply comes through the target's `logCompleted`.
+    case waiting
+    case refused(LogEngineError)
+}
+
+/// Positions and sizes of a resource's log, for `marsadm view`.
+public struct LogEngineStatus: Sendable, Equatable {
+    public var epoch: UInt64
+    /// LSN the next record gets.
+    public var appendedLSN: UInt64
+    /// Every record before this LSN is durable in the log.
+    public var durableLSN: UInt64
+    /// Every record before this LSN is durable on the data device.
+    public var writebackLSN: UInt64
+    public var pendingChanges: Int
+    public var pendingBytes: Int
+    /// Writes waiting for room in memory or in the log area.
+    public var waitingWrites: Int
+    public var logBytes: UInt64
+    public var spaceLimit: UInt64
+    public var segments: Int
+    public var currentSegment: String
+    public var groupCommits: Int
+    public var failure: String?
+}
+
+/// The transaction log of one resource on its primary: every change is appended to the current
+/// segment, made durable by a group commit (one fdatasync for every record waiting), and only then
+/// written back to the data device (invariant 2). Until then reads see it through the pending map.
+///
+/// Two threads do the blocking work: the log writer (append, fdatasync, rotation) and writeback
+/// (device writes, device fdatasync, the persisted position, deleting segments). Requests arrive on
+/// event loops and never block: a write that finds no room waits in a queue, in order, and its reply
+/// waits with it.
+public final class LogEngine: Sendable {
+    struct SegmentInfo {
+        var name: SegmentName
+        var firstLSN: UInt64
+        var fileSize: UInt64
+    }
+
+    struct Waiter {
+        var lsn: UInt64
+        var target: any LogCompletionTarget
+        var token: Int
+    }
+
+    struct WaitingWrite {
+        var offset: UInt64
+        var change: LogChange
+        var fua: Bool
+        var target: any LogCompletionTarget
+        var token: Int
+    }
+
+    struct State {
+        var epoch: UInt64
+        var nextLSN: UInt64
+        var durableLSN: UInt64
+        var writebackLSN: UInt64
+        var pending: PendingWriteMap
+        /// Admitted records the log writer has not written yet, in LSN order.
+        var queue: [LogRecord] = []
+        var queuedBytes: UInt64 = 0
+        var waitingWrites = FIFO<WaitingWrite>()
+        var durabilityWaiters = FIFO<Waiter>()
+        var segments: [SegmentInfo]
+        var logFailure: LogEngineError?
+        var writebackFailure: LogEngineError?
+        var batchInFlight = false
+        var groupCommits = 0
+        /// No new requests; the threads finish what was admitted and stop.
+        var stopping = false
+        /// Stop at once, without further I/O (a simulated power loss in tests).
+        var halted = false
+        var writerDone = false
+
+        var logBytes: UInt64 { segments.reduce(0) { $0 + $1.fileSize } + queuedBytes }
+    }
+
+    let configuration: LogEngineConfiguration
+    let directory: any StorageDirectory
+    let device: any StorageFile
+    public let deviceSize: UInt64
+    let monitor: Monitor<State>
+    let writerWake = Condition()
+    let writebackWake = Condition()
+    let drained = Condition()
+    private let threads = Mutex<[WorkerThread]>([])
+    /// Only the log writer thread touches the open segment.
+    let openSegment: OpenSegmentBox
+    /// Only the writeback thread touches the position file.
+    let positionBox: PositionBox
+
+    init(
+        configuration: LogEngineConfiguration, directory: any StorageDirectory, device: any StorageFile, deviceSize: UInt64,
+        state: State, openSegment: OpenSegment, position: PositionFile
+    ) {
+        self.configuration = configuration
+        self.directory = directory
+        self.device = device
+        self.deviceSize = deviceSize
+        self.monitor = Monitor(state)
+        self.openSegment = OpenSegmentBox(openSegment)
+        self.positionBox = PositionBox(position)
+    }
+
+    func startThreads() {
+        let writer = WorkerThread(name: "mars-log") { [self] in logWriterLoop() }
+        let writeback = WorkerThread(name: "mars-writeback") { [self] in writebackLoop() }
+        threads.withLock { $0 = [writer, writeback] }
+    }
+
+    // MARK: - Requests (called on event loops; never block)
+
+    /// Logs a change at `offset`. Not FUA: acknowledged once admitted (reads see it at once; FLUSH
+    /// makes it durable). FUA: acknowledged when its record is durable.
+    public func submit(
+        offset: UInt64, change: LogChange, fua: Bool, target: any LogCompletionTarget, token: Int
+    ) -> LogAdmission {
+        guard change.length > 0 else { return .acknowledged }
+        let write = WaitingWrite(offset: offset, change: change, fua: fua, target: target, token: token)
+        return monitor.withLock { state -> LogAdmission in
+            if let refusal = refusal(state) { return .refused(refusal) }
+            if !state.waitingWrites.isEmpty || !hasRoom(state, for: change) {
+                state.waitingWrites.append(write)
+                return .waiting
+            }
+            return admit(write, &state) ? .waiting : .acknowledged
+        }
+    }
+
+    /// Acknowledged when every record admitted so far is durable (one group commit covers all
+    /// flushes and FUA writes waiting for it).
+    public func flush(target: any LogCompletionTarget, token: Int) -> LogAdmission {
+        monitor.withLock { state -> LogAdmission in
+            if let refusal = refusal(state) { return .refused(refusal) }
+            if state.durableLSN >= state.nextLSN { return .acknowledged }
+            state.durabilityWaiters.append(Waiter(lsn: state.nextLSN, target: target, token: token))
+            return .waiting
+        }
+    }
+
+    /// The pending changes over `[offset, offset+length)` a read must lay over the device's bytes, or
+    /// nil when there are none. Take this before reading the device: a change written back meanwhile
+    /// is then in both, and the overlay still has the newest bytes.
+    public func overlay(offset: UInt64, length: Int) -> [PendingPiece]? {
+        monitor.withLock { state in
+            guard state.pending.overlaps(offset: offset, length: length) else { return nil }
+            return state.pending.read(offset: offset, length: length).filter {
+                if case .device = $0 { return false }
+                return true
+            }
+        }
+    }
+
+    /// Reads through the log: the device with the pending changes laid over it.
+    public func read(offset: UInt64, length: Int) throws(SystemError) -> [UInt8] {
+        let pieces = overlay(offset: offset, length: length)
+        var bytes = try device.read(count: length, at: offset)
+        if bytes.count < length { bytes += [UInt8](repeating: 0, count: length - bytes.count) }
+        if let pieces { Self.lay(pieces, over: &bytes, at: offset) }
+        return bytes
+    }
+
+    /// Copies pending pieces over a buffer that holds the device's bytes from `offset`.
+    public static func lay(_ pieces: [PendingPiece], over buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) {
+        for piece in pieces {
+            switch piece {
+            case .data(let start, let bytes):
+                bytes.withUnsafeBytes { source in
+                    (buffer.baseAddress! + Int(start - offset)).copyMemory(from: source.baseAddress!, byteCount: source.count)
+                }
+            case .zeroes(let start, let length, _):
+                (buffer.baseAddress! + Int(start - offset)).initializeMemory(as: UInt8.self, repeating: 0, count: length)
+            case .device:
+                break
+            }
+        }
+    }
+
+    static func lay(_ pieces: [PendingPiece], over bytes: inout [UInt8], at offset: UInt64) {
+        bytes.withUnsafeMutableBytes { lay(pieces, over: $0, at: offset) }
+    }
+
+    public var status: LogEngineStatus {
+        monitor.withLock { state in
+            LogEngineStatus(
+                epoch: state.epoch, appendedLSN: state.nextLSN, durableLSN: state.durableLSN, writebackLSN: state.writebackLSN,
+                pendingChanges: state.pending.count, pendingBytes: state.pending.heldBytes, waitingWrites: state.waitingWrites.count,
+                logBytes: state.logBytes, spaceLimit: configuration.spaceLimit, segments: state.segments.count,
+                currentSegment: state.segments.last?.name.fileName ?? "", groupCommits: state.groupCommits,
+                failure: (state.logFailure ?? state.writebackFailure)?.message
+            )
+        }
+    }
+
+    /// Stops taking requests, makes everything admitted durable and writes it back, persists the
+    /// position, and stops the threads. Blocks: call it off the event loops.
+    public func shutdown() {
+        monitor.withLock { state in state.stopping = true }
+        writerWake.signal()
+        writebackWake.signal()
+        for thread in threads.withLock({ $0 }) { thread.join() }
+        threads.withLock { $0 = [] }
+    }
+
+    /// Stops the threads at once without more I/O: what a power loss or kill -9 leaves behind.
+    /// Requests still waiting are failed.
+    public func halt() {
+        let failed = monitor.withLock { state -> [Waiter] in
+            state.halted = true
+            state.stopping = true
+            return failedWaiters(&state, LogEngineError(errno: ESHUTDOWN, "the log engine stopped"))
+        }
+        deliver(failed.map { ($0.target, LogCompletion(token: $0.token, error: LogEngineError(errno: ESHUTDOWN, "the log engine stopped"))) })
+        writerWake.broadcast()
+        writebackWake.broadcast()
+        for thread in threads.withLock({ $0 }) { thread.join() }
+        threads.withLock { $0 = [] }
+    }
+
+    // MARK: - Admission (under the lock)
+
+    private func refusal(_ state: State) -> LogEngineError? {
+        if state.stopping { return LogEngineError(errno: ESHUTDOWN, "the resource is going down") }
+        if let failure = state.logFailure {
+            return LogEngineError(errno: failure.errno, "the log cannot be written (\(failure.message)); writes resume when it can")
+        }
+        return nil
+    }
+
+    private func recordSize(_ change: LogChange) -> UInt64 {
+        if case .write(let bytes) = change {
+            return UInt64(LogRecordLayout.headerSize + bytes.count + LogRecordLayout.trailerSize)
+        }
+        return UInt64(LogRecordLayout.headerSize + LogRecordLayout.trailerSize)
+    }
+
+    private func hasRoom(_ state: State, for change: LogChange) -> Bool {
+        let held = if case .write(let bytes) = change { bytes.count } else { 0 }
+        return state.pending.hasRoom(for: held) && state.logBytes + recordSize(change) <= configuration.spaceLimit
+    }
+
+    /// Appends the record and makes the change visible to reads. Returns whether the reply waits for
+    /// durability (FUA).
+    private func admit(_ write: WaitingWrite, _ state: inout State) -> Bool {
+        let lsn = state.nextLSN
+        let record: LogRecord
+        let content: PendingContent
+        switch write.change {
+        case .write(let bytes):
+            record = LogRecord(
+                type: .write, flags: write.fua ? .fua : [], lsn: lsn, epoch: state.epoch, offset: write.offset,
+                length: UInt64(bytes.count), payload: bytes
+            )
+            content = .data(bytes)
+        case .trim(let length):
+            record = LogRecord(type: .trim, flags: write.fua ? .fua : [], lsn: lsn, epoch: state.epoch, offset: write.offset, length: UInt64(length))
+            content = .zeroes(length: length, keepAllocated: false)
+        case .writeZeroes(let length, let noHole):
+            var flags: LogRecordFlags = noHole ? .noHole : []
+            if write.fua { flags.insert(.fua) }
+            record = LogRecord(type: .writeZeroes, flags: flags, lsn: lsn, epoch: state.epoch, offset: write.offset, length: UInt64(length))
+            content = .zeroes(length: length, keepAllocated: noHole)
+        }
+        let size = UInt64(record.encodedSize)
+        state.nextLSN += size
+        state.queuedBytes += size
+        state.pending.insert(lsn: lsn, offset: write.offset, content: content)
+        state.queue.append(record)
+        if state.queue.count == 1 { writerWake.signal() }
+        guard write.fua else { return false }
+        state.durabilityWaiters.append(Waiter(lsn: state.nextLSN, target: write.target, token: write.token))
+        return true
+    }
+
+    /// Admits waiting writes while there is room; returns the acknowledgements for non-FUA ones.
+    func admitWaiting(_ state: inout State) -> [(any LogCompletionTarget, LogCompletion)] {
+        var acknowledged: [(any LogCompletionTarget, LogCompletion)] = []
+        while let next = state.waitingWrites.first, state.logFailure == nil, hasRoom(state, for: next.change) {
+            _ = state.waitingWrites.popFirst()
+            if !admit(next, &state) { acknowledged.append((next.target, LogCompletion(token: next.token, error: nil))) }
+        }
+        return acknowledged
+    }
+
+    func failedWaiters(_ state: inout State, _ error: LogEngineError) -> [Waiter] {
+        var failed: [Waiter] = []
+        while let waiter = state.durabilityWaiters.popFirst() { failed.append(waiter) }
+        while let write = state.waitingWrites.popFirst() { failed.append(Waiter(lsn: 0, target: write.target, token: write.token)) }
+        return failed
+    }
+
+    /// Hands completions to their targets, one call per target.
+    func deliver(_ completions: [(any LogCompletionTarget, LogCompletion)]) {
+        guard !completions.isEmpty else { return }
+        if completions.count == 1 {
+            completions[0].0.logCompleted([completions[0].1])
+            return
+        }
+        var groups: [ObjectIdentifier: (any LogCompletionTarget, [LogCompletion])] = [:]
+        var order: [ObjectIdentifier] = []
+        for (target, completion) in completions {
+            let key = ObjectIdentifier(target)
+            if groups[key] == nil {
+                groups[key] = (target, [])
+                order.append(key)
+            }
+            groups[key]!.1.append(completion)
+        }
+        for key in order {
+            let (target, list) = groups[key]!
+            target.logCompleted(list)
+        }
+    }
+}
+
+import Synchronization
+
+/// The segment the log writer appends to; confined to the log writer thread.
+struct OpenSegment {
+    var name: SegmentName
+    var file: any StorageFile
+    var header: SegmentHeader
+    var size: UInt64
+    var digest: HistoryDigest
+    var records: Int
+}
+
+final class OpenSegmentBox: @unchecked Sendable {
+    var value: OpenSegment
+    init(_ value: OpenSegment) { self.value = value }
+}
+
+final class PositionBox: @unchecked Sendable {
+    var value: PositionFile
+    init(_ value: PositionFile) { self.value = value }
+}

@@ -1,0 +1,291 @@
+import BlockStore
+import TransactionLog
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension LogEngine {
+    // MARK: - Log writer thread
+
+    /// Takes every queued record, appends it to the open segment (rotating by size), fdatasyncs once,
+    /// and completes every FUA write and FLUSH the commit covers. On an error the records stay
+    /// queued, requests that wait for durability fail, and the writer retries every second.
+    func logWriterLoop() {
+        var scratch: [UInt8] = []
+        var failing = false
+        while true {
+            if failing {
+                monitor.wait(writerWake, timeoutSeconds: 1, until: { $0.halted }, then: { _ in })
+            }
+            let batch: [LogRecord]? = monitor.wait(
+                writerWake, until: { $0.halted || !$0.queue.isEmpty || ($0.stopping && $0.waitingWrites.isEmpty) },
+                then: { state in
+                    if state.halted { return nil }
+                    if state.queue.isEmpty {
+                        state.writerDone = true
+                        return nil
+                    }
+                    defer { state.queue = [] }
+                    return state.queue
+                }
+            )
+            guard let batch else {
+                writebackWake.signal()
+                return
+            }
+            var remaining = batch[...]
+            do {
+                while let first = remaining.first {
+                    var open = openSegment.value
+                    if open.records > 0, open.size + UInt64(first.encodedSize) > configuration.segmentSize {
+                        open = try rotate(from: open, firstLSN: first.lsn, epoch: first.epoch)
+                        openSegment.value = open
+                    }
+                    // The records that go into this segment.
+                    var count = 0
+                    var bytes: UInt64 = 0
+                    for record in remaining {
+                        let size = UInt64(record.encodedSize)
+                        if open.records + count > 0, open.size + bytes + size > configuration.segmentSize { break }
+                        count += 1
+                        bytes += size
+                    }
+                    let group = remaining.prefix(count)
+                    var digest = open.digest
+                    try append(group, to: open, digest: &digest, scratch: &scratch)
+                    try open.file.sync()
+                    open.size += bytes
+                    open.records += count
+                    open.digest = digest
+                    openSegment.value = open
+                    remaining = remaining.dropFirst(count)
+                    let endLSN = group.last!.lsn + UInt64(group.last!.encodedSize)
+                    let completions = monitor.withLock { state -> [(any LogCompletionTarget, LogCompletion)] in
+                        state.durableLSN = endLSN
+                        state.queuedBytes -= bytes
+                        state.segments[state.segments.count - 1].fileSize = open.size
+                        state.groupCommits += 1
+                        state.logFailure = nil
+                        var done: [(any LogCompletionTarget, LogCompletion)] = []
+                        while let waiter = state.durabilityWaiters.first, waiter.lsn <= endLSN {
+                            _ = state.durabilityWaiters.popFirst()
+                            done.append((waiter.target, LogCompletion(token: waiter.token, error: nil)))
+                        }
+                        return done
+                    }
+                    deliver(completions)
+                    writebackWake.signal()
+                }
+                failing = false
+            } catch {
+                let failure = LogEngineError(error, while: "appending to the log of \(directory.path)")
+                let failed = monitor.withLock { state -> [Waiter] in
+                    state.queue = Array(remaining) + state.queue
+                    state.logFailure = failure
+                    return failedWaiters(&state, failure)
+                }
+                deliver(failed.map { ($0.target, LogCompletion(token: $0.token, error: failure)) })
+                failing = true
+            }
+        }
+    }
+
+    /// Writes `group` at the end of the open segment, in chunks of at most 8 MiB, and adds each
+    /// record to the history digest.
+    private func append(
+        _ group: ArraySlice<LogRecord>, to open: OpenSegment, digest: inout HistoryDigest, scratch: inout [UInt8]
+    ) throws(SystemError) {
+        let chunk = 8 << 20
+        var position = open.size
+        scratch.removeAll(keepingCapacity: true)
+        for record in group {
+            let start = scratch.count
+            record.encode(into: &scratch)
+            scratch.withUnsafeBytes { bytes in
+                let checksumAt = scratch.count - LogRecordLayout.trailerSize
+                let checksum = UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: checksumAt, as: UInt32.self))
+                digest.add(recordHeader: UnsafeRawBufferPointer(rebasing: bytes[start..<(start + LogRecordLayout.headerSize)]), checksum: checksum)
+            }
+            if scratch.count >= chunk {
+                try open.file.write(scratch, at: position)
+                position += UInt64(scratch.count)
+                scratch.removeAll(keepingCapacity: true)
+            }
+        }
+        if !scratch.isEmpty { try open.file.write(scratch, at: position) }
+        if scratch.capacity > 2 * chunk { scratch = [] }
+    }
+
+    /// Closes the open segment and starts the next one, whose header chains the history.
+    private func rotate(from open: OpenSegment, firstLSN: UInt64, epoch: UInt64) throws -> OpenSegment {
+        guard let name = SegmentName(sequence: open.name.sequence + 1, host: configuration.host) else {
+            throw LogEngineError(errno: EOVERFLOW, "segment numbers are exhausted after \(open.name)")
+        }
+        let segment = try Self.startSegment(
+            name, in: directory, firstLSN: firstLSN, epoch: epoch, previousDigest: open.digest.finalize(),
+            preallocate: configuration.segmentSize
+        )
+        monitor.withLock { state in
+            state.segments.append(SegmentInfo(name: name, firstLSN: firstLSN, fileSize: segment.size))
+        }
+        return segment
+    }
+
+    /// Creates a segment file holding only its header, durable with its directory entry.
+    static func startSegment(
+        _ name: SegmentName, in directory: any StorageDirectory, firstLSN: UInt64, epoch: UInt64, previousDigest: [UInt8],
+        preallocate: UInt64
+    ) throws(SystemError) -> OpenSegment {
+        let header = SegmentHeader(sequence: name.sequence, firstLSN: firstLSN, epoch: epoch, previousDigest: previousDigest)
+        let file = try directory.open(name.fileName, create: true)
+        try file.truncate(to: 0)
+        try file.write(header.encoded(), at: 0)
+        try file.preallocate(preallocate)
+        try file.sync()
+        try directory.sync()
+        return OpenSegment(
+            name: name, file: file, header: header, size: UInt64(SegmentHeader.size), digest: HistoryDigest(header: header), records: 0
+        )
+    }
+
+    // MARK: - Writeback thread
+
+    private enum WritebackWork {
+        case batch(WritebackBatch)
+        case finish(UInt64)
+        case exit
+    }
+
+    /// Writes durable changes to the data device in sorted, coalesced batches, then syncs the
+    /// device, persists the position and deletes segments that are entirely written back.
+    func writebackLoop() {
+        var failed = false
+        var retry: WritebackBatch?
+        while true {
+            if failed {
+                monitor.wait(writebackWake, timeoutSeconds: 1, until: { $0.halted }, then: { _ in })
+            }
+            let work: WritebackWork
+            if let batch = retry {
+                work = monitor.withLock { $0.halted } ? .exit : .batch(batch)
+            } else {
+                work = monitor.wait(
+                    writebackWake,
+                    until: { state in
+                        state.halted || (state.pending.oldestLSN.map { $0 < state.durableLSN } ?? false)
+                            || (state.stopping && state.writerDone && state.pending.isEmpty)
+                    },
+                    then: { state -> WritebackWork in
+                        if state.halted { return .exit }
+                        if let batch = state.pending.beginWriteback(maxChanges: configuration.writebackBatchChanges, below: state.durableLSN) {
+                            return .batch(batch)
+                        }
+                        return .finish(state.durableLSN)
+                    }
+                )
+            }
+            do {
+                switch work {
+                case .exit:
+                    return
+                case .finish(let position):
+                    try persist(position)
+                    return
+                case .batch(let batch):
+                    retry = batch
+                    try apply(batch.pieces)
+                    retry = nil
+                    let (acknowledged, position) = monitor.withLock { state in
+                        state.pending.finishWriteback(batch)
+                        let acknowledged = admitWaiting(&state)
+                        return (acknowledged, min(state.pending.oldestLSN ?? state.durableLSN, state.durableLSN))
+                    }
+                    deliver(acknowledged)
+                    try persist(position)
+                }
+                if failed { monitor.withLock { $0.writebackFailure = nil } }
+                failed = false
+            } catch {
+                let failure = LogEngineError(error, while: "writing back to the data device \(device.name)")
+                monitor.withLock { $0.writebackFailure = failure }
+                failed = true
+            }
+        }
+    }
+
+    /// Writes a batch's pieces in device order; adjacent data pieces go out in one vectored write.
+    private func apply(_ pieces: [PendingPiece]) throws(SystemError) {
+        var index = 0
+        while index < pieces.count {
+            switch pieces[index] {
+            case .data(let offset, _):
+                var run: [ArraySlice<UInt8>] = []
+                var end = offset
+                while index < pieces.count, case .data(let start, let bytes) = pieces[index], start == end {
+                    run.append(bytes)
+                    end += UInt64(bytes.count)
+                    index += 1
+                }
+                try write(run, at: offset)
+            case .zeroes(let offset, let length, let keepAllocated):
+                try device.zero(offset: offset, length: UInt64(length), keepAllocated: keepAllocated)
+                index += 1
+            case .device:
+                index += 1
+            }
+        }
+    }
+
+    private func write(_ run: [ArraySlice<UInt8>], at offset: UInt64) throws(SystemError) {
+        var position = offset
+        var start = 0
+        while start < run.count {
+            let part = run[start..<min(run.count, start + 64)]
+            try withBuffers(part, [], { (buffers) throws(SystemError) in try device.write(buffers, at: position) })
+            position += UInt64(part.reduce(0) { $0 + $1.count })
+            start += part.count
+        }
+    }
+
+    /// Calls `body` with pointers to all of `slices`, each valid for the whole call.
+    private func withBuffers(
+        _ slices: ArraySlice<ArraySlice<UInt8>>, _ collected: [UnsafeRawBufferPointer],
+        _ body: ([UnsafeRawBufferPointer]) throws(SystemError) -> Void
+    ) throws(SystemError) {
+        guard let first = slices.first else { return try body(collected) }
+        var result: Result<Void, SystemError> = .success(())
+        first.withUnsafeBytes { bytes in
+            result = Result { () throws(SystemError) in try withBuffers(slices.dropFirst(), collected + [bytes], body) }
+        }
+        try result.get()
+    }
+
+    /// Syncs the device, stores the position, and deletes the segments wholly before it.
+    private func persist(_ position: UInt64) throws(SystemError) {
+        try device.sync()
+        if position > positionBox.value.writebackLSN { try positionBox.value.store(position) }
+        let doomed = monitor.withLock { state -> [SegmentName] in
+            state.writebackLSN = position
+            var doomed: [SegmentName] = []
+            for index in 0..<max(0, state.segments.count - 1) where state.segments[index + 1].firstLSN <= position {
+                doomed.append(state.segments[index].name)
+            }
+            return doomed
+        }
+        guard !doomed.isEmpty else { return }
+        for name in doomed {
+            do {
+                try directory.remove(name.fileName)
+            } catch {
+                if error.errno != ENOENT { throw error }
+            }
+        }
+        try directory.sync()
+        let acknowledged = monitor.withLock { state in
+            state.segments.removeAll { doomed.contains($0.name) }
+            return admitWaiting(&state)
+        }
+        deliver(acknowledged)
+    }
+}

@@ -1,0 +1,527 @@
+import BlockStore
+import Synchronization
+import TestSupport
+import Testing
+import TransactionLog
+
+@testable import LogEngine
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Collects completions a test waits for.
+final class Completions: LogCompletionTarget {
+    private let received = Mutex<[Int: LogEngineError?]>([:])
+
+    func logCompleted(_ completions: [LogCompletion]) {
+        received.withLock { map in
+            for completion in completions { map[completion.token] = .some(completion.error) }
+        }
+    }
+
+    func outcome(_ token: Int) -> LogEngineError?? {
+        received.withLock { $0[token] }
+    }
+
+    /// Waits (bounded) until `token` completed; returns its error, or nil on success.
+    func wait(_ token: Int, seconds: Int = 20) -> LogEngineError? {
+        for _ in 0..<(seconds * 1000) {
+            if let outcome = outcome(token) { return outcome }
+            usleep(1000)
+        }
+        Issue.record("request \(token) did not complete within \(seconds) s")
+        return LogEngineError(errno: ETIMEDOUT, "timeout")
+    }
+}
+
+/// A device or file whose writes can be held back, to fill the log and the pending map.
+final class GatedFile: StorageFile {
+    let inner: any StorageFile
+    let open = Mutex(true)
+    /// While closed, writes fail (EIO) instead of waiting.
+    let failWhileClosed = Mutex(false)
+    let onWrite: @Sendable ([UnsafeRawBufferPointer], UInt64) -> Void
+
+    init(_ inner: any StorageFile, onWrite: @escaping @Sendable ([UnsafeRawBufferPointer], UInt64) -> Void = { _, _ in }) {
+        self.inner = inner
+        self.onWrite = onWrite
+    }
+
+    var name: String { inner.name }
+    func size() throws(SystemError) -> UInt64 { try inner.size() }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
+        try inner.read(into: buffer, at: offset)
+    }
+    func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(SystemError) {
+        while !open.withLock({ $0 }) {
+            if failWhileClosed.withLock({ $0 }) { throw SystemError("write", name, errno: EIO) }
+            usleep(1000)
+        }
+        onWrite(buffers, offset)
+        try inner.write(buffers, at: offset)
+    }
+    func sync() throws(SystemError) { try inner.sync() }
+    func truncate(to size: UInt64) throws(SystemError) { try inner.truncate(to: size) }
+    func preallocate(_ length: UInt64) throws(SystemError) { try inner.preallocate(length) }
+    func zero(offset: UInt64, length: UInt64, keepAllocated: Bool) throws(SystemError) {
+        while !open.withLock({ $0 }) { usleep(1000) }
+        try inner.zero(offset: offset, length: length, keepAllocated: keepAllocated)
+    }
+}
+
+/// A directory whose files fail to be written while `failing` is set (a full filesystem).
+final class Switch: Sendable {
+    let on = Mutex(false)
+}
+
+struct FailingDirectory: StorageDirectory {
+    let inner: any StorageDirectory
+    let failing: Switch
+
+    var path: String { inner.path }
+    func list() throws(SystemError) -> [String] { try inner.list() }
+    func open(_ name: String, create: Bool) throws(SystemError) -> any StorageFile {
+        FailingFile(inner: try inner.open(name, create: create), failing: failing)
+    }
+    func remove(_ name: String) throws(SystemError) { try inner.remove(name) }
+    func rename(_ from: String, to: String) throws(SystemError) { try inner.rename(from, to: to) }
+    func sync() throws(SystemError) { try inner.sync() }
+}
+
+final class FailingFile: StorageFile {
+    let inner: any StorageFile
+    let failing: Switch
+    init(inner: any StorageFile, failing: Switch) {
+        self.inner = inner
+        self.failing = failing
+    }
+    var name: String { inner.name }
+    func size() throws(SystemError) -> UInt64 { try inner.size() }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
+        try inner.read(into: buffer, at: offset)
+    }
+    func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(SystemError) {
+        if failing.on.withLock({ $0 }) { throw SystemError("write", name, errno: ENOSPC) }
+        try inner.write(buffers, at: offset)
+    }
+    func sync() throws(SystemError) { try inner.sync() }
+    func truncate(to size: UInt64) throws(SystemError) { try inner.truncate(to: size) }
+    func preallocate(_ length: UInt64) throws(SystemError) { try inner.preallocate(length) }
+    func zero(offset: UInt64, length: UInt64, keepAllocated: Bool) throws(SystemError) {
+        try inner.zero(offset: offset, length: length, keepAllocated: keepAllocated)
+    }
+}
+
+/// A resource on a simulated disk: the log directory and a data device of `deviceSize` bytes.
+struct SimulatedResource {
+    let disk = SimulatedDisk()
+    let deviceSize: UInt64
+    let configuration: LogEngineConfiguration
+
+    init(deviceSize: UInt64 = 256 << 10, segmentSize: UInt64 = 8 << 10, maxRecord: Int = 16 << 10, pending: Int = 32 << 10) throws {
+        self.deviceSize = deviceSize
+        var configuration = LogEngineConfiguration(host: "hostA")
+        configuration.segmentSize = segmentSize
+        configuration.maxRecordPayload = maxRecord
+        configuration.pendingCapacity = pending
+        configuration.spaceLimit = 2 * (segmentSize + UInt64(maxRecord + 52))
+        self.configuration = configuration
+        let device = try disk.directory("dev").open("data", create: true)
+        try device.truncate(to: deviceSize)
+        try device.sync()
+        try disk.directory("dev").sync()
+        try LogEngine.create(in: disk.directory("mars"), configuration: configuration, epoch: 1)
+    }
+
+    func device() throws -> any StorageFile { try disk.directory("dev").open("data", create: false) }
+
+    func open(device: (any StorageFile)? = nil, report: (String) -> Void = { _ in }) throws -> LogEngine {
+        try LogEngine.open(
+            directory: disk.directory("mars"), device: device ?? self.device(), deviceSize: deviceSize,
+            configuration: configuration, report: report
+        )
+    }
+}
+
+/// Waits (bounded) until everything appended is written back.
+func waitForWriteback(_ engine: LogEngine) {
+    for _ in 0..<20000 {
+        let status = engine.status
+        if status.writebackLSN == status.appendedLSN, status.pendingChanges == 0 { return }
+        usleep(1000)
+    }
+    Issue.record("writeback did not catch up: \(engine.status)")
+}
+
+@Suite struct LogEngineTests {
+    @Test func sha256MatchesTheStandardVectors() {
+        func hex(_ bytes: [UInt8]) -> String { bytes.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined() }
+        #expect(hex(SHA256.hash([])) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        #expect(hex(SHA256.hash(Array("abc".utf8))) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        #expect(
+            hex(SHA256.hash(Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)))
+                == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
+        )
+        var hasher = SHA256()
+        let chunk = [UInt8](repeating: UInt8(ascii: "a"), count: 1000)
+        for _ in 0..<1000 { hasher.update(chunk) }
+        #expect(hex(hasher.finalize()) == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0")
+    }
+
+    @Test func writesReadBackBeforeAndAfterWriteback() throws {
+        let resource = try SimulatedResource()
+        let gate = GatedFile(try resource.device())
+        gate.open.withLock { $0 = false }
+        let engine = try resource.open(device: gate)
+        let target = Completions()
+        #expect(engine.submit(offset: 4096, change: .write([UInt8](repeating: 7, count: 8192)), fua: false, target: target, token: 1) == .acknowledged)
+        #expect(engine.submit(offset: 6144, change: .writeZeroes(length: 1024, noHole: false), fua: false, target: target, token: 2) == .acknowledged)
+        #expect(engine.submit(offset: 0, change: .write([1, 2, 3]), fua: true, target: target, token: 3) == .waiting)
+        #expect(target.wait(3) == nil)
+        // Held back from the device, but visible to reads.
+        let expected = [1, 2, 3] + [UInt8](repeating: 0, count: 4093) + [UInt8](repeating: 7, count: 2048) + [UInt8](repeating: 0, count: 1024)
+            + [UInt8](repeating: 7, count: 5120)
+        #expect(try engine.read(offset: 0, length: 12288) == expected)
+        #expect(try resource.device().read(count: 12288, at: 0) == [UInt8](repeating: 0, count: 12288))
+        gate.open.withLock { $0 = true }
+        waitForWriteback(engine)
+        #expect(try resource.device().read(count: 12288, at: 0) == expected)
+        #expect(try engine.read(offset: 0, length: 12288) == expected)
+        engine.shutdown()
+    }
+
+    @Test func flushWaitsForTheGroupCommitAndCoversEveryAcknowledgedWrite() throws {
+        let resource = try SimulatedResource(segmentSize: 1 << 20, pending: 1 << 20)
+        let engine = try resource.open()
+        let target = Completions()
+        for index in 0..<50 {
+            _ = engine.submit(offset: UInt64(index) * 4096, change: .write([UInt8](repeating: UInt8(index), count: 4096)), fua: false, target: target, token: index)
+        }
+        let flush = engine.flush(target: target, token: 1000)
+        if flush == .waiting { #expect(target.wait(1000) == nil) } else { #expect(flush == .acknowledged) }
+        let status = engine.status
+        #expect(status.durableLSN >= status.appendedLSN)
+        #expect(status.groupCommits >= 1)
+        engine.shutdown()
+    }
+
+    /// Invariant 2: every byte the data device receives is already in a durable log record.
+    @Test func nothingReachesTheDeviceBeforeItsRecordIsDurable() throws {
+        let resource = try SimulatedResource(segmentSize: 16 << 10, pending: 64 << 10)
+        let disk = resource.disk
+        let violations = Mutex(0)
+        let checked = Mutex(0)
+        let device = GatedFile(try resource.device()) { buffers, offset in
+            var data: [UInt8] = []
+            for buffer in buffers { data += buffer }
+            // Every byte must come from a durable write record (writeback coalesces adjacent records
+            // into one device write, so a write may span several).
+            var records: [LogRecord] = []
+            for name in disk.durableNames(in: "mars") where SegmentName(fileName: name) != nil {
+                guard let bytes = disk.durableContent("mars", name), bytes.count >= SegmentHeader.size else { continue }
+                let header = try! bytes.withUnsafeBytes { SegmentHeader.decode($0) }.get()
+                _ = bytes.withUnsafeBytes { buffer in
+                    scanRecords(buffer, firstLSN: header.firstLSN, startingAt: SegmentHeader.size) { record, _ in
+                        if record.type == .write { records.append(record) }
+                    }
+                }
+            }
+            records.sort { $0.lsn > $1.lsn }
+            var position = offset
+            let end = offset + UInt64(data.count)
+            var covered = true
+            while position < end, covered {
+                // The longest run from `position` that some durable record holds.
+                var longest: UInt64 = 0
+                for record in records where record.offset <= position && position < record.offset + record.length {
+                    var length: UInt64 = 0
+                    while position + length < min(end, record.offset + record.length),
+                        record.payload[Int(position + length - record.offset)] == data[Int(position + length - offset)]
+                    {
+                        length += 1
+                    }
+                    longest = max(longest, length)
+                }
+                covered = longest > 0
+                position += longest
+            }
+            checked.withLock { $0 += 1 }
+            if !covered { violations.withLock { $0 += 1 } }
+        }
+        let engine = try resource.open(device: device)
+        let target = Completions()
+        var random = SplitMix64(state: 7)
+        for token in 0..<300 {
+            let length = Int(random.next() % 8 + 1) * 512
+            let offset = random.next() % (resource.deviceSize - UInt64(length))
+            let bytes = (0..<length).map { _ in UInt8(truncatingIfNeeded: random.next()) }
+            if engine.submit(offset: offset, change: .write(bytes), fua: token % 7 == 0, target: target, token: token) == .waiting {
+                #expect(target.wait(token) == nil)
+            }
+        }
+        waitForWriteback(engine)
+        engine.shutdown()
+        #expect(checked.withLock { $0 } > 0)
+        #expect(violations.withLock { $0 } == 0)
+    }
+
+    /// Power loss at random moments, dropping or keeping (in order, torn) unsynced writes: after
+    /// recovery the device equals the replay of a prefix of the log, and that prefix holds every
+    /// write acknowledged as durable (invariants 1 and 2).
+    @Test(arguments: 0..<24) func powerLossKeepsEveryDurableWrite(seed: UInt64) throws {
+        var random = SplitMix64(state: 1000 + seed)
+        let resource = try SimulatedResource()
+        let size = Int(resource.deviceSize)
+        var engine = try resource.open()
+        let target = Completions()
+        enum Op { case write(UInt64, [UInt8]), zero(UInt64, Int) }
+        var ops: [Op] = []
+        var durableThrough = 0  // every op before this index is durable
+        var acknowledged = Set<Int>()
+        let count = Int(random.next() % 120) + 10
+        for index in 0..<count {
+            let length = Int(random.next() % 32 + 1) * 512
+            let offset = (random.next() % UInt64(size - length)) & ~511
+            let fua = random.next() % 5 == 0
+            let op: Op
+            let change: LogChange
+            if random.next() % 8 == 0 {
+                op = .zero(offset, length)
+                change = random.next() % 2 == 0 ? .trim(length: length) : .writeZeroes(length: length, noHole: true)
+            } else {
+                let bytes = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ index &* 7 &+ 1) }
+                op = .write(offset, bytes)
+                change = .write(bytes)
+            }
+            ops.append(op)
+            switch engine.submit(offset: offset, change: change, fua: fua, target: target, token: index) {
+            case .acknowledged:
+                acknowledged.insert(index)
+            case .waiting:
+                if target.wait(index) == nil {
+                    acknowledged.insert(index)
+                    if fua { durableThrough = max(durableThrough, index + 1) }
+                }
+            case .refused(let error):
+                Issue.record("refused: \(error)")
+            }
+            if random.next() % 10 == 0 {
+                let covered = (acknowledged.max() ?? -1) + 1
+                let token = 10_000 + index
+                let result = engine.flush(target: target, token: token)
+                if result == .acknowledged || (result == .waiting && target.wait(token) == nil) {
+                    durableThrough = max(durableThrough, covered)
+                }
+            }
+        }
+        // Let the threads run a little, then cut the power in the middle of whatever they do.
+        usleep(UInt32(random.next() % 3000))
+        let keep = random.next() % 2 == 0
+        resource.disk.powerLoss(keep ? .keepRandomPrefix(seed: random.next()) : .dropUnsynced)
+        engine.halt()
+
+        engine = try resource.open()
+        let recovered = try resource.device().read(count: size, at: 0)
+        var model = [UInt8](repeating: 0, count: size)
+        var matches: [Int] = []
+        if model == recovered { matches.append(0) }
+        for (index, op) in ops.enumerated() {
+            switch op {
+            case .write(let offset, let bytes): model.replaceSubrange(Int(offset)..<(Int(offset) + bytes.count), with: bytes)
+            case .zero(let offset, let length): model.replaceSubrange(Int(offset)..<(Int(offset) + length), with: [UInt8](repeating: 0, count: length))
+            }
+            if model == recovered { matches.append(index + 1) }
+        }
+        #expect(!matches.isEmpty, "the recovered device is no prefix of the log (seed \(seed))")
+        #expect(matches.contains { $0 >= durableThrough }, "durable writes lost: prefixes \(matches), durable through \(durableThrough) (seed \(seed))")
+        // The recovered engine serves the same bytes and keeps working.
+        #expect(try engine.read(offset: 0, length: size) == recovered)
+        #expect(engine.submit(offset: 0, change: .write([9]), fua: true, target: target, token: 99_999) == .waiting)
+        #expect(target.wait(99_999) == nil)
+        engine.shutdown()
+    }
+
+    @Test func tornTailIsCut() throws {
+        let resource = try SimulatedResource(pending: 1 << 20)
+        var engine = try resource.open()
+        let target = Completions()
+        #expect(engine.submit(offset: 0, change: .write([UInt8](repeating: 5, count: 4096)), fua: true, target: target, token: 1) == .waiting)
+        #expect(target.wait(1) == nil)
+        let segment = engine.status.currentSegment
+        engine.halt()
+        // Half a record at the end: an append the crash interrupted.
+        let file = try resource.disk.directory("mars").open(segment, create: false)
+        let size = try file.size()
+        let torn = LogRecord(type: .write, lsn: 1, epoch: 1, offset: 0, length: 4096, payload: [UInt8](repeating: 6, count: 4096)).encoded()
+        try file.write(Array(torn.prefix(1000)), at: size)
+        try file.sync()
+        var reports: [String] = []
+        engine = try resource.open { reports.append($0) }
+        #expect(reports.contains { $0.contains("torn tail") && $0.contains(segment) })
+        #expect(try engine.read(offset: 0, length: 4096) == [UInt8](repeating: 5, count: 4096))
+        engine.shutdown()
+    }
+
+    @Test func corruptRecordInTheMiddleKeepsTheResourceDown() throws {
+        let resource = try SimulatedResource(segmentSize: 64 << 10, pending: 1 << 20)
+        let engine = try resource.open()
+        let target = Completions()
+        for token in 0..<3 {
+            _ = engine.submit(offset: UInt64(token) * 4096, change: .write([UInt8](repeating: 1, count: 4096)), fua: true, target: target, token: token)
+            #expect(target.wait(token) == nil)
+        }
+        let segment = engine.status.currentSegment
+        engine.halt()
+        let file = try resource.disk.directory("mars").open(segment, create: false)
+        // A bit flip in the payload of the first record: valid records follow it.
+        let at = UInt64(SegmentHeader.size + LogRecordLayout.headerSize + 100)
+        var byte = try file.read(count: 1, at: at)
+        byte[0] ^= 0x10
+        try file.write(byte, at: at)
+        try file.sync()
+        #expect {
+            _ = try resource.open()
+        } throws: { error in
+            guard let error = error as? LogRecoveryError else { return false }
+            return error.segment == segment && error.offset == UInt64(SegmentHeader.size)
+                && "\(error)".contains("log-verify")
+        }
+    }
+
+    @Test func segmentsRotateChainAndAreDeletedAfterWriteback() throws {
+        let resource = try SimulatedResource(segmentSize: 8 << 10, pending: 1 << 20)
+        var engine = try resource.open()
+        let target = Completions()
+        var sequences = Set<String>()
+        for token in 0..<40 {
+            _ = engine.submit(offset: UInt64(token % 16) * 4096, change: .write([UInt8](repeating: UInt8(token), count: 4096)), fua: token % 4 == 0, target: target, token: token)
+            if token % 4 == 0 { #expect(target.wait(token) == nil) }
+            sequences.insert(engine.status.currentSegment)
+        }
+        waitForWriteback(engine)
+        #expect(sequences.count >= 10, "segments rotate by size: \(sequences.sorted())")
+        let files = try resource.disk.directory("mars").list().filter { SegmentName(fileName: $0) != nil }
+        #expect(files.count <= 2, "written-back segments are deleted: \(files)")
+        engine.shutdown()
+        // The chain verifies on reopen (a broken previousDigest would stop recovery).
+        engine = try resource.open()
+        for token in 0..<16 {
+            let expected = [UInt8](repeating: UInt8(token < 8 ? token + 32 : token + 16), count: 4096)
+            #expect(try engine.read(offset: UInt64(token) * 4096, length: 4096) == expected)
+        }
+        engine.shutdown()
+    }
+
+    @Test func brokenHistoryChainStopsRecovery() throws {
+        let resource = try SimulatedResource(segmentSize: 8 << 10, pending: 1 << 20)
+        let gate = GatedFile(try resource.device())
+        gate.open.withLock { $0 = false }  // keeps every segment: nothing is written back
+        gate.failWhileClosed.withLock { $0 = true }
+        let engine = try resource.open(device: gate)
+        let target = Completions()
+        for token in 0..<4 {
+            _ = engine.submit(offset: 0, change: .write([UInt8](repeating: 1, count: 4096)), fua: true, target: target, token: token)
+            #expect(target.wait(token) == nil)
+        }
+        engine.halt()
+        gate.open.withLock { $0 = true }
+        let directory = resource.disk.directory("mars")
+        let segments = try directory.list().filter { SegmentName(fileName: $0) != nil }
+        #expect(segments.count >= 3)
+        // Rewrite the second segment's header with another previous digest.
+        let file = try directory.open(segments[1], create: false)
+        var header = try file.read(count: SegmentHeader.size, at: 0).withUnsafeBytes { SegmentHeader.decode($0) }.get()
+        header.previousDigest = [UInt8](repeating: 0xAB, count: 16)
+        try file.write(header.encoded(), at: 0)
+        try file.sync()
+        #expect {
+            _ = try resource.open()
+        } throws: { error in
+            (error as? LogRecoveryError)?.segment == segments[1] && "\(error)".contains("history digest")
+        }
+    }
+
+    /// Invariant 7: a full pending map or log area makes writes wait (not acknowledged), and they
+    /// complete once writeback frees room.
+    @Test func fullLogMakesWritesWaitUntilWritebackFreesRoom() throws {
+        let resource = try SimulatedResource(segmentSize: 8 << 10, maxRecord: 16 << 10, pending: 1 << 20)
+        let gate = GatedFile(try resource.device())
+        gate.open.withLock { $0 = false }
+        let engine = try resource.open(device: gate)
+        let target = Completions()
+        var firstWaiting: Int?
+        for token in 0..<40 {
+            let result = engine.submit(offset: UInt64(token) * 4096, change: .write([UInt8](repeating: UInt8(token + 1), count: 4096)), fua: false, target: target, token: token)
+            if result == .waiting, firstWaiting == nil { firstWaiting = token }
+        }
+        let waiting = try #require(firstWaiting)
+        let status = engine.status
+        #expect(status.waitingWrites > 0)
+        #expect(status.logBytes <= resource.configuration.spaceLimit)
+        usleep(50_000)
+        #expect(target.outcome(waiting) == nil, "a write that does not fit is not acknowledged")
+        gate.open.withLock { $0 = true }
+        #expect(target.wait(39) == nil)
+        waitForWriteback(engine)
+        for token in 0..<40 {
+            #expect(try resource.device().read(count: 4096, at: UInt64(token) * 4096) == [UInt8](repeating: UInt8(token + 1), count: 4096))
+        }
+        engine.shutdown()
+    }
+
+    /// When the log cannot be written (ENOSPC), FUA writes and flushes fail, new writes are refused,
+    /// and nothing acknowledged is lost: once space is back the engine resumes.
+    @Test func logWriteFailureRefusesWritesAndResumes() throws {
+        let resource = try SimulatedResource(pending: 1 << 20)
+        let failing = Switch()
+        let engine = try LogEngine.open(
+            directory: FailingDirectory(inner: resource.disk.directory("mars"), failing: failing), device: resource.device(),
+            deviceSize: resource.deviceSize, configuration: resource.configuration
+        )
+        let target = Completions()
+        failing.on.withLock { $0 = true }
+        #expect(engine.submit(offset: 0, change: .write([UInt8](repeating: 3, count: 4096)), fua: true, target: target, token: 1) == .waiting)
+        #expect(target.wait(1)?.errno == ENOSPC)
+        guard case .refused(let error) = engine.submit(offset: 8192, change: .write([1]), fua: false, target: target, token: 2) else {
+            Issue.record("a write was admitted while the log cannot be written")
+            return
+        }
+        #expect(error.errno == ENOSPC)
+        #expect(engine.status.failure != nil)
+        failing.on.withLock { $0 = false }
+        var flushed = false
+        for attempt in 0..<50 where !flushed {
+            let token = 100 + attempt
+            let result = engine.flush(target: target, token: token)
+            flushed = result == .acknowledged || (result == .waiting && target.wait(token) == nil)
+            if !flushed { usleep(100_000) }
+        }
+        #expect(flushed)
+        waitForWriteback(engine)
+        #expect(try resource.device().read(count: 4096, at: 0) == [UInt8](repeating: 3, count: 4096))
+        engine.shutdown()
+    }
+
+    @Test func aTornPositionSlotFallsBackToTheOtherOne() throws {
+        let disk = SimulatedDisk()
+        let directory = disk.directory("mars")
+        var position = try PositionFile.create(in: directory)
+        try position.store(100)
+        try position.store(200)
+        let file = try directory.open(PositionFile.name, create: false)
+        // Generation 3 (LSN 200) lives in slot 1: damage it.
+        try file.write([0xFF, 0xFF], at: 64 + 20)
+        #expect(try PositionFile.open(in: directory)?.writebackLSN == 100)
+        try file.write([UInt8](repeating: 0, count: 128), at: 0)
+        #expect(try PositionFile.open(in: directory) == nil)
+    }
+
+    @Test func invalidConfigurationsAreRejected() {
+        var configuration = LogEngineConfiguration(host: "../etc")
+        #expect(configuration.problem != nil)
+        configuration = LogEngineConfiguration(host: "a")
+        configuration.spaceLimit = configuration.segmentSize
+        #expect(configuration.problem?.contains("space limit") == true)
+    }
+}
