@@ -38,84 +38,57 @@ extension LogEngine {
         } catch let error as SystemError {
             throw LogRecoveryError(segment: nil, offset: nil, reason: "cannot read \(PositionFile.name): \(error)")
         }
-        let names = try directory.list().compactMap(SegmentName.init(fileName:)).sorted { $0.sequence < $1.sequence }
-        guard !names.isEmpty else { throw LogRecoveryError(segment: nil, offset: nil, reason: "no log segments in \(directory.path)") }
         let start = position.writebackLSN
-        var expectedLSN: UInt64?
-        var previousDigest: [UInt8]?
-        var epoch: UInt64 = 0
-        var kept: [SegmentName] = []
         var replayed = 0
-        for (index, name) in names.enumerated() {
-            let isNewest = index == names.count - 1
-            let file = try directory.open(name.fileName, create: false)
-            let scan: SegmentScan
-            do {
-                scan = try SegmentReader.scan(file, name: name.fileName) { record, offset in
-                    epoch = max(epoch, record.epoch)
-                    guard record.lsn >= start, record.type.carriesRange else { return }
-                    guard record.offset + record.length <= deviceSize else {
-                        throw LogRecoveryError(
-                            segment: name.fileName, offset: offset,
-                            reason: "a record for bytes \(record.offset)..<\(record.offset + record.length) of a \(deviceSize)-byte device"
-                        )
-                    }
-                    try replay(record, onto: device)
-                    replayed += 1
-                }
-            } catch let error as SegmentHeaderError {
-                if isNewest, index > 0, error.fileSize <= UInt64(SegmentHeader.size) {
-                    // Cut short while being created: it never held a record.
-                    report("removing \(name), whose creation was interrupted")
-                    try directory.remove(name.fileName)
-                    try directory.sync()
-                    break
-                }
-                throw LogRecoveryError(segment: name.fileName, offset: 0, reason: "the segment header is unreadable (\(error.defect))")
-            }
-            if scan.header.sequence != name.sequence {
-                throw LogRecoveryError(segment: name.fileName, offset: 0, reason: "its header says sequence \(scan.header.sequence)")
-            }
-            if let expectedLSN, scan.header.firstLSN != expectedLSN {
+        let walk = try LogHistory.walk(directory) { record, name, offset in
+            guard record.lsn >= start, record.type.carriesRange else { return }
+            guard record.offset + record.length <= deviceSize else {
                 throw LogRecoveryError(
-                    segment: name.fileName, offset: 0,
-                    reason: "it starts at LSN \(scan.header.firstLSN) but the segment before ends at \(expectedLSN)"
+                    segment: name.fileName, offset: offset,
+                    reason: "a record for bytes \(record.offset)..<\(record.offset + record.length) of a \(deviceSize)-byte device"
                 )
             }
-            if let previousDigest, scan.header.previousDigest != previousDigest {
-                throw LogRecoveryError(segment: name.fileName, offset: 0, reason: "its history digest does not continue the segment before")
-            }
-            if index == 0, scan.header.firstLSN > start {
-                throw LogRecoveryError(
-                    segment: name.fileName, offset: 0,
-                    reason: "the writeback position is \(start) but the oldest segment starts at \(scan.header.firstLSN)"
-                )
-            }
-            epoch = max(epoch, scan.header.epoch)
-            switch scan.end {
-            case .end(let offset):
-                if try file.size() > UInt64(offset) { try cut(file, at: offset) }
-            case .tornTail(let offset, let defect) where isNewest:
-                report("cutting a torn tail off \(name) at byte \(offset) (\(defect))")
-                try cut(file, at: offset)
-            case .tornTail(let offset, let defect), .corrupt(let offset, let defect):
-                throw LogRecoveryError(segment: name.fileName, offset: UInt64(offset), reason: "damaged record (\(defect)) with more log after it")
-            }
-            expectedLSN = scan.endLSN
-            previousDigest = scan.digest
-            kept.append(name)
+            try replay(record, onto: device)
+            replayed += 1
         }
-        guard let endLSN = expectedLSN, let digest = previousDigest, let newest = kept.last else {
+        guard let endLSN = walk.endLSN, let digest = walk.digest, let oldest = walk.segments.first, let newest = walk.segments.last
+        else {
             throw LogRecoveryError(segment: nil, offset: nil, reason: "no readable segment")
         }
-        if start > endLSN {
-            throw LogRecoveryError(segment: newest.fileName, offset: nil, reason: "the writeback position \(start) is beyond the log's end \(endLSN)")
+        if oldest.scan.header.firstLSN > start {
+            throw LogRecoveryError(
+                segment: oldest.name.fileName, offset: 0,
+                reason: "the writeback position is \(start) but the oldest segment starts at \(oldest.scan.header.firstLSN)"
+            )
         }
+        if start > endLSN {
+            throw LogRecoveryError(segment: newest.name.fileName, offset: nil, reason: "the writeback position \(start) is beyond the log's end \(endLSN)")
+        }
+        if let interrupted = walk.interrupted {
+            report("removing \(interrupted), whose creation was interrupted")
+            try directory.remove(interrupted.fileName)
+        }
+        // Cut what follows the last valid record of the newest segment: a torn append, or zeroes.
+        let end: Int
+        switch newest.scan.end {
+        case .end(let offset): end = offset
+        case .tornTail(let offset, let defect):
+            report("cutting a torn tail off \(newest.name) at byte \(offset) (\(defect))")
+            end = offset
+        case .corrupt(let offset, _): end = offset  // the walk throws for corruption; kept total
+        }
+        if newest.fileSize > UInt64(end) {
+            let file = try directory.open(newest.name.fileName, create: false)
+            try file.truncate(to: UInt64(end))
+            try file.sync()
+        }
+        let epoch = walk.epoch
+        let kept = walk.segments.map(\.name)
         try device.sync()
         if replayed > 0 { report("replayed \(replayed) records from LSN \(start) to \(endLSN)") }
 
         // Appends continue in a new segment; every older one is now written back.
-        guard let name = SegmentName(sequence: newest.sequence + 1, host: configuration.host) else {
+        guard let name = SegmentName(sequence: newest.name.sequence + 1, host: configuration.host) else {
             throw LogEngineError(errno: EOVERFLOW, "segment numbers are exhausted after \(newest)")
         }
         let segment = try startSegment(
@@ -137,11 +110,6 @@ extension LogEngine {
         )
         engine.startThreads()
         return engine
-    }
-
-    private static func cut(_ file: any StorageFile, at offset: Int) throws(SystemError) {
-        try file.truncate(to: UInt64(offset))
-        try file.sync()
     }
 
     /// Applies one record to the device (recovery; writeback applies batches from memory).

@@ -1,0 +1,76 @@
+import BlockStore
+import TransactionLog
+
+/// One segment as a walk over the history found it.
+public struct WalkedSegment: Sendable {
+    public let name: SegmentName
+    public let scan: SegmentScan
+    public let fileSize: UInt64
+}
+
+/// The segments of a resource, read in order and checked as one history.
+public struct HistoryWalk: Sendable {
+    public var segments: [WalkedSegment] = []
+    /// The newest segment, when its creation was interrupted (a file no longer than its header).
+    public var interrupted: SegmentName?
+    /// The highest epoch in headers and records.
+    public var epoch: UInt64 = 0
+
+    public var endLSN: UInt64? { segments.last?.scan.endLSN }
+    public var digest: [UInt8]? { segments.last?.scan.digest }
+}
+
+/// Reads every segment of a log directory in sequence order and checks that they form one
+/// history: each header is readable and names its own sequence, each segment starts where the one
+/// before ends and carries its digest, and every record is valid. A torn tail is allowed in the
+/// newest segment only. Recovery replays through `visit`; `marsadm log-verify` and `log-dump` use
+/// the same walk.
+public enum LogHistory {
+    public static func walk(
+        _ directory: any StorageDirectory, visit: (LogRecord, SegmentName, UInt64) throws -> Void = { _, _, _ in }
+    ) throws -> HistoryWalk {
+        let names = try directory.list().compactMap(SegmentName.init(fileName:)).sorted { $0.sequence < $1.sequence }
+        guard !names.isEmpty else { throw LogRecoveryError(segment: nil, offset: nil, reason: "no log segments in \(directory.path)") }
+        var walk = HistoryWalk()
+        for (index, name) in names.enumerated() {
+            let isNewest = index == names.count - 1
+            let file = try directory.open(name.fileName, create: false)
+            let scan: SegmentScan
+            do {
+                scan = try SegmentReader.scan(file, name: name.fileName) { record, offset in
+                    walk.epoch = max(walk.epoch, record.epoch)
+                    try visit(record, name, offset)
+                }
+            } catch let error as SegmentHeaderError {
+                if isNewest, index > 0, error.fileSize <= UInt64(SegmentHeader.size) {
+                    walk.interrupted = name
+                    break
+                }
+                throw LogRecoveryError(segment: name.fileName, offset: 0, reason: "the segment header is unreadable (\(error.defect))")
+            }
+            if scan.header.sequence != name.sequence {
+                throw LogRecoveryError(segment: name.fileName, offset: 0, reason: "its header says sequence \(scan.header.sequence)")
+            }
+            if let previous = walk.segments.last {
+                if scan.header.firstLSN != previous.scan.endLSN {
+                    throw LogRecoveryError(
+                        segment: name.fileName, offset: 0,
+                        reason: "it starts at LSN \(scan.header.firstLSN) but the segment before ends at \(previous.scan.endLSN)"
+                    )
+                }
+                if scan.header.previousDigest != previous.scan.digest {
+                    throw LogRecoveryError(segment: name.fileName, offset: 0, reason: "its history digest does not continue the segment before")
+                }
+            }
+            walk.epoch = max(walk.epoch, scan.header.epoch)
+            switch scan.end {
+            case .end, .tornTail where isNewest:
+                break
+            case .tornTail(let offset, let defect), .corrupt(let offset, let defect):
+                throw LogRecoveryError(segment: name.fileName, offset: UInt64(offset), reason: "damaged record (\(defect)) with more log after it")
+            }
+            walk.segments.append(WalkedSegment(name: name, scan: scan, fileSize: try file.size()))
+        }
+        return walk
+    }
+}
