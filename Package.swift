@@ -46,7 +46,7 @@ let package = Package(
         .target(
             name: "NBDServer",
             dependencies: [
-                "NBDProtocol", "BlockStore",
+                "NBDProtocol", "BlockStore", "LogEngine",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -59,7 +59,7 @@ let package = Package(
         .target(
             name: "Daemon",
             dependencies: [
-                "NBDServer", "NBDProtocol", "BlockStore", "ControlProtocol",
+                "NBDServer", "NBDProtocol", "BlockStore", "ControlProtocol", "LogEngine", "TransactionLog",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -79,7 +79,10 @@ let package = Package(
         ),
         .executableTarget(
             name: "marsadm",
-            dependencies: ["ControlProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: [
+                "ControlProtocol", "LogEngine", "BlockStore", "TransactionLog",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
             swiftSettings: swiftSettings
         ),
         // Helpers shared by the test targets.

@@ -149,6 +149,7 @@ public final class POSIXFile: StorageFile {
     }
 
     public func preallocate(_ length: UInt64) throws(SystemError) {
+        guard length > 0 else { return }
         let result = clinux_fallocate(fd, CLINUX_FALLOC_FL_KEEP_SIZE, 0, length)
         if result == -EOPNOTSUPP { return }
         try Syscall.check("fallocate", name, result)
@@ -211,6 +212,11 @@ public struct POSIXDirectory: StorageDirectory {
 
     public func rename(_ from: String, to: String) throws(SystemError) {
         _ = try Syscall.retrying("rename", "\(path)/\(from)") { Glibc.rename(path + "/" + from, path + "/" + to) }
+    }
+
+    /// Removes the directory itself, which must be empty.
+    public func removeDirectory() throws(SystemError) {
+        _ = try Syscall.retrying("rmdir", path) { rmdir(path) }
     }
 
     public func sync() throws(SystemError) {

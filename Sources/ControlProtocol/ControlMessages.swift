@@ -6,24 +6,41 @@ public let marsVersion = "0.1.0"
 /// A request on marsd's control socket: one JSON object on one line.
 public struct ControlRequest: Codable, Sendable, Equatable {
     public enum Command: String, Codable, Sendable {
-        /// Status of the daemon and every export.
+        /// Status of the daemon, its resources and every export.
         case view
+        /// Makes this host the first member of a new cluster (`host` names it).
+        case createCluster = "create-cluster"
+        /// Creates resource `name` on data device `device`, with this host as its primary.
+        case createResource = "create-resource"
+        /// Brings resource `name` up (its export opens) and keeps it up across restarts.
+        case up
+        /// Takes resource `name` down: the export closes, the log is written back.
+        case down
     }
 
     public var command: Command
+    public var name: String?
+    public var device: String?
+    public var host: String?
 
-    public init(command: Command) {
+    public init(command: Command, name: String? = nil, device: String? = nil, host: String? = nil) {
         self.command = command
+        self.name = name
+        self.device = device
+        self.host = host
     }
 }
 
 /// The reply: one JSON object on one line, then the daemon closes the connection.
 public struct ControlResponse: Codable, Sendable, Equatable {
     public var error: String?
+    /// What a command did, in a sentence.
+    public var message: String?
     public var status: DaemonStatus?
 
-    public init(error: String? = nil, status: DaemonStatus? = nil) {
+    public init(error: String? = nil, message: String? = nil, status: DaemonStatus? = nil) {
         self.error = error
+        self.message = message
         self.status = status
     }
 }
@@ -33,14 +50,90 @@ public struct DaemonStatus: Codable, Sendable, Equatable {
     public var pid: Int32
     public var ioEngine: String
     public var listeners: [String]
+    /// The root directory holding the cluster identity and the resources.
+    public var root: String?
+    /// This host's name in the cluster; nil before create-cluster.
+    public var host: String?
+    public var cluster: String?
+    public var resources: [ResourceStatus]
     public var exports: [ExportStatus]
 
-    public init(version: String, pid: Int32, ioEngine: String, listeners: [String], exports: [ExportStatus]) {
+    public init(
+        version: String, pid: Int32, ioEngine: String, listeners: [String], root: String? = nil, host: String? = nil,
+        cluster: String? = nil, resources: [ResourceStatus] = [], exports: [ExportStatus]
+    ) {
         self.version = version
         self.pid = pid
         self.ioEngine = ioEngine
         self.listeners = listeners
+        self.root = root
+        self.host = host
+        self.cluster = cluster
+        self.resources = resources
         self.exports = exports
+    }
+}
+
+/// One resource on this host.
+public struct ResourceStatus: Codable, Sendable, Equatable {
+    public var name: String
+    public var device: String
+    public var size: UInt64
+    /// "primary" (this version has no secondaries yet).
+    public var role: String
+    /// What the operator asked for: "up" or "down".
+    public var wanted: String
+    /// What is: "up", "down", or "failed" (see `error`).
+    public var state: String
+    public var error: String?
+    public var log: LogStatus?
+
+    public init(name: String, device: String, size: UInt64, role: String, wanted: String, state: String, error: String? = nil, log: LogStatus? = nil) {
+        self.name = name
+        self.device = device
+        self.size = size
+        self.role = role
+        self.wanted = wanted
+        self.state = state
+        self.error = error
+        self.log = log
+    }
+}
+
+/// Positions and sizes of a resource's transaction log.
+public struct LogStatus: Codable, Sendable, Equatable {
+    public var epoch: UInt64
+    public var appendedLSN: UInt64
+    public var durableLSN: UInt64
+    public var writebackLSN: UInt64
+    public var pendingChanges: Int
+    public var pendingBytes: Int
+    public var waitingWrites: Int
+    public var logBytes: UInt64
+    public var spaceLimit: UInt64
+    public var segments: Int
+    public var currentSegment: String
+    public var groupCommits: Int
+    public var failure: String?
+
+    public init(
+        epoch: UInt64, appendedLSN: UInt64, durableLSN: UInt64, writebackLSN: UInt64, pendingChanges: Int, pendingBytes: Int,
+        waitingWrites: Int, logBytes: UInt64, spaceLimit: UInt64, segments: Int, currentSegment: String, groupCommits: Int,
+        failure: String?
+    ) {
+        self.epoch = epoch
+        self.appendedLSN = appendedLSN
+        self.durableLSN = durableLSN
+        self.writebackLSN = writebackLSN
+        self.pendingChanges = pendingChanges
+        self.pendingBytes = pendingBytes
+        self.waitingWrites = waitingWrites
+        self.logBytes = logBytes
+        self.spaceLimit = spaceLimit
+        self.segments = segments
+        self.currentSegment = currentSegment
+        self.groupCommits = groupCommits
+        self.failure = failure
     }
 }
 

@@ -5,6 +5,30 @@ public enum StatusTable {
             "marsd \(status.version) pid \(status.pid), I/O engine \(status.ioEngine)",
             "listening on \(status.listeners.joined(separator: ", "))",
         ]
+        if let root = status.root {
+            lines.append("root \(root), " + (status.host.map { "host \($0), cluster \(status.cluster ?? "?")" } ?? "no cluster yet (marsadm create-cluster)"))
+        }
+        if !status.resources.isEmpty {
+            let header = ["RESOURCE", "ROLE", "WANTED", "STATE", "EPOCH", "APPENDED", "DURABLE", "WRITTEN-BACK", "PENDING", "LOG", "SEGMENT"]
+            var rows = [header]
+            for resource in status.resources {
+                let log = resource.log
+                rows.append([
+                    resource.name, resource.role, resource.wanted, resource.state,
+                    log.map { "\($0.epoch)" } ?? "-", log.map { "\($0.appendedLSN)" } ?? "-", log.map { "\($0.durableLSN)" } ?? "-",
+                    log.map { "\($0.writebackLSN)" } ?? "-", log.map { formatBytes(UInt64($0.pendingBytes)) } ?? "-",
+                    log.map { formatBytes($0.logBytes) + "/" + formatBytes($0.spaceLimit) } ?? "-", log?.currentSegment ?? "-",
+                ])
+            }
+            lines += table(rows)
+            for resource in status.resources {
+                if let error = resource.error { lines.append("\(resource.name): \(error)") }
+                if let failure = resource.log?.failure { lines.append("\(resource.name): \(failure)") }
+                if let waiting = resource.log?.waitingWrites, waiting > 0 {
+                    lines.append("\(resource.name): \(waiting) writes wait for room in memory or in the log area")
+                }
+            }
+        }
         let header = ["EXPORT", "DEVICE", "SIZE", "MODE", "CONNS", "REQUESTS", "READ", "WRITTEN", "ERRORS"]
         var rows = [header]
         for export in status.exports {
@@ -15,14 +39,18 @@ public enum StatusTable {
                 formatBytes(UInt64(export.bytesRead)), formatBytes(UInt64(export.bytesWritten)), "\(export.errors)",
             ])
         }
-        let widths = header.indices.map { column in rows.map { $0[column].count }.max() ?? 0 }
-        for row in rows {
+        lines += table(rows)
+        return lines.joined(separator: "\n")
+    }
+
+    static func table(_ rows: [[String]]) -> [String] {
+        let widths = rows[0].indices.map { column in rows.map { $0[column].count }.max() ?? 0 }
+        return rows.map { row in
             let cells = row.enumerated().map { index, cell in
                 cell + String(repeating: " ", count: widths[index] - cell.count)
             }
-            lines.append(cells.joined(separator: "  ").trimmingTrailingSpaces())
+            return cells.joined(separator: "  ").trimmingTrailingSpaces()
         }
-        return lines.joined(separator: "\n")
     }
 
     public static func formatBytes(_ value: UInt64) -> String {

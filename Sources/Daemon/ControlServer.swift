@@ -10,7 +10,7 @@ import Glibc
 
 /// Answers marsadm on a Unix socket: one JSON request line in, one JSON reply line out.
 final class ControlServer: Sendable {
-    typealias Responder = @Sendable (ControlRequest) -> ControlResponse
+    typealias Responder = @Sendable (ControlRequest) async -> ControlResponse
 
     private let path: String
     private let channel: any Channel
@@ -67,14 +67,19 @@ private final class ControlConnectionHandler: ChannelInboundHandler {
             }
             return
         }
-        let response: ControlResponse
+        let request: ControlRequest
         do {
-            let request = try ControlCodec.decode(ControlRequest.self, from: received[..<end])
-            response = responder(request)
+            request = try ControlCodec.decode(ControlRequest.self, from: received[..<end])
         } catch {
-            response = ControlResponse(error: "malformed control request: \(error)")
+            return reply(context, ControlResponse(error: "malformed control request: \(error)"))
         }
-        reply(context, response)
+        received = []
+        let responder = self.responder
+        let promise = context.eventLoop.makePromise(of: ControlResponse.self)
+        promise.completeWithTask { await responder(request) }
+        promise.futureResult.assumeIsolated().whenSuccess { response in
+            self.reply(context, response)
+        }
     }
 
     private func reply(_ context: ChannelHandlerContext, _ response: ControlResponse) {

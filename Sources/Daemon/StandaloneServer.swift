@@ -45,9 +45,11 @@ public struct ExportSpec: Sendable, Equatable {
     }
 }
 
-/// Configuration of `marsd serve`: local devices over NBD, no log, no replication.
+/// Configuration of `marsd serve`: the resources under the root (logged), plus plain local devices
+/// (`--export`, no log).
 public struct ServeConfiguration: Sendable {
     public var exports: [ExportSpec] = []
+    public var resources = ResourceSettings()
     public var nbd = NBDServerConfiguration()
     public var cacheMode: CacheMode = .buffered
     public var controlSocketPath: String?
@@ -83,9 +85,6 @@ public struct StandaloneServer: Service {
     }
 
     public func run() async throws {
-        guard !configuration.exports.isEmpty else {
-            throw DaemonError("nothing to serve: give at least one --export NAME=PATH")
-        }
         let names = configuration.exports.map(\.name)
         guard Set(names).count == names.count else {
             throw DaemonError("export names must be unique: \(names.joined(separator: ", "))")
@@ -103,8 +102,11 @@ public struct StandaloneServer: Service {
                 throw DaemonError("cannot open the device of export '\(spec.name)': \(error). Check the path and permissions.")
             }
         }
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
+        var resourceSettings = configuration.resources
+        resourceSettings.cacheMode = configuration.cacheMode
         let exports = ExportTable(served)
+        let resources = try ResourceManager(settings: resourceSettings, exports: exports, logger: logger)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
         let server: NBDServer
         do {
             server = try NBDServer(exports: exports, configuration: configuration.nbd, group: group, logger: logger)
@@ -116,18 +118,27 @@ public struct StandaloneServer: Service {
         var control: ControlServer?
         if let path = configuration.controlSocketPath {
             let listeners = listenerDescriptions(server)
-            control = try await ControlServer.start(path: path, group: group, logger: logger) { request in
-                switch request.command {
-                case .view:
-                    return ControlResponse(status: status(server, listeners: listeners))
+            do {
+                control = try await ControlServer.start(path: path, group: group, logger: logger) { request in
+                    var response = await resources.handle(request)
+                    if request.command == .view, response.error == nil {
+                        response.status = status(server, resources: resources, listeners: listeners)
+                    }
+                    return response
                 }
+            } catch {
+                await server.stop()
+                try? await group.shutdownGracefully()
+                throw error
             }
         }
-        logger.info("marsd ready", metadata: ["pid": "\(getpid())", "io-engine": "\(server.ioEngineName)"])
+        await resources.restore()
+        logger.info("marsd ready", metadata: ["pid": "\(getpid())", "io-engine": "\(server.ioEngineName)", "root": "\(resourceSettings.root)"])
         try? await gracefulShutdown()
         logger.info("marsd shutting down")
         await control?.stop()
         await server.stop()
+        await resources.shutdown()
         try await group.shutdownGracefully()
     }
 
@@ -138,9 +149,11 @@ public struct StandaloneServer: Service {
         return result
     }
 
-    private func status(_ server: NBDServer, listeners: [String]) -> DaemonStatus {
-        DaemonStatus(
+    private func status(_ server: NBDServer, resources: ResourceManager, listeners: [String]) -> DaemonStatus {
+        let identity = resources.identity
+        return DaemonStatus(
             version: marsVersion, pid: getpid(), ioEngine: server.ioEngineName, listeners: listeners,
+            root: resources.settings.root, host: identity?.host, cluster: identity?.cluster, resources: resources.status(),
             exports: server.exports.exports.map { export in
                 let stats = export.statistics
                 return ExportStatus(

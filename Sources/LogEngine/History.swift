@@ -16,6 +16,8 @@ public struct HistoryWalk: Sendable {
     /// The highest epoch in headers and records.
     public var epoch: UInt64 = 0
 
+    public init() {}
+
     public var endLSN: UInt64? { segments.last?.scan.endLSN }
     public var digest: [UInt8]? { segments.last?.scan.digest }
 }

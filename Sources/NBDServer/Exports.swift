@@ -1,4 +1,5 @@
 import BlockStore
+import LogEngine
 import NBDProtocol
 import Synchronization
 
@@ -14,13 +15,23 @@ public final class ExportStatistics: Sendable {
     init() {}
 }
 
-/// One export as the server holds it: what the handshake advertises, the device behind it, counters.
+/// One export as the server holds it: what the handshake advertises, the device behind it, the
+/// transaction log every change goes through (nil for a plain export), counters.
 public struct ServedExport: Sendable {
     public let descriptor: ExportDescriptor
     public let device: BlockDevice
+    public let log: LogEngine?
     public let statistics: ExportStatistics
+    /// Set when the export is taken away; its connections close at their next request.
+    let retired: Retired
 
-    public init(name: String, description: String? = nil, device: BlockDevice) {
+    final class Retired: Sendable {
+        let flag = Atomic<Bool>(false)
+    }
+
+    public var isRetired: Bool { retired.flag.load(ordering: .relaxed) }
+
+    public init(name: String, description: String? = nil, device: BlockDevice, log: LogEngine? = nil) {
         self.descriptor = ExportDescriptor(
             name: name,
             description: description ?? "\(device.kind.rawValue) \(device.path)",
@@ -28,21 +39,47 @@ public struct ServedExport: Sendable {
             readOnly: device.readOnly
         )
         self.device = device
+        self.log = log
         self.statistics = ExportStatistics()
+        self.retired = Retired()
     }
 }
 
-/// The exports of a server, by name.
-public struct ExportTable: Sendable {
-    public let exports: [ServedExport]
-    public let catalog: ExportCatalog
+/// The exports of a server, by name. Exports come and go while the server runs (resources going
+/// up and down); a connection sees the exports that existed when it connected.
+public final class ExportTable: Sendable {
+    private let table: Mutex<[ServedExport]>
 
-    public init(_ exports: [ServedExport]) {
-        self.exports = exports
-        self.catalog = ExportCatalog(exports.map(\.descriptor))
+    public init(_ exports: [ServedExport] = []) {
+        self.table = Mutex(exports)
+    }
+
+    public var exports: [ServedExport] { table.withLock { $0 } }
+
+    public var catalog: ExportCatalog { ExportCatalog(exports.map(\.descriptor)) }
+
+    /// Adds an export; false when one of that name exists.
+    @discardableResult
+    public func add(_ export: ServedExport) -> Bool {
+        table.withLock { exports in
+            guard !exports.contains(where: { $0.descriptor.name == export.descriptor.name }) else { return false }
+            exports.append(export)
+            return true
+        }
+    }
+
+    /// Removes an export; its open connections close at their next request.
+    @discardableResult
+    public func remove(named name: String) -> ServedExport? {
+        table.withLock { exports in
+            guard let index = exports.firstIndex(where: { $0.descriptor.name == name }) else { return nil }
+            let export = exports.remove(at: index)
+            export.retired.flag.store(true, ordering: .relaxed)
+            return export
+        }
     }
 
     func served(_ descriptor: ExportDescriptor) -> ServedExport? {
-        exports.first { $0.descriptor.name == descriptor.name }
+        table.withLock { exports in exports.first { $0.descriptor.name == descriptor.name } }
     }
 }

@@ -1,4 +1,5 @@
 import BlockStore
+import LogEngine
 import Logging
 import NBDProtocol
 import NIOCore
@@ -61,6 +62,8 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         var iovecs: UnsafeMutablePointer<iovec>?
         var done = 0
         var stage = Stage.transfer
+        /// READ of a logged export: pending changes to lay over the device's bytes before replying.
+        var overlay: [PendingPiece]?
     }
 
     private let exports: ExportTable
@@ -88,6 +91,8 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     /// The export whose active-connection count includes this connection.
     private var countedExport: ServedExport?
     private let allocator = ByteBufferAllocator()
+    /// Where the log engine sends completions of this connection's requests (created on first use).
+    private var logMailbox: LogMailbox?
 
     init(exports: ExportTable, limits: ConnectionLimits, ioRegistry: LoopIORegistry, logger: Logger) {
         self.exports = exports
@@ -353,6 +358,10 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     /// Starts a validated request. A WRITE's payload is `request.payload`, or `fragments` when it was
     /// gathered.
     private func dispatch(_ request: Request, _ export: ServedExport, fragments: [ByteBuffer] = [], reserved: Bool = false) {
+        if export.isRetired {
+            if reserved { io.release(Int(request.length)) }
+            return close(reason: "export '\(export.descriptor.name)' was taken down")
+        }
         let device = export.device
         export.statistics.requests.add(1, ordering: .relaxed)
         if request.command == .read || request.command == .write {
@@ -367,8 +376,13 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             cookie: request.cookie, command: request.command, flags: request.flags, offset: request.offset,
             length: Int(request.length)
         )
+        if let log = export.log, request.command != .read, request.command != .cache, request.command != .blockStatus {
+            return dispatchLogged(request, item, log, fragments: fragments)
+        }
         switch request.command {
         case .read:
+            // Taken before the device read: see `LogEngine.overlay`.
+            item.overlay = export.log?.overlay(offset: item.offset, length: item.length)
             let headerSize = ReplyEncoder.readHeaderSize(structured: structured)
             var buffer: ByteBuffer
             if device.cacheMode == .direct {
@@ -441,6 +455,69 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         case .disconnect:
             preconditionFailure("DISC is handled before dispatch")
         }
+    }
+
+    /// WRITE, TRIM, WRITE_ZEROES and FLUSH of a logged export go to its transaction log; the data
+    /// device sees them only through writeback (invariant 2).
+    private func dispatchLogged(_ request: Request, _ item: Pending, _ log: LogEngine, fragments: [ByteBuffer]) {
+        let mailbox = mailbox()
+        let fua = item.flags.contains(.fua)
+        let token = store(item)
+        let admission: LogAdmission
+        switch request.command {
+        case .write:
+            var bytes = [UInt8]()
+            bytes.reserveCapacity(item.length)
+            if let payload = request.payload {
+                payload.withUnsafeReadableBytes { bytes.append(contentsOf: $0) }
+            } else {
+                for fragment in fragments { fragment.withUnsafeReadableBytes { bytes.append(contentsOf: $0) } }
+            }
+            admission = log.submit(offset: item.offset, change: .write(bytes), fua: fua, target: mailbox, token: token)
+        case .trim:
+            admission = log.submit(offset: item.offset, change: .trim(length: item.length), fua: fua, target: mailbox, token: token)
+        case .writeZeroes:
+            // Logged zeroing is a small record whatever the range: always fast (FAST_ZERO holds).
+            let change = LogChange.writeZeroes(length: item.length, noHole: item.flags.contains(.noHole))
+            admission = log.submit(offset: item.offset, change: change, fua: fua, target: mailbox, token: token)
+        case .flush:
+            admission = log.flush(target: mailbox, token: token)
+        default:
+            preconditionFailure("\(request.command) is not a logged command")
+        }
+        switch admission {
+        case .acknowledged:
+            finish(token, error: nil, nil)
+        case .waiting:
+            break
+        case .refused(let error):
+            finish(token, logError: error)
+        }
+    }
+
+    private func mailbox() -> LogMailbox {
+        if let logMailbox { return logMailbox }
+        let mailbox = LogMailbox(handler: NIOLoopBound(WeakHandler(self), eventLoop: context!.eventLoop))
+        logMailbox = mailbox
+        return mailbox
+    }
+
+    /// Completions from the log engine, on this connection's loop.
+    func logCompleted(_ completions: [LogCompletion]) {
+        for completion in completions {
+            if let error = completion.error {
+                finish(completion.token, logError: error)
+            } else {
+                finish(completion.token, error: nil, nil)
+            }
+        }
+        completedSinceBatchEnd = true
+        completionBatchEnded()
+    }
+
+    private func finish(_ token: Int, logError error: LogEngineError) {
+        logger.warning("log refused a request", metadata: ["errno": "\(error.errno)", "reason": "\(error.message)"])
+        finish(token, error: nbdError(errno: error.errno, fastZeroRequested: false), error.message)
     }
 
     /// A buffered write that may run inline on the loop: page-aligned (only a copy into the page
@@ -613,6 +690,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             return
         }
         if item.command == .read, var buffer = item.buffer {
+            if let overlay = item.overlay, let address = item.address {
+                LogEngine.lay(overlay, over: UnsafeMutableRawBufferPointer(start: address, count: item.length), at: item.offset)
+            }
             buffer.moveWriterIndex(forwardBy: item.length)
             export.statistics.bytesRead.add(item.length, ordering: .relaxed)
             context.write(wrapOutboundOut(buffer), promise: nil)
@@ -643,7 +723,14 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     private func sendBlockStatus(_ item: Pending, _ device: BlockDevice) {
         guard case .transmission(let parser, _) = phase, let contextID = parser.session.allocationContextID else { return }
         let maxExtents = item.flags.contains(.requestOne) ? 1 : 1024
-        let runs = device.allocationRuns(offset: item.offset, length: UInt64(item.length), maxRuns: maxExtents)
+        // Changes not yet written back are invisible to lseek: report the range as data then.
+        let pending = { () -> Bool in
+            guard case .transmission(_, let export) = phase, let log = export.log else { return false }
+            return log.overlay(offset: item.offset, length: item.length) != nil
+        }()
+        let runs = pending
+            ? [AllocationRun(length: UInt64(item.length), isHole: false)]
+            : device.allocationRuns(offset: item.offset, length: UInt64(item.length), maxRuns: maxExtents)
         var extents: [Extent] = []
         extents.reserveCapacity(runs.count)
         for run in runs where run.length > 0 {
@@ -687,5 +774,28 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         logger.notice("closing NBD connection", metadata: ["peer": "\(context.channel.remoteAddress?.description ?? "unix")", "reason": "\(reason)"])
         phase = .closed
         context.close(promise: nil)
+    }
+}
+
+/// Holds a connection handler without keeping it alive (the engine may outlive the connection).
+final class WeakHandler {
+    weak var handler: NBDConnectionHandler?
+    init(_ handler: NBDConnectionHandler) { self.handler = handler }
+}
+
+/// The log engine's way back to one connection: completions hop to the connection's event loop,
+/// one hop per group commit.
+final class LogMailbox: LogCompletionTarget {
+    private let handler: NIOLoopBound<WeakHandler>
+
+    init(handler: NIOLoopBound<WeakHandler>) {
+        self.handler = handler
+    }
+
+    func logCompleted(_ completions: [LogCompletion]) {
+        let handler = self.handler
+        handler.eventLoop.execute {
+            handler.value.handler?.logCompleted(completions)
+        }
     }
 }

@@ -11,9 +11,10 @@ struct Marsd: AsyncParsableCommand {
         commandName: "marsd",
         abstract: "The swift-mars daemon: serves replicated block devices over NBD.",
         discussion: """
-            marsd runs on every host of a swift-mars cluster. This version serves local data devices \
-            (regular files or block devices) over the NBD protocol; the transaction log and replication \
-            follow in later versions.
+            marsd runs on every host of a swift-mars cluster. It keeps the cluster identity and the \
+            resources under its root directory (default /mars), serves each resource that is up as an \
+            NBD export, and writes every block change into the resource's transaction log before it \
+            reaches the data device. Replication to secondaries follows in a later version.
             """,
         version: marsVersion,
         subcommands: [Serve.self]
@@ -22,13 +23,29 @@ struct Marsd: AsyncParsableCommand {
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Serve local devices over NBD, without log or replication.",
+        abstract: "Run the daemon: serve the resources under the root, and plain exports, over NBD.",
         discussion: """
-            Each --export maps an NBD export name to a device. Clients connect over the Unix socket \
-            (nbd+unix:///NAME?socket=PATH) or TCP (nbd://HOST:PORT/NAME). When exactly one export is \
-            served, the empty export name means that export. marsd stops gracefully on SIGTERM or SIGINT.
+            Resources are created with marsadm create-cluster and marsadm create-resource; every one that \
+            is up is served under its name, with every change logged under ROOT/resource-NAME. Restarting \
+            marsd recovers each log and brings each resource back as it was. Each --export maps an NBD \
+            export name to a device served without a log (for tests and comparisons). Clients connect over \
+            the Unix socket (nbd+unix:///NAME?socket=PATH) or TCP (nbd://HOST:PORT/NAME). When exactly one \
+            export is served, the empty export name means that export. marsd stops gracefully on SIGTERM \
+            or SIGINT, writing every log back first.
             """
     )
+
+    @Option(help: ArgumentHelp("The directory holding the cluster identity, the resources and their logs (created with mode 0700 if missing).", valueName: "path"))
+    var root = "/mars"
+
+    @Option(help: "A log segment is closed and the next one started at this size (MiB).")
+    var logSegmentMib = 256
+
+    @Option(help: "MiB the log segments of one resource may take together; when they do, writes wait until writeback frees whole segments. At least twice a segment plus 64 MiB.")
+    var logSpaceMib = 65536
+
+    @Option(help: "MiB of logged writes not yet written back that one resource holds in memory for reads; beyond it writes wait.")
+    var logPendingMib = 64
 
     @Option(
         name: .customLong("export"),
@@ -82,7 +99,11 @@ struct Serve: AsyncParsableCommand {
     var logLevel: Logger.Level = .info
 
     func validate() throws {
-        if exports.isEmpty { throw ValidationError("give at least one --export NAME=PATH") }
+        if logSegmentMib < 1 { throw ValidationError("--log-segment-mib must be at least 1") }
+        if logPendingMib < 1 { throw ValidationError("--log-pending-mib must be at least 1") }
+        if logSpaceMib < 2 * logSegmentMib + 66 {
+            throw ValidationError("--log-space-mib must be at least \(2 * logSegmentMib + 66) (twice a segment plus the largest record, twice)")
+        }
         if unixSocket == nil && tcp == nil { throw ValidationError("give --unix PATH and/or --tcp HOST:PORT") }
         if let tcp, Self.parseHostPort(tcp) == nil {
             throw ValidationError("--tcp must be HOST:PORT or PORT, for example 127.0.0.1:10809")
@@ -112,6 +133,10 @@ struct Serve: AsyncParsableCommand {
         let logger = Logger(label: "marsd")
         var configuration = ServeConfiguration()
         configuration.exports = try exports.map(ExportSpec.init(parsing:))
+        configuration.resources.root = root
+        configuration.resources.segmentSize = UInt64(logSegmentMib) << 20
+        configuration.resources.spaceLimit = UInt64(logSpaceMib) << 20
+        configuration.resources.pendingCapacity = logPendingMib << 20
         configuration.cacheMode = cache
         configuration.controlSocketPath = control
         if let threads { configuration.eventLoopThreads = threads }

@@ -1,0 +1,304 @@
+import BlockStore
+import ControlProtocol
+import LogEngine
+import Logging
+import NBDProtocol
+import NBDServer
+import NIOPosix
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How resources are stored and served: the root directory and the log's limits.
+public struct ResourceSettings: Sendable {
+    public var root = "/mars"
+    public var cacheMode: CacheMode = .buffered
+    public var segmentSize: UInt64 = 256 << 20
+    public var spaceLimit: UInt64 = 64 << 30
+    public var pendingCapacity = 64 << 20
+
+    public init() {}
+
+    func engineConfiguration(host: String) -> LogEngineConfiguration {
+        var configuration = LogEngineConfiguration(host: host)
+        configuration.segmentSize = segmentSize
+        configuration.spaceLimit = spaceLimit
+        configuration.pendingCapacity = pendingCapacity
+        return configuration
+    }
+}
+
+/// The resources of this host: their state on disk under the root, their log engines, and their
+/// exports. Every change is persisted before it is reported, so a restart restores each resource
+/// as the operator left it.
+final class ResourceManager: Sendable {
+    private struct Resource {
+        var config: ResourceConfig
+        var directory: any StorageDirectory
+        var engine: LogEngine?
+        var export: ServedExport?
+        var error: String?
+    }
+
+    private struct State {
+        var identity: ClusterIdentity?
+        var resources: [String: Resource] = [:]
+    }
+
+    let settings: ResourceSettings
+    private let root: any StorageDirectory
+    private let exports: ExportTable
+    private let logger: Logger
+    private let state = Mutex(State())
+    /// Serializes commands: a resource going up or down is never raced by another command.
+    private let commands = CommandQueue()
+
+    init(settings: ResourceSettings, exports: ExportTable, logger: Logger) throws {
+        self.settings = settings
+        self.exports = exports
+        self.logger = logger
+        do {
+            root = try POSIXDirectory(path: settings.root, create: true)
+        } catch {
+            throw DaemonError("cannot use \(settings.root) as the root directory: \(error). Create it or give another --root.")
+        }
+        let identity = try StateFile.read(ClusterIdentity.self, named: ClusterIdentity.fileName, in: root)
+        var resources: [String: Resource] = [:]
+        for entry in try root.list() where entry.hasPrefix("resource-") {
+            let name = String(entry.dropFirst("resource-".count))
+            guard (try? Names.validateResource(name)) != nil else { continue }
+            let directory = try POSIXDirectory(path: settings.root + "/" + entry)
+            guard let config = try StateFile.read(ResourceConfig.self, named: ResourceConfig.fileName, in: directory) else {
+                logger.warning("ignoring \(settings.root)/\(entry): it has no \(ResourceConfig.fileName)")
+                continue
+            }
+            resources[name] = Resource(config: config, directory: directory)
+        }
+        state.withLock { state in
+            state.identity = identity
+            state.resources = resources
+        }
+    }
+
+    /// Brings up every resource that was up when marsd stopped (recovering its log).
+    func restore() async {
+        let wanted = state.withLock { state in state.resources.values.filter { $0.config.wanted == "up" }.map(\.config.name) }
+        for name in wanted.sorted() {
+            await commands.run {
+                do {
+                    try await self.bringUp(name)
+                } catch {
+                    self.logger.error("resource \(name) stays down: \(error)")
+                }
+            }
+        }
+    }
+
+    func handle(_ request: ControlRequest) async -> ControlResponse {
+        await commands.run {
+            do {
+                switch request.command {
+                case .view:
+                    return ControlResponse()
+                case .createCluster:
+                    return ControlResponse(message: try self.createCluster(host: request.host))
+                case .createResource:
+                    guard let name = request.name, let device = request.device else {
+                        throw DaemonError("create-resource needs a resource name and a device path")
+                    }
+                    return ControlResponse(message: try await self.createResource(name: name, device: device))
+                case .up:
+                    let name = try self.existingName(request)
+                    try self.setWanted(name, "up")
+                    try await self.bringUp(name)
+                    return ControlResponse(message: "resource \(name) is up")
+                case .down:
+                    let name = try self.existingName(request)
+                    try self.setWanted(name, "down")
+                    await self.takeDown(name)
+                    return ControlResponse(message: "resource \(name) is down; its log is written back")
+                }
+            } catch {
+                return ControlResponse(error: "\(error)")
+            }
+        }
+    }
+
+    private func existingName(_ request: ControlRequest) throws -> String {
+        guard let name = request.name else { throw DaemonError("\(request.command.rawValue) needs a resource name") }
+        try Names.validateResource(name)
+        guard state.withLock({ $0.resources[name] != nil }) else {
+            throw DaemonError("there is no resource '\(name)' on this host (marsadm view lists them)")
+        }
+        return name
+    }
+
+    private func createCluster(host: String?) throws -> String {
+        if let identity = state.withLock({ $0.identity }) {
+            throw DaemonError("this host is already in cluster \(identity.cluster) as '\(identity.host)'")
+        }
+        let name = host ?? Self.hostname()
+        try Names.validateHost(name)
+        let identity = ClusterIdentity(cluster: randomIdentifier(), host: name)
+        try StateFile.write(identity, named: ClusterIdentity.fileName, in: root)
+        state.withLock { $0.identity = identity }
+        logger.info("cluster created", metadata: ["cluster": "\(identity.cluster)", "host": "\(name)"])
+        return "created cluster \(identity.cluster) with this host as '\(name)'"
+    }
+
+    private func createResource(name: String, device path: String) async throws -> String {
+        try Names.validateResource(name)
+        guard let identity = state.withLock({ $0.identity }) else {
+            throw DaemonError("this host is in no cluster yet: run 'marsadm create-cluster' first")
+        }
+        guard state.withLock({ $0.resources[name] == nil }) else { throw DaemonError("resource '\(name)' exists already") }
+        guard exports.exports.allSatisfy({ $0.descriptor.name != name }) else {
+            throw DaemonError("an export named '\(name)' is already served (marsd --export)")
+        }
+        let device: BlockDevice
+        do {
+            device = try BlockDevice(path: path, cacheMode: settings.cacheMode)
+        } catch {
+            throw DaemonError("cannot open the data device \(path): \(error). Check the path and permissions.")
+        }
+        guard device.size > 0 else { throw DaemonError("the data device \(path) is empty: give it a size first") }
+        let directoryPath = settings.root + "/" + Names.resourceDirectory(name)
+        if access(directoryPath, F_OK) == 0 {
+            throw DaemonError("\(directoryPath) exists already: remove it or choose another resource name")
+        }
+        let configuration = settings.engineConfiguration(host: identity.host)
+        let directory = try POSIXDirectory(path: directoryPath, create: true)
+        let config = ResourceConfig(name: name, device: path, size: device.size, role: "primary", wanted: "up", createdEpoch: 1)
+        do {
+            try root.sync()
+            try LogEngine.create(in: directory, configuration: configuration, epoch: 1)
+            try StateFile.write(config, named: ResourceConfig.fileName, in: directory)
+        } catch {
+            // Leave nothing half-made behind: the name stays free for the next attempt.
+            for file in (try? directory.list()) ?? [] { try? directory.remove(file) }
+            try? directory.removeDirectory()
+            throw DaemonError("cannot create resource '\(name)' under \(directoryPath): \(error)")
+        }
+        state.withLock { $0.resources[name] = Resource(config: config, directory: directory) }
+        try await bringUp(name)
+        return "created resource \(name) on \(path) (\(device.size) bytes); this host is its primary"
+    }
+
+    private func setWanted(_ name: String, _ wanted: String) throws {
+        guard var resource = state.withLock({ $0.resources[name] }) else { return }
+        guard resource.config.wanted != wanted else { return }
+        resource.config.wanted = wanted
+        try StateFile.write(resource.config, named: ResourceConfig.fileName, in: resource.directory)
+        let config = resource.config
+        state.withLock { $0.resources[name]?.config = config }
+    }
+
+    /// Opens the device, recovers the log (replaying it onto the device), and opens the export.
+    private func bringUp(_ name: String) async throws {
+        guard let resource = state.withLock({ $0.resources[name] }), resource.engine == nil else { return }
+        guard let identity = state.withLock({ $0.identity }) else {
+            throw DaemonError("\(settings.root)/\(ClusterIdentity.fileName) is missing: this host's identity is lost")
+        }
+        let settings = self.settings
+        let logger = self.logger
+        do {
+            let (device, engine) = try await NIOThreadPool.singleton.runIfActive { () throws -> (BlockDevice, LogEngine) in
+                let device: BlockDevice
+                do {
+                    device = try BlockDevice(path: resource.config.device, cacheMode: settings.cacheMode)
+                } catch {
+                    throw DaemonError("cannot open the data device \(resource.config.device): \(error)")
+                }
+                guard device.size >= resource.config.size else {
+                    throw DaemonError("the data device \(resource.config.device) has \(device.size) bytes, the resource needs \(resource.config.size)")
+                }
+                let engine = try LogEngine.open(
+                    directory: resource.directory, device: POSIXFile(borrowing: device.bufferedFD, name: device.path),
+                    deviceSize: resource.config.size, configuration: settings.engineConfiguration(host: identity.host)
+                ) { message in
+                    logger.notice("recovery of \(name): \(message)")
+                }
+                return (device, engine)
+            }
+            let export = ServedExport(name: name, description: "swift-mars resource \(name)", device: device, log: engine)
+            exports.add(export)
+            state.withLock { state in
+                state.resources[name]?.engine = engine
+                state.resources[name]?.export = export
+                state.resources[name]?.error = nil
+            }
+            logger.info("resource up", metadata: ["resource": "\(name)", "device": "\(resource.config.device)"])
+        } catch {
+            state.withLock { $0.resources[name]?.error = "\(error)" }
+            throw error
+        }
+    }
+
+    /// Closes the export, then drains the log onto the device.
+    private func takeDown(_ name: String) async {
+        guard let resource = state.withLock({ $0.resources[name] }), let engine = resource.engine else { return }
+        exports.remove(named: name)
+        try? await NIOThreadPool.singleton.runIfActive { engine.shutdown() }
+        state.withLock { state in
+            state.resources[name]?.engine = nil
+            state.resources[name]?.export = nil
+        }
+        logger.info("resource down", metadata: ["resource": "\(name)"])
+    }
+
+    /// Takes every resource down (marsd stopping); their wanted state stays as it was.
+    func shutdown() async {
+        let names = state.withLock { Array($0.resources.keys) }
+        for name in names.sorted() {
+            await commands.run { await self.takeDown(name) }
+        }
+    }
+
+    var identity: ClusterIdentity? { state.withLock { $0.identity } }
+
+    func status() -> [ResourceStatus] {
+        let resources = state.withLock { Array($0.resources.values) }
+        return resources.sorted { $0.config.name < $1.config.name }.map { resource in
+            let log = resource.engine.map { engine -> LogStatus in
+                let status = engine.status
+                return LogStatus(
+                    epoch: status.epoch, appendedLSN: status.appendedLSN, durableLSN: status.durableLSN,
+                    writebackLSN: status.writebackLSN, pendingChanges: status.pendingChanges, pendingBytes: status.pendingBytes,
+                    waitingWrites: status.waitingWrites, logBytes: status.logBytes, spaceLimit: status.spaceLimit,
+                    segments: status.segments, currentSegment: status.currentSegment, groupCommits: status.groupCommits,
+                    failure: status.failure
+                )
+            }
+            let state = resource.engine != nil ? "up" : (resource.error != nil ? "failed" : "down")
+            return ResourceStatus(
+                name: resource.config.name, device: resource.config.device, size: resource.config.size, role: resource.config.role,
+                wanted: resource.config.wanted, state: state, error: resource.error, log: log
+            )
+        }
+    }
+
+    private static func hostname() -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        gethostname(&buffer, buffer.count)
+        return String(cString: buffer).split(separator: ".").first.map(String.init) ?? "localhost"
+    }
+}
+
+/// Runs commands one at a time, in arrival order.
+actor CommandQueue {
+    private var busy = false
+    private var waiting: [CheckedContinuation<Void, Never>] = []
+
+    func run<T: Sendable>(_ body: @Sendable () async -> T) async -> T {
+        if busy {
+            await withCheckedContinuation { waiting.append($0) }
+        }
+        busy = true
+        defer {
+            if waiting.isEmpty { busy = false } else { waiting.removeFirst().resume() }
+        }
+        return await body()
+    }
+}

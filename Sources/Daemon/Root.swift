@@ -1,0 +1,96 @@
+import BlockStore
+import FoundationEssentials
+import TransactionLog
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// This host's membership: written once by create-cluster (`<root>/cluster.json`).
+struct ClusterIdentity: Codable, Equatable {
+    static let fileName = "cluster.json"
+    var version = 1
+    var cluster: String
+    var host: String
+}
+
+/// What a resource is on this host (`<root>/resource-<name>/resource.json`). Positions live in the
+/// log directory beside it (docs/log-format.md).
+struct ResourceConfig: Codable, Equatable {
+    static let fileName = "resource.json"
+    var version = 1
+    var name: String
+    var device: String
+    var size: UInt64
+    var role: String
+    /// "up" or "down": restored at every start.
+    var wanted: String
+    var createdEpoch: UInt64
+}
+
+enum Names {
+    /// Resource names become directory and export names: 1 to 64 of [A-Za-z0-9._-], not starting
+    /// with '.' or '-' (no path tricks).
+    static func validateResource(_ name: String) throws {
+        guard SegmentName.isValidHost(name) else {
+            throw DaemonError(
+                "resource name '\(name)' is not allowed: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+            )
+        }
+    }
+
+    static func validateHost(_ name: String) throws {
+        guard SegmentName.isValidHost(name) else {
+            throw DaemonError(
+                "host name '\(name)' is not allowed: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-' (give --host)"
+            )
+        }
+    }
+
+    static func resourceDirectory(_ name: String) -> String { "resource-" + name }
+}
+
+/// Small JSON state files, replaced atomically and durably (temporary file, fdatasync, rename,
+/// directory fsync), so a crash leaves either the old or the new version.
+enum StateFile {
+    static func write<T: Encodable>(_ value: T, named name: String, in directory: any StorageDirectory) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+        let bytes = Array(try encoder.encode(value)) + [0x0A]
+        let temporary = name + ".tmp"
+        let file = try directory.open(temporary, create: true)
+        try file.truncate(to: 0)
+        try file.write(bytes, at: 0)
+        try file.sync()
+        try directory.rename(temporary, to: name)
+        try directory.sync()
+    }
+
+    static func read<T: Decodable>(_ type: T.Type, named name: String, in directory: any StorageDirectory) throws -> T? {
+        let file: any StorageFile
+        do {
+            file = try directory.open(name, create: false)
+        } catch {
+            if error.errno == ENOENT { return nil }
+            throw error
+        }
+        let size = try file.size()
+        guard size <= 1 << 20 else { throw DaemonError("\(directory.path)/\(name) is larger than 1 MiB: not a swift-mars state file") }
+        let bytes = try file.read(count: Int(size), at: 0)
+        do {
+            return try JSONDecoder().decode(type, from: Data(bytes))
+        } catch {
+            throw DaemonError("\(directory.path)/\(name) is unreadable (\(error)); restore it or remove the resource directory")
+        }
+    }
+}
+
+/// A random identifier for a new cluster.
+func randomIdentifier() -> String {
+    var generator = SystemRandomNumberGenerator()
+    return (0..<2).map { _ in
+        let value = generator.next()
+        let text = String(value, radix: 16)
+        return String(repeating: "0", count: 16 - text.count) + text
+    }.joined()
+}
