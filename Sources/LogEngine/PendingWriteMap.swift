@@ -208,7 +208,14 @@ public struct PendingWriteMap: Sendable {
 }
 
 extension PendingPiece {
-    var offset: UInt64 {
+    public var length: Int {
+        switch self {
+        case .data(_, let bytes): bytes.count
+        case .zeroes(_, let length, _), .device(_, let length): length
+        }
+    }
+
+    public var offset: UInt64 {
         switch self {
         case .data(let offset, _), .zeroes(let offset, _, _), .device(let offset, _): offset
         }

@@ -721,24 +721,41 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     }
 
     private func sendBlockStatus(_ item: Pending, _ device: BlockDevice) {
-        guard case .transmission(let parser, _) = phase, let contextID = parser.session.allocationContextID else { return }
+        guard case .transmission(let parser, let export) = phase, let contextID = parser.session.allocationContextID else { return }
         let maxExtents = item.flags.contains(.requestOne) ? 1 : 1024
-        // Changes not yet written back are invisible to lseek: report the range as data then.
-        let pending = { () -> Bool in
-            guard case .transmission(_, let export) = phase, let log = export.log else { return false }
-            return log.overlay(offset: item.offset, length: item.length) != nil
-        }()
-        let runs = pending
-            ? [AllocationRun(length: UInt64(item.length), isHole: false)]
-            : device.allocationRuns(offset: item.offset, length: UInt64(item.length), maxRuns: maxExtents)
+        let hole = NBDAllocationState.hole | NBDAllocationState.zero
+        // Allocation of the device's bytes (lseek), as (length, flags).
+        func deviceRuns(_ offset: UInt64, _ length: UInt64) -> [(UInt64, UInt32)] {
+            device.allocationRuns(offset: offset, length: length, maxRuns: maxExtents).map { ($0.length, $0.isHole ? hole : 0) }
+        }
+        var runs: [(UInt64, UInt32)]
+        if let overlay = export.log?.overlay(offset: item.offset, length: item.length) {
+            // Changes not yet written back are invisible to lseek: they describe their own ranges.
+            runs = []
+            var position = item.offset
+            for piece in overlay {
+                if piece.offset > position { runs += deviceRuns(position, piece.offset - position) }
+                switch piece {
+                case .data(_, let bytes): runs.append((UInt64(bytes.count), 0))
+                case .zeroes(_, let length, let keepAllocated): runs.append((UInt64(length), keepAllocated ? NBDAllocationState.zero : hole))
+                case .device(_, let length): runs += deviceRuns(piece.offset, UInt64(length))
+                }
+                position = piece.offset + UInt64(piece.length)
+            }
+            let end = item.offset + UInt64(item.length)
+            if position < end { runs += deviceRuns(position, end - position) }
+        } else {
+            runs = deviceRuns(item.offset, UInt64(item.length))
+        }
         var extents: [Extent] = []
-        extents.reserveCapacity(runs.count)
-        for run in runs where run.length > 0 {
-            let flags = run.isHole ? (NBDAllocationState.hole | NBDAllocationState.zero) : 0
-            if let last = extents.last, last.flags == flags, UInt64(last.length) + run.length <= UInt64(UInt32.max) {
-                extents[extents.count - 1].length += UInt32(run.length)
+        extents.reserveCapacity(min(runs.count, maxExtents))
+        for (length, flags) in runs where length > 0 {
+            if let last = extents.last, last.flags == flags, UInt64(last.length) + length <= UInt64(UInt32.max) {
+                extents[extents.count - 1].length += UInt32(length)
+            } else if extents.count < maxExtents {
+                extents.append(Extent(length: UInt32(min(length, UInt64(UInt32.max))), flags: flags))
             } else {
-                extents.append(Extent(length: UInt32(min(run.length, UInt64(UInt32.max))), flags: flags))
+                break
             }
         }
         if extents.isEmpty {

@@ -22,9 +22,19 @@ if ! LOOP=$(losetup --find --show "$T/backing.img" 2>"$T/losetup.err"); then
     exit 0
 fi
 fails=0
-for cache in buffered direct; do
-    "$MARSD" serve --export blk="$LOOP" --unix "$T/nbd.sock" --cache "$cache" --log-level warning 2>"$T/marsd.log" &
-    PID=$!
+MARSADM=${MARSADM:-$(dirname "$MARSD")/marsadm}
+for cache in buffered direct logged; do
+    if [ "$cache" = logged ]; then
+        # The loop device as the data device of a logged resource.
+        "$MARSD" serve --root "$T/root" --control "$T/ctl.sock" --unix "$T/nbd.sock" --log-level warning 2>"$T/marsd.log" &
+        PID=$!
+        for _ in $(seq 100); do [ -S "$T/ctl.sock" ] && break; sleep 0.1; done
+        "$MARSADM" create-cluster --host blk --control "$T/ctl.sock" >/dev/null
+        "$MARSADM" create-resource blk "$LOOP" --control "$T/ctl.sock" >/dev/null || echo "FAIL create-resource on $LOOP"
+    else
+        "$MARSD" serve --root "$T/root-plain" --export blk="$LOOP" --unix "$T/nbd.sock" --cache "$cache" --log-level warning 2>"$T/marsd.log" &
+        PID=$!
+    fi
     for _ in $(seq 100); do [ -S "$T/nbd.sock" ] && break; sleep 0.1; done
     if nbdsh -u "nbd+unix:///blk?socket=$T/nbd.sock" -c '
 import os

@@ -23,15 +23,17 @@ wait_for_socket() {
     return 1
 }
 
-check "marsd refuses to start without exports" fails_with "at least one --export" "$MARSD" serve --unix "$T/x.sock"
-check "marsd refuses a malformed --tcp" fails_with "HOST:PORT" "$MARSD" serve --export d="$T/none" --tcp nonsense
-check "marsd names a missing device" fails_with "$T/missing.img" "$MARSD" serve --export d="$T/missing.img" --unix "$T/x.sock"
-check "marsd refuses a bad export" fails_with "NAME=PATH" "$MARSD" serve --export "=x" --unix "$T/x.sock"
+check "marsd refuses to start without a listener" fails_with "give --unix" "$MARSD" serve --root "$T/root"
+check "marsd refuses a malformed --tcp" fails_with "HOST:PORT" "$MARSD" serve --root "$T/root" --export d="$T/none" --tcp nonsense
+check "marsd names a missing device" fails_with "$T/missing.img" "$MARSD" serve --root "$T/root" --export d="$T/missing.img" --unix "$T/x.sock"
+check "marsd refuses a bad export" fails_with "NAME=PATH" "$MARSD" serve --root "$T/root" --export "=x" --unix "$T/x.sock"
+check "marsd refuses a log space limit below two segments" fails_with "log-space-mib must be at least" "$MARSD" serve --root "$T/root" --unix "$T/x.sock" --log-segment-mib 64 --log-space-mib 100
+check "marsd names a root it cannot use" fails_with "$T/a-file/root" bash -c "touch '$T/a-file'; '$MARSD' serve --root '$T/a-file/root' --unix '$T/x.sock'"
 check "marsadm explains an unreachable daemon" fails_with "Is marsd running" "$MARSADM" view --control "$T/nothing.sock"
 
 truncate -s 256M "$T/a.img"
 truncate -s 64M "$T/b.img"
-"$MARSD" serve --export a="$T/a.img" --export b="$T/b.img":ro --unix "$T/nbd.sock" --control "$T/ctl.sock" --tcp 0 \
+"$MARSD" serve --root "$T/root" --export a="$T/a.img" --export b="$T/b.img":ro --unix "$T/nbd.sock" --control "$T/ctl.sock" --tcp 0 \
     --log-level notice 2>"$T/marsd.log" &
 PID=$!
 check "marsd starts and listens" wait_for_socket "$T/ctl.sock"
@@ -53,9 +55,94 @@ assert a[\"bytesWritten\"] == 1 << 20 and a[\"bytesRead\"] == 1 << 20, a
 assert a[\"totalConnections\"] == 1 and a[\"activeConnections\"] == 0, a
 assert s[\"pid\"] == $PID
 '"
-check "marsd refuses to replace a file that is not a socket" fails_with "not a socket" "$MARSD" serve --export a="$T/a.img" --unix "$T/marsd.log"
-check "a second marsd cannot take over a live socket" fails_with "another process is listening" "$MARSD" serve --export a="$T/a.img" --unix "$T/nbd.sock"
+check "marsd refuses to replace a file that is not a socket" fails_with "not a socket" "$MARSD" serve --root "$T/root2" --export a="$T/a.img" --unix "$T/marsd.log"
+check "a second marsd cannot take over a live socket" fails_with "another process is listening" "$MARSD" serve --root "$T/root2" --export a="$T/a.img" --unix "$T/nbd.sock"
 check "the first marsd still serves" nbdsh -u "nbd+unix:///a?socket=$T/nbd.sock" -c 'assert h.pread(512, 0) is not None'
+
+# Resources: create, operator errors, log inspection, down/up, restart, corruption.
+adm() { "$MARSADM" "$@" --control "$T/ctl.sock"; }
+truncate -s 128M "$T/r.img"
+check "create-resource before create-cluster says what to do" fails_with "create-cluster' first" adm create-resource r1 "$T/r.img"
+check "create-cluster" adm create-cluster --host alpha
+check "a second create-cluster is refused" fails_with "already in cluster" adm create-cluster --host beta
+for bad in "../x" "a/b" ".hidden" ".." "$(printf 'x%.0s' $(seq 65))" "sp ace"; do
+    check "resource name '${bad:0:12}' is refused" fails_with "is not allowed" adm create-resource "$bad" "$T/r.img"
+done
+check "a missing data device is named" fails_with "$T/nope.img" adm create-resource r0 "$T/nope.img"
+check "a failed create leaves the name free" test ! -e "$T/root/resource-r0"
+check "create-resource r1" adm create-resource r1 "$T/r.img"
+check "a second create-resource r1 is refused" fails_with "exists already" adm create-resource r1 "$T/r.img"
+check "a resource name that is an export is refused" fails_with "already served" adm create-resource a "$T/r.img"
+check "write to the resource with FUA, trim, zero and flush" nbdsh -u "nbd+unix:///r1?socket=$T/nbd.sock" -c '
+import os
+d = os.urandom(1 << 20)
+h.pwrite(d, 0, nbd.CMD_FLAG_FUA)
+h.pwrite(b"\xab" * 65536, 4 << 20)
+h.trim(65536, 4 << 20)
+h.zero(8192, 8192)
+h.flush()
+assert h.pread(1 << 20, 0) == d[:8192] + bytes(8192) + d[16384:]
+open("'"$T/expected"'", "wb").write(d)'
+check "marsadm view shows r1 up as primary with its log" bash -c "adm() { '$MARSADM' \"\$@\" --control '$T/ctl.sock'; }; adm view | tee /dev/stderr | grep -E '^r1 +primary +up +up +1 '"
+check "marsadm view --json has the log positions" bash -c "'$MARSADM' view --json --control '$T/ctl.sock' | /usr/bin/python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+assert s[\"host\"] == \"alpha\", s
+r = s[\"resources\"][0]
+assert r[\"name\"] == \"r1\" and r[\"state\"] == \"up\" and r[\"role\"] == \"primary\", r
+log = r[\"log\"]
+assert log[\"appendedLSN\"] > 1 << 20 and log[\"durableLSN\"] == log[\"appendedLSN\"], log
+assert log[\"currentSegment\"].startswith(\"log-\") and log[\"currentSegment\"].endswith(\"-alpha\"), log
+'"
+check "marsadm log-verify says OK" bash -c "'$MARSADM' log-verify r1 --root '$T/root' | grep -E '^r1: OK'"
+check "marsadm log-dump lists the records" bash -c "'$MARSADM' log-dump r1 --root '$T/root' | grep -E ' write epoch 1 offset 0 length 1048576 \[fua\]'"
+check "marsadm log-dump --json" bash -c "'$MARSADM' log-dump r1 --root '$T/root' --json | /usr/bin/python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+assert r[\"ok\"], r
+types = [x[\"type\"] for s in r[\"segments\"] for x in s[\"recordList\"]]
+assert \"write\" in types and \"trim\" in types and \"writeZeroes\" in types, types
+'"
+check "log-dump of a missing resource says so" fails_with "cannot open the log of resource 'nope'" "$MARSADM" log-dump nope --root "$T/root"
+check "log-dump refuses a path in the name" fails_with "not allowed" "$MARSADM" log-dump ../etc --root "$T/root"
+check "down r1 writes the log back" adm down r1
+check "the export is gone while r1 is down" bash -c "! nbdinfo 'nbd+unix:///r1?socket=$T/nbd.sock' 2>/dev/null"
+check "the data device holds every write after down" /usr/bin/python3 -c "
+d = open('$T/expected', 'rb').read()
+img = open('$T/r.img', 'rb').read(1 << 20)
+assert img == d[:8192] + bytes(8192) + d[16384:]"
+check "up r1" adm up r1
+check "r1 serves its data again" nbdsh -u "nbd+unix:///r1?socket=$T/nbd.sock" -c "
+d = open('$T/expected', 'rb').read()
+assert h.pread(1 << 20, 0) == d[:8192] + bytes(8192) + d[16384:]"
+check "down of a missing resource is refused" fails_with "no resource 'nope'" adm down nope
+kill -TERM "$PID"; wait "$PID"; PID=
+"$MARSD" serve --root "$T/root" --unix "$T/nbd.sock" --control "$T/ctl.sock" --log-level notice 2>>"$T/marsd.log" &
+PID=$!
+wait_for_socket "$T/ctl.sock"
+check "a restart restores r1 (up) with its data" nbdsh -u "nbd+unix:///r1?socket=$T/nbd.sock" -c "
+d = open('$T/expected', 'rb').read()
+assert h.pread(1 << 20, 0) == d[:8192] + bytes(8192) + d[16384:]
+h.pwrite(b'\\x77' * 4096, 2 << 20, nbd.CMD_FLAG_FUA)"
+check "down survives a restart" bash -c "
+    '$MARSADM' down r1 --control '$T/ctl.sock' && kill -TERM $PID && while kill -0 $PID 2>/dev/null; do sleep 0.1; done
+    '$MARSD' serve --root '$T/root' --unix '$T/nbd.sock' --control '$T/ctl.sock' 2>>'$T/marsd.log' & echo \$! > '$T/pid'
+    for i in \$(seq 100); do [ -S '$T/ctl.sock' ] && break; sleep 0.1; done
+    '$MARSADM' view --control '$T/ctl.sock' | grep -E '^r1 +primary +down +down'"
+PID=$(cat "$T/pid")
+# A bit flip in the middle of the log: the resource stays down and says where.
+"$MARSADM" up r1 --control "$T/ctl.sock" >/dev/null
+nbdsh -u "nbd+unix:///r1?socket=$T/nbd.sock" -c 'h.pwrite(b"\x11" * 65536, 0, nbd.CMD_FLAG_FUA); h.pwrite(b"\x22" * 65536, 65536, nbd.CMD_FLAG_FUA)'
+kill -9 "$PID"; wait "$PID" 2>/dev/null; rm -f "$T/ctl.sock"  # stale after SIGKILL
+SEG=$(ls "$T/root/resource-r1" | grep '^log-' | tail -1)
+/usr/bin/python3 -c "
+f = open('$T/root/resource-r1/$SEG', 'r+b'); f.seek(64 + 48 + 1000); b = f.read(1); f.seek(64 + 48 + 1000); f.write(bytes([b[0] ^ 1]))"
+check "log-verify names the corrupt segment and offset" fails_with "$SEG at byte 64" "$MARSADM" log-verify r1 --root "$T/root"
+"$MARSD" serve --root "$T/root" --unix "$T/nbd.sock" --control "$T/ctl.sock" 2>>"$T/marsd.log" &
+PID=$!
+wait_for_socket "$T/ctl.sock"
+check "a corrupt log keeps the resource down and view says why" bash -c "'$MARSADM' view --control '$T/ctl.sock' | tee /dev/stderr | grep -E '^r1 +primary +up +failed' && '$MARSADM' view --control '$T/ctl.sock' | grep -F '$SEG at byte 64'"
+check "no export is served from a corrupt log" bash -c "! nbdinfo 'nbd+unix:///r1?socket=$T/nbd.sock' 2>/dev/null"
 kill -TERM "$PID"
 graceful() { wait "$PID"; local rc=$?; PID=; [ "$rc" -eq 0 ] && [ ! -e "$T/nbd.sock" ] && [ ! -e "$T/ctl.sock" ]; }
 check "SIGTERM stops marsd gracefully and removes its sockets" graceful

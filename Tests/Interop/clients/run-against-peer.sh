@@ -3,7 +3,9 @@
 #
 #   run-against-peer.sh nbdkit      # reference peer: nbdkit file plugin
 #   run-against-peer.sh qemu-nbd    # reference peer: qemu-nbd on a raw file
-#   run-against-peer.sh marsd       # our server ($MARSD, default: marsd on PATH)
+#   run-against-peer.sh marsd       # our server ($MARSD, default: marsd on PATH), plain export
+#   run-against-peer.sh marsd-logged  # our server with the export as a logged resource
+#                                   # (create-cluster + create-resource through $MARSADM)
 #
 # The server is started on a fresh sparse file (2 GiB + 128 MiB) in a temp
 # dir, first on a Unix socket (libnbd_functional.py, malformed.py --unix,
@@ -22,8 +24,8 @@ set -u
 
 PEER=${1:-}
 case "$PEER" in
-    nbdkit|qemu-nbd|marsd) ;;
-    *) echo "usage: $0 nbdkit|qemu-nbd|marsd" >&2; exit 2 ;;
+    nbdkit|qemu-nbd|marsd|marsd-logged) ;;
+    *) echo "usage: $0 nbdkit|qemu-nbd|marsd|marsd-logged" >&2; exit 2 ;;
 esac
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -34,7 +36,7 @@ TMP=$(mktemp -d /tmp/nbd-interop.XXXXXX)
 IMG=$TMP/disk.img
 SOCK=$TMP/nbd.sock
 SPID=
-export NBD_PEER=$PEER
+export NBD_PEER=${PEER%-logged}
 
 stop_server() {
     if [ -n "$SPID" ] && kill -0 "$SPID" 2>/dev/null; then
@@ -97,9 +99,22 @@ start_server() {
     marsd)
         if [ "$mode" = unix ]; then listen=(--unix "$SOCK"); else listen=(--tcp "127.0.0.1:$PORT"); fi
         # shellcheck disable=SC2086
-        "${MARSD:-marsd}" serve --export "$EXPORT=$IMG" "${listen[@]}" ${MARSD_ARGS:-} \
+        "${MARSD:-marsd}" serve --root "$TMP/root" --export "$EXPORT=$IMG" "${listen[@]}" ${MARSD_ARGS:-} \
             2>"$TMP/server-$mode.log" &
         SPID=$! ;;
+    marsd-logged)
+        # The first start creates the resource; the second (TCP) restores it from the root.
+        if [ "$mode" = unix ]; then listen=(--unix "$SOCK"); else listen=(--tcp "127.0.0.1:$PORT"); fi
+        # shellcheck disable=SC2086
+        "${MARSD:-marsd}" serve --root "$TMP/root" --control "$TMP/ctl.sock" "${listen[@]}" ${MARSD_ARGS:-} \
+            2>"$TMP/server-$mode.log" &
+        SPID=$!
+        for _ in $(seq 100); do [ -S "$TMP/ctl.sock" ] && break; sleep 0.1; done
+        if [ ! -d "$TMP/root/resource-$EXPORT" ]; then
+            "${MARSADM:-marsadm}" create-cluster --host interop --control "$TMP/ctl.sock" >/dev/null \
+                && "${MARSADM:-marsadm}" create-resource "$EXPORT" "$IMG" --control "$TMP/ctl.sock" >/dev/null \
+                || { echo "FAIL start_server: cannot create the resource" >&2; return 1; }
+        fi ;;
     esac
     for _ in $(seq 100); do
         if timeout 2 nbdinfo --size "$URI" >/dev/null 2>&1; then return 0; fi

@@ -4,8 +4,10 @@
 #   qemu-nbd (default) or nbdkit  reference servers: prove the guest test works
 #   marsd                         the project's server, started as
 #                                 `marsd serve --export NAME=PATH --unix SOCK`
+#   marsd-logged                  the file as a logged resource (create-cluster and
+#                                 create-resource through marsadm next to marsd)
 #
-# Usage: run-against-peer.sh [--peer qemu-nbd|nbdkit|marsd] [--marsd PATH]
+# Usage: run-against-peer.sh [--peer qemu-nbd|nbdkit|marsd|marsd-logged] [--marsd PATH]
 #                            [--marsd-args "ARGS"] [run-guest-tests.sh options...]
 #   GUEST_PEER, MARSD, GUEST_MARSD_ARGS and GUEST_PEER_SIZE_MIB also set these.
 #   marsd defaults to .build/debug/marsd of this package.
@@ -57,10 +59,20 @@ case "$PEER" in
     marsd)
         [ -x "$MARSD" ] || { echo "run-against-peer: no marsd at $MARSD (swift build first, or --marsd PATH)" >&2; exit 2; }
         # shellcheck disable=SC2086
-        "$MARSD" serve --export "$EXPORT=$IMG" --unix "$SOCK" $MARSD_ARGS >"$D/server.log" 2>&1 &
+        "$MARSD" serve --root "$D/root" --export "$EXPORT=$IMG" --unix "$SOCK" $MARSD_ARGS >"$D/server.log" 2>&1 &
         SERVER_PID=$!
         ;;
-    *) echo "unknown peer $PEER (qemu-nbd, nbdkit or marsd)" >&2; exit 2 ;;
+    marsd-logged)
+        MARSADM=$(dirname "$MARSD")/marsadm
+        [ -x "$MARSD" ] && [ -x "$MARSADM" ] || { echo "run-against-peer: no marsd/marsadm at $MARSD" >&2; exit 2; }
+        # shellcheck disable=SC2086
+        "$MARSD" serve --root "$D/root" --control "$D/ctl.sock" --unix "$SOCK" $MARSD_ARGS >"$D/server.log" 2>&1 &
+        SERVER_PID=$!
+        for _ in $(seq 1 150); do [ -S "$D/ctl.sock" ] && break; sleep 0.1; done
+        "$MARSADM" create-cluster --host guest --control "$D/ctl.sock" >&2
+        "$MARSADM" create-resource "$EXPORT" "$IMG" --control "$D/ctl.sock" >&2
+        ;;
+    *) echo "unknown peer $PEER (qemu-nbd, nbdkit, marsd or marsd-logged)" >&2; exit 2 ;;
 esac
 
 for _ in $(seq 1 150); do
