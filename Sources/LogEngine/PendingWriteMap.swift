@@ -229,9 +229,10 @@ extension Array {
     }
 }
 
-/// An array with O(1) amortized removal from the front.
+/// An array with O(1) amortized removal from the front. Removed elements are released at once
+/// (their slots are cleared), so a queue of writes never keeps payloads alive after they leave it.
 struct FIFO<Element: Sendable>: Sendable, Sequence {
-    private var storage: [Element] = []
+    private var storage: [Element?] = []
     private var head = 0
 
     var isEmpty: Bool { head == storage.count }
@@ -241,13 +242,18 @@ struct FIFO<Element: Sendable>: Sendable, Sequence {
 
     mutating func append(_ element: Element) { storage.append(element) }
 
-    subscript(range: PartialRangeUpTo<Int>) -> ArraySlice<Element> {
-        storage[head..<(head + range.upperBound)]
+    subscript(range: PartialRangeUpTo<Int>) -> [Element] {
+        storage[head..<(head + range.upperBound)].map { $0! }
     }
 
     mutating func removeFirst(_ count: Int) {
+        precondition(count <= self.count, "removing more than the queue holds")
+        for index in head..<(head + count) { storage[index] = nil }
         head += count
-        if head > 1024, head * 2 > storage.count {
+        if head == storage.count {
+            storage.removeAll(keepingCapacity: true)
+            head = 0
+        } else if head > 1024, head * 2 > storage.count {
             storage.removeFirst(head)
             head = 0
         }
@@ -259,5 +265,7 @@ struct FIFO<Element: Sendable>: Sendable, Sequence {
         return element
     }
 
-    func makeIterator() -> ArraySlice<Element>.Iterator { storage[head...].makeIterator() }
+    func makeIterator() -> LazyMapSequence<ArraySlice<Element?>, Element>.Iterator {
+        storage[head...].lazy.map { $0! }.makeIterator()
+    }
 }

@@ -12,7 +12,6 @@ extension LogEngine {
     /// and completes every FUA write and FLUSH the commit covers. On an error the records stay
     /// queued, requests that wait for durability fail, and the writer retries every second.
     func logWriterLoop() {
-        var scratch: [UInt8] = []
         var failing = false
         while true {
             if failing {
@@ -53,7 +52,7 @@ extension LogEngine {
                     }
                     let group = remaining.prefix(count)
                     var digest = open.digest
-                    try append(group, to: open, digest: &digest, scratch: &scratch)
+                    try append(group, to: open, digest: &digest)
                     try open.file.sync()
                     open.size += bytes
                     open.records += count
@@ -91,30 +90,44 @@ extension LogEngine {
         }
     }
 
-    /// Writes `group` at the end of the open segment, in chunks of at most 8 MiB, and adds each
-    /// record to the history digest.
-    private func append(
-        _ group: ArraySlice<LogRecord>, to open: OpenSegment, digest: inout HistoryDigest, scratch: inout [UInt8]
-    ) throws(SystemError) {
-        let chunk = 8 << 20
+    /// Writes `group` at the end of the open segment with vectored writes straight from the
+    /// records' payloads (64 records per call), and adds each record to the history digest.
+    private func append(_ group: ArraySlice<LogRecord>, to open: OpenSegment, digest: inout HistoryDigest) throws(SystemError) {
         var position = open.size
-        scratch.removeAll(keepingCapacity: true)
-        for record in group {
-            let start = scratch.count
-            record.encode(into: &scratch)
-            scratch.withUnsafeBytes { bytes in
-                let checksumAt = scratch.count - LogRecordLayout.trailerSize
-                let checksum = UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: checksumAt, as: UInt32.self))
-                digest.add(recordHeader: UnsafeRawBufferPointer(rebasing: bytes[start..<(start + LogRecordLayout.headerSize)]), checksum: checksum)
+        var start = group.startIndex
+        while start < group.endIndex {
+            let chunk = group[start..<min(group.endIndex, start + 64)]
+            // Headers and checksums of the chunk, 52 bytes per record: header (48), then CRC (4).
+            var meta: [UInt8] = []
+            meta.reserveCapacity(chunk.count * 52)
+            var bytes = 0
+            for record in chunk {
+                let at = meta.count
+                let checksum = record.encodeHeader(into: &meta)
+                meta.appendLittleEndian(checksum)
+                meta.withUnsafeBytes { digest.add(recordHeader: UnsafeRawBufferPointer(rebasing: $0[at..<(at + 48)]), checksum: checksum) }
+                bytes += record.encodedSize
             }
-            if scratch.count >= chunk {
-                try open.file.write(scratch, at: position)
-                position += UInt64(scratch.count)
-                scratch.removeAll(keepingCapacity: true)
+            let payloads = ArraySlice(chunk.map { $0.payload[...] })
+            var result: Result<Void, SystemError> = .success(())
+            meta.withUnsafeBytes { meta in
+                result = Result { () throws(SystemError) in
+                    try withBuffers(payloads, []) { (payloadBuffers) throws(SystemError) in
+                        var buffers: [UnsafeRawBufferPointer] = []
+                        buffers.reserveCapacity(3 * payloadBuffers.count)
+                        for (index, payload) in payloadBuffers.enumerated() {
+                            buffers.append(UnsafeRawBufferPointer(rebasing: meta[(index * 52)..<(index * 52 + 48)]))
+                            if !payload.isEmpty { buffers.append(payload) }
+                            buffers.append(UnsafeRawBufferPointer(rebasing: meta[(index * 52 + 48)..<(index * 52 + 52)]))
+                        }
+                        try open.file.write(buffers, at: position)
+                    }
+                }
             }
+            try result.get()
+            position += UInt64(bytes)
+            start = chunk.endIndex
         }
-        if !scratch.isEmpty { try open.file.write(scratch, at: position) }
-        if scratch.capacity > 2 * chunk { scratch = [] }
     }
 
     /// Closes the open segment and starts the next one, whose header chains the history.
@@ -153,15 +166,22 @@ extension LogEngine {
 
     private enum WritebackWork {
         case batch(WritebackBatch)
+        /// Nothing to write back now: persist a position reached earlier, if any.
+        case idle
         case finish(UInt64)
         case exit
     }
 
-    /// Writes durable changes to the data device in sorted, coalesced batches, then syncs the
-    /// device, persists the position and deletes segments that are entirely written back.
+    /// Writes durable changes to the data device in sorted, coalesced batches. The device sync and
+    /// the position (which lets recovery skip what is on the device and lets segments be deleted)
+    /// follow lazily: when a segment can be deleted, when writes wait for log space, after a
+    /// second, or at shutdown. Until then recovery merely replays a little more; meanwhile the disk
+    /// is free for the log's group commits.
     func writebackLoop() {
         var failed = false
         var retry: WritebackBatch?
+        var unpersisted: UInt64?
+        var lastPersist = ContinuousClock.now
         while true {
             if failed {
                 monitor.wait(writebackWake, timeoutSeconds: 1, until: { $0.halted }, then: { _ in })
@@ -171,7 +191,7 @@ extension LogEngine {
                 work = monitor.withLock { $0.halted } ? .exit : .batch(batch)
             } else {
                 work = monitor.wait(
-                    writebackWake,
+                    writebackWake, timeoutSeconds: unpersisted == nil ? nil : 1,
                     until: { state in
                         state.halted || (state.pending.oldestLSN.map { $0 < state.durableLSN } ?? false)
                             || (state.stopping && state.writerDone && state.pending.isEmpty)
@@ -181,7 +201,8 @@ extension LogEngine {
                         if let batch = state.pending.beginWriteback(maxChanges: configuration.writebackBatchChanges, below: state.durableLSN) {
                             return .batch(batch)
                         }
-                        return .finish(state.durableLSN)
+                        if state.stopping && state.writerDone && state.pending.isEmpty { return .finish(state.durableLSN) }
+                        return .idle
                     }
                 )
             }
@@ -192,17 +213,31 @@ extension LogEngine {
                 case .finish(let position):
                     try persist(position)
                     return
+                case .idle:
+                    if let position = unpersisted {
+                        try persist(position)
+                        unpersisted = nil
+                        lastPersist = .now
+                    }
                 case .batch(let batch):
                     retry = batch
                     try apply(batch.pieces)
                     retry = nil
-                    let (acknowledged, position) = monitor.withLock { state in
+                    let (acknowledged, position, urgent) = monitor.withLock { state in
                         state.pending.finishWriteback(batch)
                         let acknowledged = admitWaiting(&state)
-                        return (acknowledged, min(state.pending.oldestLSN ?? state.durableLSN, state.durableLSN))
+                        let position = min(state.pending.oldestLSN ?? state.durableLSN, state.durableLSN)
+                        let segmentDone = state.segments.count > 1 && state.segments[1].firstLSN <= position
+                        return (acknowledged, position, segmentDone || !state.waitingWrites.isEmpty)
                     }
                     deliver(acknowledged)
-                    try persist(position)
+                    if urgent || ContinuousClock.now - lastPersist >= .seconds(1) {
+                        try persist(position)
+                        unpersisted = nil
+                        lastPersist = .now
+                    } else {
+                        unpersisted = position
+                    }
                 }
                 if failed { monitor.withLock { $0.writebackFailure = nil } }
                 failed = false
@@ -249,7 +284,7 @@ extension LogEngine {
     }
 
     /// Calls `body` with pointers to all of `slices`, each valid for the whole call.
-    private func withBuffers(
+    func withBuffers(
         _ slices: ArraySlice<ArraySlice<UInt8>>, _ collected: [UnsafeRawBufferPointer],
         _ body: ([UnsafeRawBufferPointer]) throws(SystemError) -> Void
     ) throws(SystemError) {

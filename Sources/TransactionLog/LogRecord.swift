@@ -56,8 +56,17 @@ public struct LogRecord: Sendable, Equatable {
 
     /// Appends the on-disk form (little-endian header, payload, CRC32C of both).
     public func encode(into out: inout [UInt8]) {
+        out.reserveCapacity(out.count + encodedSize)
+        let crc = encodeHeader(into: &out)
+        out.append(contentsOf: payload)
+        out.appendLittleEndian(crc)
+    }
+
+    /// Appends the 48-byte header and returns the record's checksum (over header and payload), so a
+    /// writer can send the payload from where it is, without copying it behind the header.
+    @discardableResult
+    public func encodeHeader(into out: inout [UInt8]) -> UInt32 {
         let start = out.count
-        out.reserveCapacity(start + encodedSize)
         out.appendLittleEndian(LogRecordLayout.magic)
         out.append(LogRecordLayout.version)
         out.append(type.rawValue)
@@ -68,9 +77,8 @@ public struct LogRecord: Sendable, Equatable {
         out.appendLittleEndian(epoch)
         out.appendLittleEndian(offset)
         out.appendLittleEndian(length)
-        out.append(contentsOf: payload)
-        let crc = out.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[start...])) }
-        out.appendLittleEndian(crc)
+        let headerCRC = out.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[start...])) }
+        return CRC32C.checksum(payload, continuing: headerCRC)
     }
 
     public func encoded() -> [UInt8] {
@@ -171,7 +179,7 @@ extension UnsafeRawBufferPointer {
 }
 
 extension [UInt8] {
-    mutating func appendLittleEndian<T: FixedWidthInteger>(_ value: T) {
+    public mutating func appendLittleEndian<T: FixedWidthInteger>(_ value: T) {
         Swift.withUnsafeBytes(of: value.littleEndian) { append(contentsOf: $0) }
     }
 }

@@ -517,6 +517,27 @@ func waitForWriteback(_ engine: LogEngine) {
         #expect(try PositionFile.open(in: directory) == nil)
     }
 
+    /// Invariant 7: a write that leaves the waiting queue must not stay alive in it (its payload
+    /// would be memory that grows with the data written).
+    @Test func queuesReleaseWhatLeavesThem() {
+        final class Payload: Sendable {}
+        var queue = FIFO<Payload>()
+        weak var first: Payload?
+        do {
+            let payload = Payload()
+            first = payload
+            queue.append(payload)
+            queue.append(Payload())
+            queue.append(Payload())
+        }
+        #expect(first != nil)
+        _ = queue.popFirst()
+        #expect(first == nil)
+        #expect(queue.count == 2)
+        queue.removeFirst(2)
+        #expect(queue.isEmpty)
+    }
+
     @Test func invalidConfigurationsAreRejected() {
         var configuration = LogEngineConfiguration(host: "../etc")
         #expect(configuration.problem != nil)

@@ -207,3 +207,18 @@ struct LogFormatTests {
         #expect(Array(bytes[..<30]).withUnsafeBytes { SegmentHeader.decode($0) } == .failure(.incomplete))
     }
 }
+
+@Test func headerAndChecksumMatchTheWholeEncoding() {
+    var random = SplitMix64(state: 99)
+    for size in [0, 1, 4095, 4096, 100_000] {
+        let payload = (0..<size).map { _ in UInt8(truncatingIfNeeded: random.next()) }
+        let record = LogRecord(
+            type: size == 0 ? .trim : .write, lsn: 77, epoch: 3, offset: 4096, length: size == 0 ? 512 : UInt64(size), payload: payload
+        )
+        var pieces: [UInt8] = []
+        let checksum = record.encodeHeader(into: &pieces)
+        pieces += payload
+        pieces.appendLittleEndian(checksum)
+        #expect(pieces == record.encoded())
+    }
+}

@@ -1,0 +1,199 @@
+#!/usr/bin/python3
+"""The logged write path against its targets (issue 3), medians over interleaved rounds.
+
+  randwrite-4k-qd32   fio nbd: marsd logged resource vs marsd plain export      target >= 0.8x
+  seqwrite-1m-qd8     fio nbd on the logged resource vs fio io_uring on a file   target >= 0.45x
+                      (both end with a sync: fio --end_fsync=1)
+  fua-4k-qd1          python libnbd FUA 4k writes vs os.pwrite + os.fdatasync    target <= 1.5x latency
+                      of 4k on a file in the same filesystem (median latency)
+  rss-10g-burst       peak RSS (VmHWM) of marsd while fio writes 10 GiB to the   target < 256 MiB
+                      logged resource (1M, qd8)
+
+Usage: logbench.py [--rounds N] [--runtime S] [--marsd PATH] [--dir DIR] [--burst-gib N] [--json FILE]
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, "/usr/lib/python3/dist-packages")
+import nbd  # noqa: E402
+
+MiB, GiB = 1 << 20, 1 << 30
+
+
+def log(msg):
+    print(f"[logbench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Marsd:
+    """One marsd serving either a plain export or a logged resource of `size` bytes."""
+
+    def __init__(self, marsd, workdir, name, logged, size):
+        self.dir = os.path.join(workdir, name)
+        os.makedirs(self.dir)
+        self.image = os.path.join(self.dir, "disk.img")
+        with open(self.image, "wb") as f:
+            f.truncate(size)
+        self.sock = os.path.join(self.dir, "nbd.sock")
+        ctl = os.path.join(self.dir, "ctl.sock")
+        argv = [marsd, "serve", "--root", os.path.join(self.dir, "root"), "--unix", self.sock, "--control", ctl,
+                "--log-level", "warning"]
+        if not logged:
+            argv += ["--export", f"disk={self.image}"]
+        self.logf = open(os.path.join(self.dir, "marsd.log"), "wb")
+        self.proc = subprocess.Popen(argv, stdout=self.logf, stderr=subprocess.STDOUT)
+        for _ in range(200):
+            if os.path.exists(ctl):
+                break
+            time.sleep(0.05)
+        if logged:
+            marsadm = os.path.join(os.path.dirname(marsd), "marsadm")
+            for args in (["create-cluster", "--host", "bench"], ["create-resource", "disk", self.image]):
+                subprocess.run([marsadm] + args + ["--control", ctl], check=True, stdout=subprocess.DEVNULL)
+        self.uri = f"nbd+unix:///disk?socket={self.sock}"
+        for _ in range(200):
+            if subprocess.run(["nbdinfo", "--size", self.uri], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise SystemExit(f"marsd ({name}) did not come up; see {self.dir}/marsd.log")
+
+    def rss_peak_kib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=600)
+
+
+def fio(target, rw, bs, qd, runtime=None, size=None, end_fsync=False):
+    argv = ["fio", "--name=j", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--output-format=json",
+            "--invalidate=0", "--randrepeat=0", "--norandommap"]
+    if runtime:
+        argv += ["--size=1g", "--time_based", f"--runtime={runtime}", "--ramp_time=1"]
+    else:
+        argv += [f"--size={size}"]
+    if end_fsync:
+        argv += ["--end_fsync=1"]
+    if target.startswith("nbd"):
+        argv += ["--ioengine=nbd", f"--uri={target}"]
+    else:
+        argv += ["--ioengine=io_uring", f"--filename={target}"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise SystemExit(f"fio failed: {' '.join(argv)}\n{out.stderr}")
+    text = out.stdout
+    job = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+    return dict(iops=job["iops"], mibs=job["bw_bytes"] / MiB)
+
+
+def fua_latency_us(uri, count, region):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    data = os.urandom(4096)
+    samples = []
+    for _ in range(count):
+        offset = random.randrange(region // 4096) * 4096
+        t0 = time.perf_counter_ns()
+        h.pwrite(data, offset, nbd.CMD_FLAG_FUA)
+        samples.append((time.perf_counter_ns() - t0) / 1000)
+    h.shutdown()
+    return statistics.median(samples)
+
+
+def bare_latency_us(path, count, region):
+    fd = os.open(path, os.O_RDWR)
+    data = os.urandom(4096)
+    samples = []
+    for _ in range(count):
+        offset = random.randrange(region // 4096) * 4096
+        t0 = time.perf_counter_ns()
+        os.pwrite(fd, data, offset)
+        os.fdatasync(fd)
+        samples.append((time.perf_counter_ns() - t0) / 1000)
+    os.close(fd)
+    return statistics.median(samples)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--runtime", type=int, default=8)
+    p.add_argument("--marsd", default=os.path.join(os.path.dirname(__file__), "../../.build/release/marsd"))
+    p.add_argument("--dir", default="/var/tmp")
+    p.add_argument("--burst-gib", type=int, default=10)
+    p.add_argument("--fua-writes", type=int, default=2000)
+    p.add_argument("--json")
+    a = p.parse_args()
+    marsd = os.path.abspath(a.marsd)
+    work = tempfile.mkdtemp(prefix="logbench.", dir=a.dir)
+    size = 2 * GiB
+    results = {k: [] for k in ("plain-4k", "logged-4k", "raw-1m", "logged-1m", "bare-fua", "logged-fua")}
+    try:
+        plain = Marsd(marsd, work, "plain", False, size)
+        logged = Marsd(marsd, work, "logged", True, size)
+        raw = os.path.join(work, "raw.img")
+        with open(raw, "wb") as f:
+            f.truncate(size)
+        for rnd in range(1, a.rounds + 1):
+            order = [
+                ("plain-4k", lambda: fio(plain.uri, "randwrite", "4k", 32, a.runtime)["iops"]),
+                ("logged-4k", lambda: fio(logged.uri, "randwrite", "4k", 32, a.runtime)["iops"]),
+                ("raw-1m", lambda: fio(raw, "write", "1m", 8, a.runtime, end_fsync=True)["mibs"]),
+                ("logged-1m", lambda: fio(logged.uri, "write", "1m", 8, a.runtime, end_fsync=True)["mibs"]),
+                ("bare-fua", lambda: bare_latency_us(raw, a.fua_writes, size)),
+                ("logged-fua", lambda: fua_latency_us(logged.uri, a.fua_writes, size)),
+            ]
+            if rnd % 2 == 0:
+                order = [order[i ^ 1] for i in range(len(order))]  # alternate who goes first
+            for name, measure in order:
+                value = measure()
+                results[name].append(value)
+                log(f"round {rnd}: {name} = {value:.1f}")
+        plain.stop()
+        log(f"burst: {a.burst_gib} GiB of 1M writes into a fresh logged resource")
+        burst = Marsd(marsd, work, "burst", True, a.burst_gib * GiB)
+        t0 = time.monotonic()
+        fio(burst.uri, "write", "1m", 8, size=f"{a.burst_gib}g", end_fsync=True)
+        seconds = time.monotonic() - t0
+        rss_mib = burst.rss_peak_kib() / 1024
+        burst.stop()
+        logged.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    summary = {
+        "randwrite-4k-qd32": dict(logged_iops=med["logged-4k"], plain_iops=med["plain-4k"],
+                                  ratio=med["logged-4k"] / med["plain-4k"], target=">= 0.8"),
+        "seqwrite-1m-qd8": dict(logged_mibs=med["logged-1m"], raw_mibs=med["raw-1m"],
+                                ratio=med["logged-1m"] / med["raw-1m"], target=">= 0.45"),
+        "fua-4k-qd1": dict(logged_us=med["logged-fua"], bare_us=med["bare-fua"],
+                           ratio=med["logged-fua"] / med["bare-fua"], target="<= 1.5"),
+        "rss-10g-burst": dict(peak_rss_mib=rss_mib, burst_gib=a.burst_gib, seconds=seconds,
+                              mibs=a.burst_gib * 1024 / seconds, target="< 256 MiB"),
+        "rounds": a.rounds, "runtime": a.runtime, "raw": results,
+    }
+    print(f"{'job':<20} {'logged':>12} {'peer':>12} {'ratio':>7}  target")
+    for job, peer, unit in (("randwrite-4k-qd32", "plain_iops", "logged_iops"), ("seqwrite-1m-qd8", "raw_mibs", "logged_mibs"),
+                            ("fua-4k-qd1", "bare_us", "logged_us")):
+        s = summary[job]
+        print(f"{job:<20} {s[unit]:>12.1f} {s[peer]:>12.1f} {s['ratio']:>7.2f}  {s['target']}")
+    b = summary["rss-10g-burst"]
+    print(f"{'rss-10g-burst':<20} {b['peak_rss_mib']:>9.1f} MiB peak RSS, {b['mibs']:.0f} MiB/s  target {b['target']}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
