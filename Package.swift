@@ -29,7 +29,7 @@ let package = Package(
         // The transaction log's on-disk format: records, segments, scanning. Pure: no I/O policy, no NIO.
         .target(name: "TransactionLog", dependencies: ["CChecksum"], swiftSettings: swiftSettings),
         // The log engine: pending writes, group commit, writeback, recovery (growing with issue 3).
-        .target(name: "LogEngine", dependencies: ["TransactionLog", "BlockStore"], swiftSettings: swiftSettings),
+        .target(name: "LogEngine", dependencies: ["TransactionLog", "BlockStore", "CLinux"], swiftSettings: swiftSettings),
         // Data devices and the I/O engines (io_uring, thread-pool pread/pwrite). No NIO: storage threads never need a loop.
         .target(
             name: "BlockStore",

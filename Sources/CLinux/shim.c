@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <malloc.h>
+#include <pthread.h>
+#include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -55,4 +57,11 @@ int clinux_eventfd(void) {
 void clinux_keep_large_allocations_in_heap(void) {
     mallopt(M_MMAP_THRESHOLD, 64 << 20);
     mallopt(M_TRIM_THRESHOLD, 128 << 20);
+}
+
+void clinux_set_thread_name(const char *name) {
+    char truncated[16];
+    strncpy(truncated, name, sizeof truncated - 1);
+    truncated[sizeof truncated - 1] = 0;
+    pthread_setname_np(pthread_self(), truncated);
 }

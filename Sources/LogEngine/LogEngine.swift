@@ -148,6 +148,15 @@ public final class LogEngine: Sendable {
         var fileSize: UInt64
     }
 
+    /// A written-back segment file waiting to become the next segment.
+    struct Spare {
+        var fileName: String
+        var size: UInt64
+    }
+
+    /// File names of spares start with this (they are no segment names, so no history walk sees them).
+    static let sparePrefix = "spare-"
+
     struct Waiter {
         var lsn: UInt64
         var target: any LogCompletionTarget
@@ -174,9 +183,10 @@ public final class LogEngine: Sendable {
         var waitingWrites = FIFO<WaitingWrite>()
         var durabilityWaiters = FIFO<Waiter>()
         var segments: [SegmentInfo]
+        /// Written-back segment files kept for reuse as the next segments (see `rotate`).
+        var spares: [Spare] = []
         var logFailure: LogEngineError?
         var writebackFailure: LogEngineError?
-        var batchInFlight = false
         var groupCommits = 0
         /// No new requests; the threads finish what was admitted and stop.
         var stopping = false
@@ -184,7 +194,9 @@ public final class LogEngine: Sendable {
         var halted = false
         var writerDone = false
 
-        var logBytes: UInt64 { segments.reduce(0) { $0 + $1.fileSize } + queuedBytes }
+        var logBytes: UInt64 {
+            segments.reduce(0) { $0 + $1.fileSize } + spares.reduce(0) { $0 + $1.size } + queuedBytes
+        }
     }
 
     let configuration: LogEngineConfiguration
@@ -432,7 +444,10 @@ struct OpenSegment {
     var name: SegmentName
     var file: any StorageFile
     var header: SegmentHeader
+    /// Where the next record goes.
     var size: UInt64
+    /// Bytes the file holds: more than `size` in a recycled segment (old bytes past the records).
+    var fileSize: UInt64
     var digest: HistoryDigest
     var records: Int
 }

@@ -96,7 +96,9 @@ extension LogEngine {
         )
         var stored = position
         try stored.store(endLSN)
-        for old in kept { try directory.remove(old.fileName) }
+        // Replayed segments and spares left from before are deleted: recovery starts clean.
+        let spares = try directory.list().filter { $0.hasPrefix(sparePrefix) }
+        for old in kept.map(\.fileName) + spares { try directory.remove(old) }
         try directory.sync()
 
         let state = State(

@@ -1,3 +1,5 @@
+import CLinux
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -67,6 +69,7 @@ final class WorkerThread: @unchecked Sendable {
         let box = Unmanaged.passRetained(Box(body: body, name: name)).toOpaque()
         let result = pthread_create(&thread, nil, { argument in
             let box = Unmanaged<Box>.fromOpaque(argument!).takeRetainedValue()
+            clinux_set_thread_name(box.name)
             box.body()
             return nil
         }, box)

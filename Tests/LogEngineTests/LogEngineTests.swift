@@ -119,13 +119,17 @@ struct SimulatedResource {
     let deviceSize: UInt64
     let configuration: LogEngineConfiguration
 
-    init(deviceSize: UInt64 = 256 << 10, segmentSize: UInt64 = 8 << 10, maxRecord: Int = 16 << 10, pending: Int = 32 << 10) throws {
+    /// `spaceLimit` nil: the smallest the configuration allows (no room for spare segments).
+    init(
+        deviceSize: UInt64 = 256 << 10, segmentSize: UInt64 = 8 << 10, maxRecord: Int = 16 << 10, pending: Int = 32 << 10,
+        spaceLimit: UInt64? = nil
+    ) throws {
         self.deviceSize = deviceSize
         var configuration = LogEngineConfiguration(host: "hostA")
         configuration.segmentSize = segmentSize
         configuration.maxRecordPayload = maxRecord
         configuration.pendingCapacity = pending
-        configuration.spaceLimit = 2 * (segmentSize + UInt64(maxRecord + 52))
+        configuration.spaceLimit = spaceLimit ?? 2 * (segmentSize + UInt64(maxRecord + 52))
         self.configuration = configuration
         let device = try disk.directory("dev").open("data", create: true)
         try device.truncate(to: deviceSize)
@@ -270,8 +274,17 @@ func waitForWriteback(_ engine: LogEngine) {
     /// recovery the device equals the replay of a prefix of the log, and that prefix holds every
     /// write acknowledged as durable (invariants 1 and 2).
     @Test(arguments: 0..<24) func powerLossKeepsEveryDurableWrite(seed: UInt64) throws {
+        try powerLossRun(seed: seed, resource: SimulatedResource())
+    }
+
+    /// The same with room for spare segments, so segments are recycled: old records behind the
+    /// new ones must never be taken for part of the history.
+    @Test(arguments: 100..<116) func powerLossWithRecycledSegments(seed: UInt64) throws {
+        try powerLossRun(seed: seed, resource: SimulatedResource(spaceLimit: 1 << 20))
+    }
+
+    private func powerLossRun(seed: UInt64, resource: SimulatedResource) throws {
         var random = SplitMix64(state: 1000 + seed)
-        let resource = try SimulatedResource()
         let size = Int(resource.deviceSize)
         var engine = try resource.open()
         let target = Completions()
@@ -403,6 +416,8 @@ func waitForWriteback(_ engine: LogEngine) {
         #expect(sequences.count >= 10, "segments rotate by size: \(sequences.sorted())")
         let files = try resource.disk.directory("mars").list().filter { SegmentName(fileName: $0) != nil }
         #expect(files.count <= 2, "written-back segments are deleted: \(files)")
+        #expect(try resource.disk.directory("mars").list().filter { $0.hasPrefix("spare-") }.count <= 2)
+        #expect(engine.status.logBytes <= resource.configuration.spaceLimit, "spares count towards the log space")
         engine.shutdown()
         // The chain verifies on reopen (a broken previousDigest would stop recovery).
         engine = try resource.open()
@@ -410,6 +425,33 @@ func waitForWriteback(_ engine: LogEngine) {
             let expected = [UInt8](repeating: UInt8(token < 8 ? token + 32 : token + 16), count: 4096)
             #expect(try engine.read(offset: UInt64(token) * 4096, length: 4096) == expected)
         }
+        engine.shutdown()
+    }
+
+    @Test func writtenBackSegmentsAreReusedWhenThereIsRoom() throws {
+        let resource = try SimulatedResource(segmentSize: 8 << 10, pending: 1 << 20, spaceLimit: 1 << 20)
+        var engine = try resource.open()
+        let target = Completions()
+        var segments = Set<String>()
+        for token in 0..<60 {
+            _ = engine.submit(offset: UInt64(token % 16) * 4096, change: .write([UInt8](repeating: UInt8(token), count: 4096)), fua: true, target: target, token: token)
+            #expect(target.wait(token) == nil)
+            segments.insert(engine.status.currentSegment)
+            if token % 8 == 7 { waitForWriteback(engine) }
+        }
+        waitForWriteback(engine)
+        let directory = resource.disk.directory("mars")
+        let spares = try directory.list().filter { $0.hasPrefix("spare-") }
+        #expect(!spares.isEmpty && spares.count <= 2, "spares kept: \(spares)")
+        #expect(segments.count >= 20)
+        // A reused segment starts with its own header and ends, once closed, with its last record.
+        engine.shutdown()
+        engine = try resource.open()
+        for token in 0..<16 {
+            let last = (0..<60).last { $0 % 16 == token }!
+            #expect(try engine.read(offset: UInt64(token) * 4096, length: 4096) == [UInt8](repeating: UInt8(last), count: 4096))
+        }
+        #expect(try directory.list().filter { $0.hasPrefix("spare-") }.isEmpty, "recovery deletes spares")
         engine.shutdown()
     }
 

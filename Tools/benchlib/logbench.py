@@ -3,13 +3,15 @@
 
   randwrite-4k-qd32   fio nbd: marsd logged resource vs marsd plain export      target >= 0.8x
   seqwrite-1m-qd8     fio nbd on the logged resource vs fio io_uring on a file   target >= 0.45x
-                      (both end with a sync: fio --end_fsync=1)
+                      (--seq-gib of new data each, both ending with a sync: fio --end_fsync=1;
+                      the raw file is new every round, so both pay for fresh pages)
   fua-4k-qd1          python libnbd FUA 4k writes vs os.pwrite + os.fdatasync    target <= 1.5x latency
                       of 4k on a file in the same filesystem (median latency)
   rss-10g-burst       peak RSS (VmHWM) of marsd while fio writes 10 GiB to the   target < 256 MiB
                       logged resource (1M, qd8)
 
-Usage: logbench.py [--rounds N] [--runtime S] [--marsd PATH] [--dir DIR] [--burst-gib N] [--json FILE]
+Usage: logbench.py [--rounds N] [--runtime S] [--marsd PATH] [--dir DIR] [--burst-gib N] [--seq-gib N]
+                   [--fua-writes N] [--json FILE]
 """
 import argparse
 import json
@@ -97,6 +99,15 @@ def fio(target, rw, bs, qd, runtime=None, size=None, end_fsync=False):
     return dict(iops=job["iops"], mibs=job["bw_bytes"] / MiB)
 
 
+def fresh(workdir, name):
+    """A new, empty file (no cached pages)."""
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+        os.unlink(path)
+    open(path, "wb").close()
+    return path
+
+
 def fua_latency_us(uri, count, region):
     h = nbd.NBD()
     h.connect_uri(uri)
@@ -132,6 +143,7 @@ def main():
     p.add_argument("--marsd", default=os.path.join(os.path.dirname(__file__), "../../.build/release/marsd"))
     p.add_argument("--dir", default="/var/tmp")
     p.add_argument("--burst-gib", type=int, default=10)
+    p.add_argument("--seq-gib", type=int, default=2)
     p.add_argument("--fua-writes", type=int, default=2000)
     p.add_argument("--json")
     a = p.parse_args()
@@ -149,8 +161,8 @@ def main():
             order = [
                 ("plain-4k", lambda: fio(plain.uri, "randwrite", "4k", 32, a.runtime)["iops"]),
                 ("logged-4k", lambda: fio(logged.uri, "randwrite", "4k", 32, a.runtime)["iops"]),
-                ("raw-1m", lambda: fio(raw, "write", "1m", 8, a.runtime, end_fsync=True)["mibs"]),
-                ("logged-1m", lambda: fio(logged.uri, "write", "1m", 8, a.runtime, end_fsync=True)["mibs"]),
+                ("raw-1m", lambda: fio(fresh(work, "seq.img"), "write", "1m", 8, size=f"{a.seq_gib}g", end_fsync=True)["mibs"]),
+                ("logged-1m", lambda: fio(logged.uri, "write", "1m", 8, size=f"{a.seq_gib}g", end_fsync=True)["mibs"]),
                 ("bare-fua", lambda: bare_latency_us(raw, a.fua_writes, size)),
                 ("logged-fua", lambda: fua_latency_us(logged.uri, a.fua_writes, size)),
             ]

@@ -34,4 +34,7 @@ int clinux_eventfd(void);
 /// freed after one request is reused by the next without page faults.
 void clinux_keep_large_allocations_in_heap(void);
 
+/// Names the calling thread (shown by top -H and perf); at most 15 bytes are kept.
+void clinux_set_thread_name(const char *name);
+
 #endif
