@@ -55,7 +55,7 @@ enum Names {
 enum StateFile {
     static func write<T: Encodable>(_ value: T, named name: String, in directory: any StorageDirectory) throws {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+        encoder.outputFormatting = [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes]
         let bytes = Array(try encoder.encode(value)) + [0x0A]
         let temporary = name + ".tmp"
         let file = try directory.open(temporary, create: true)

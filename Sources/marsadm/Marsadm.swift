@@ -1,6 +1,10 @@
 import ArgumentParser
 import ControlProtocol
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 @main
 struct Marsadm: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -85,7 +89,14 @@ struct CreateResource: ParsableCommand {
     @OptionGroup var options: ControlOptions
 
     func run() throws {
-        try options.perform(ControlRequest(command: .createResource, name: name, device: device))
+        // marsd runs elsewhere: a relative path means the caller's directory, so send it absolute.
+        var path = device
+        if !path.hasPrefix("/") {
+            var buffer = [CChar](repeating: 0, count: 4096)
+            guard getcwd(&buffer, buffer.count) != nil else { throw MarsadmError("cannot resolve \(device): getcwd failed") }
+            path = String(cString: buffer) + "/" + path
+        }
+        try options.perform(ControlRequest(command: .createResource, name: name, device: path))
     }
 }
 

@@ -70,7 +70,8 @@ for bad in "../x" "a/b" ".hidden" ".." "$(printf 'x%.0s' $(seq 65))" "sp ace"; d
 done
 check "a missing data device is named" fails_with "$T/nope.img" adm create-resource r0 "$T/nope.img"
 check "a failed create leaves the name free" test ! -e "$T/root/resource-r0"
-check "create-resource r1" adm create-resource r1 "$T/r.img"
+check "create-resource r1 (a relative device path is the caller's)" bash -c "cd '$T' && '$MARSADM' create-resource r1 r.img --control '$T/ctl.sock'"
+check "the resource records the absolute device path" grep -q "\"device\" : \"$T/r.img\"" "$T/root/resource-r1/resource.json"
 check "a second create-resource r1 is refused" fails_with "exists already" adm create-resource r1 "$T/r.img"
 check "a resource name that is an export is refused" fails_with "already served" adm create-resource a "$T/r.img"
 check "write to the resource with FUA, trim, zero and flush" nbdsh -u "nbd+unix:///r1?socket=$T/nbd.sock" -c '
