@@ -545,6 +545,23 @@ func waitForWriteback(_ engine: LogEngine) {
         engine.shutdown()
     }
 
+    /// A data device that fails cannot hold up shutdown: the log has every record, and the next
+    /// start writes them back.
+    @Test func shutdownWithAFailingDeviceLeavesTheRestToRecovery() throws {
+        let resource = try SimulatedResource(pending: 1 << 20)
+        let gate = GatedFile(try resource.device())
+        gate.open.withLock { $0 = false }
+        gate.failWhileClosed.withLock { $0 = true }
+        var engine = try resource.open(device: gate)
+        let target = Completions()
+        #expect(engine.submit(offset: 8192, change: .write([UInt8](repeating: 4, count: 4096)), fua: false, target: target, token: 1) == .acknowledged)
+        engine.shutdown()
+        #expect(try resource.device().read(count: 4096, at: 8192) == [UInt8](repeating: 0, count: 4096))
+        engine = try resource.open()
+        #expect(try resource.device().read(count: 4096, at: 8192) == [UInt8](repeating: 4, count: 4096))
+        engine.shutdown()
+    }
+
     @Test func aTornPositionSlotFallsBackToTheOtherOne() throws {
         let disk = SimulatedDisk()
         let directory = disk.directory("mars")
