@@ -211,11 +211,19 @@ extension LogEngine {
         case exit
     }
 
+    /// While writes keep coming, the device is synced and the position stored at most this often
+    /// when a segment could be retired: each device fdatasync pays for every page dirtied since
+    /// the last one, at random places, while the log's fdatasyncs are sequential.
+    static let busyPersistInterval: Duration = .seconds(5)
+    /// ... and at least this often.
+    static let maxPersistInterval: Duration = .seconds(30)
+
     /// Writes durable changes to the data device in sorted, coalesced batches. The device sync and
-    /// the position (which lets recovery skip what is on the device and lets segments be deleted)
-    /// follow lazily: when a segment can be deleted, when writes wait for log space, after a
-    /// second, or at shutdown. Until then recovery merely replays a little more; meanwhile the disk
-    /// is free for the log's group commits.
+    /// the position (which lets recovery skip what is on the device and lets segments be retired)
+    /// follow lazily: after a second without writeback work, when writes wait for log space or the
+    /// log holds half its limit, every 5 seconds when a segment could be retired, every 30 seconds
+    /// in any case, and at shutdown. Until then recovery merely replays more (bounded by the log
+    /// space); meanwhile the disk is free for the log's group commits.
     func writebackLoop() {
         var failed = false
         var retry: WritebackBatch?
@@ -262,15 +270,17 @@ extension LogEngine {
                     retry = batch
                     try apply(batch.pieces)
                     retry = nil
-                    let (acknowledged, position, urgent) = monitor.withLock { state in
+                    let (acknowledged, position, segmentDone, pressure) = monitor.withLock { state in
                         state.pending.finishWriteback(batch)
                         let acknowledged = admitWaiting(&state)
                         let position = min(state.pending.oldestLSN ?? state.durableLSN, state.durableLSN)
                         let segmentDone = state.segments.count > 1 && state.segments[1].firstLSN <= position
-                        return (acknowledged, position, segmentDone || !state.waitingWrites.isEmpty)
+                        let pressure = !state.waitingWrites.isEmpty || state.logBytes > configuration.spaceLimit / 2
+                        return (acknowledged, position, segmentDone, pressure)
                     }
                     deliver(acknowledged)
-                    if urgent || ContinuousClock.now - lastPersist >= .seconds(1) {
+                    let since = ContinuousClock.now - lastPersist
+                    if pressure || (segmentDone && since >= Self.busyPersistInterval) || since >= Self.maxPersistInterval {
                         try persist(position)
                         unpersisted = nil
                         lastPersist = .now
