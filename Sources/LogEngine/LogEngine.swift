@@ -193,6 +193,11 @@ public final class LogEngine: Sendable {
         /// Stop at once, without further I/O (a simulated power loss in tests).
         var halted = false
         var writerDone = false
+        /// Every change before this LSN is on the data device (in its page cache, not yet synced).
+        var appliedLSN: UInt64 = 0
+        /// When writeback last applied a batch (the checkpointer waits for a quiet second).
+        var lastApplied = ContinuousClock.now
+        var writebackDone = false
 
         var logBytes: UInt64 {
             segments.reduce(0) { $0 + $1.fileSize } + spares.reduce(0) { $0 + $1.size } + queuedBytes
@@ -206,6 +211,7 @@ public final class LogEngine: Sendable {
     let monitor: Monitor<State>
     let writerWake = Condition()
     let writebackWake = Condition()
+    let checkpointWake = Condition()
     let drained = Condition()
     private let threads = Mutex<[WorkerThread]>([])
     /// Only the log writer thread touches the open segment.
@@ -229,7 +235,8 @@ public final class LogEngine: Sendable {
     func startThreads() {
         let writer = WorkerThread(name: "mars-log") { [self] in logWriterLoop() }
         let writeback = WorkerThread(name: "mars-writeback") { [self] in writebackLoop() }
-        threads.withLock { $0 = [writer, writeback] }
+        let checkpointer = WorkerThread(name: "mars-checkpoint") { [self] in checkpointLoop() }
+        threads.withLock { $0 = [writer, writeback, checkpointer] }
     }
 
     // MARK: - Requests (called on event loops; never block)
@@ -245,6 +252,7 @@ public final class LogEngine: Sendable {
             if let refusal = refusal(state) { return .refused(refusal) }
             if !state.waitingWrites.isEmpty || !hasRoom(state, for: change) {
                 state.waitingWrites.append(write)
+                checkpointWake.signal()  // retiring segments may make room
                 return .waiting
             }
             return admit(write, &state) ? .waiting : .acknowledged
@@ -322,6 +330,7 @@ public final class LogEngine: Sendable {
         monitor.withLock { state in state.stopping = true }
         writerWake.signal()
         writebackWake.signal()
+        checkpointWake.signal()
         for thread in threads.withLock({ $0 }) { thread.join() }
         threads.withLock { $0 = [] }
     }
@@ -337,6 +346,7 @@ public final class LogEngine: Sendable {
         deliver(failed.map { ($0.target, LogCompletion(token: $0.token, error: LogEngineError(errno: ESHUTDOWN, "the log engine stopped"))) })
         writerWake.broadcast()
         writebackWake.broadcast()
+        checkpointWake.broadcast()
         for thread in threads.withLock({ $0 }) { thread.join() }
         threads.withLock { $0 = [] }
     }

@@ -101,11 +101,12 @@ extension LogEngine {
         for old in kept.map(\.fileName) + spares { try directory.remove(old) }
         try directory.sync()
 
-        let state = State(
+        var state = State(
             epoch: epoch, nextLSN: endLSN, durableLSN: endLSN, writebackLSN: endLSN,
             pending: PendingWriteMap(capacity: configuration.pendingCapacity),
             segments: [SegmentInfo(name: name, firstLSN: endLSN, fileSize: segment.size)]
         )
+        state.appliedLSN = endLSN
         let engine = LogEngine(
             configuration: configuration, directory: directory, device: device, deviceSize: deviceSize, state: state,
             openSegment: segment, position: stored

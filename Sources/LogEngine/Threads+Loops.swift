@@ -205,30 +205,16 @@ extension LogEngine {
 
     private enum WritebackWork {
         case batch(WritebackBatch)
-        /// Nothing to write back now: persist a position reached earlier, if any.
-        case idle
-        case finish(UInt64)
+        case done
         case exit
     }
 
-    /// While writes keep coming, the device is synced and the position stored at most this often
-    /// when a segment could be retired: each device fdatasync pays for every page dirtied since
-    /// the last one, at random places, while the log's fdatasyncs are sequential.
-    static let busyPersistInterval: Duration = .seconds(5)
-    /// ... and at least this often.
-    static let maxPersistInterval: Duration = .seconds(30)
-
-    /// Writes durable changes to the data device in sorted, coalesced batches. The device sync and
-    /// the position (which lets recovery skip what is on the device and lets segments be retired)
-    /// follow lazily: after a second without writeback work, when writes wait for log space or the
-    /// log holds half its limit, every 5 seconds when a segment could be retired, every 30 seconds
-    /// in any case, and at shutdown. Until then recovery merely replays more (bounded by the log
-    /// space); meanwhile the disk is free for the log's group commits.
+    /// Writes durable changes to the data device in sorted, coalesced batches (into the page cache;
+    /// the checkpointer makes them durable). Retiring a batch frees its memory and admits waiting
+    /// writes.
     func writebackLoop() {
         var failed = false
         var retry: WritebackBatch?
-        var unpersisted: UInt64?
-        var lastPersist = ContinuousClock.now
         while true {
             if failed {
                 monitor.wait(writebackWake, timeoutSeconds: 1, until: { $0.halted }, then: { _ in })
@@ -238,7 +224,7 @@ extension LogEngine {
                 work = monitor.withLock { $0.halted } ? .exit : .batch(batch)
             } else {
                 work = monitor.wait(
-                    writebackWake, timeoutSeconds: unpersisted == nil ? nil : 1,
+                    writebackWake,
                     until: { state in
                         state.halted || (state.pending.oldestLSN.map { $0 < state.durableLSN } ?? false)
                             || (state.stopping && state.writerDone && state.pending.isEmpty)
@@ -248,58 +234,113 @@ extension LogEngine {
                         if let batch = state.pending.beginWriteback(maxChanges: configuration.writebackBatchChanges, below: state.durableLSN) {
                             return .batch(batch)
                         }
-                        if state.stopping && state.writerDone && state.pending.isEmpty { return .finish(state.durableLSN) }
-                        return .idle
+                        return .done
                     }
                 )
             }
-            do {
-                switch work {
-                case .exit:
-                    return
-                case .finish(let position):
-                    try persist(position)
-                    return
-                case .idle:
-                    if let position = unpersisted {
-                        try persist(position)
-                        unpersisted = nil
-                        lastPersist = .now
-                    }
-                case .batch(let batch):
+            switch work {
+            case .exit:
+                return
+            case .done:
+                monitor.withLock { state in
+                    state.appliedLSN = state.durableLSN
+                    state.writebackDone = true
+                }
+                checkpointWake.signal()
+                return
+            case .batch(let batch):
+                do {
                     retry = batch
                     try apply(batch.pieces)
                     retry = nil
-                    let (acknowledged, position, segmentDone, pressure) = monitor.withLock { state in
-                        state.pending.finishWriteback(batch)
-                        let acknowledged = admitWaiting(&state)
-                        let position = min(state.pending.oldestLSN ?? state.durableLSN, state.durableLSN)
-                        let segmentDone = state.segments.count > 1 && state.segments[1].firstLSN <= position
-                        let pressure = !state.waitingWrites.isEmpty || state.logBytes > configuration.spaceLimit / 2
-                        return (acknowledged, position, segmentDone, pressure)
+                } catch {
+                    let failure = LogEngineError(error, while: "writing back to the data device \(device.name)")
+                    let logComplete = monitor.withLock { state in
+                        state.writebackFailure = failure
+                        if state.stopping && state.writerDone { state.writebackDone = true }
+                        return state.writebackDone
                     }
-                    deliver(acknowledged)
-                    let since = ContinuousClock.now - lastPersist
-                    if pressure || (segmentDone && since >= Self.busyPersistInterval) || since >= Self.maxPersistInterval {
-                        try persist(position)
-                        unpersisted = nil
-                        lastPersist = .now
-                    } else {
-                        unpersisted = position
+                    // Shutting down with every record durable in the log: recovery finishes the
+                    // writeback at the next start, so a failing device cannot hold up `down` or SIGTERM.
+                    if logComplete {
+                        checkpointWake.signal()
+                        return
                     }
+                    failed = true
+                    continue
                 }
-                if failed { monitor.withLock { $0.writebackFailure = nil } }
+                let (acknowledged, urgent) = monitor.withLock { state in
+                    state.pending.finishWriteback(batch)
+                    let acknowledged = admitWaiting(&state)
+                    state.appliedLSN = min(state.pending.oldestLSN ?? state.durableLSN, state.durableLSN)
+                    state.lastApplied = .now
+                    if failed { state.writebackFailure = nil }
+                    return (acknowledged, checkpointDue(state, since: .zero))
+                }
                 failed = false
-            } catch {
-                let failure = LogEngineError(error, while: "writing back to the data device \(device.name)")
-                let logComplete = monitor.withLock { state in
-                    state.writebackFailure = failure
-                    return state.stopping && state.writerDone
+                deliver(acknowledged)
+                if urgent { checkpointWake.signal() }
+            }
+        }
+    }
+
+    /// While writes keep coming, the checkpointer syncs the device at most this often when a segment
+    /// could be retired: each device fdatasync pays for every page dirtied since the last one, at
+    /// random places, while the log's fdatasyncs are sequential.
+    static let busyCheckpointInterval: Duration = .seconds(5)
+    /// ... and at least this often.
+    static let maxCheckpointInterval: Duration = .seconds(30)
+
+    /// Whether the checkpointer should persist now, `since` the last checkpoint: writes wait for
+    /// log space, or the log holds half its limit (urgent), or a segment could be retired and the
+    /// busy interval passed, or the maximum interval passed, or writeback has been quiet a second.
+    func checkpointDue(_ state: State, since: Duration) -> Bool {
+        guard state.appliedLSN > state.writebackLSN else { return false }
+        if !state.waitingWrites.isEmpty || state.logBytes > configuration.spaceLimit / 2 { return true }
+        let segmentDone = state.segments.count > 1 && state.segments[1].firstLSN <= state.appliedLSN
+        return (segmentDone && since >= Self.busyCheckpointInterval) || since >= Self.maxCheckpointInterval
+            || ContinuousClock.now - state.lastApplied >= .seconds(1)
+    }
+
+    private enum CheckpointWork {
+        case persist(UInt64, final: Bool)
+        case wait
+        case exit
+    }
+
+    /// Makes applied changes durable on the device and stores the position, on its own thread so
+    /// the device's fdatasync never stops writeback (which would fill the pending map and stall
+    /// the clients), then retires the segments wholly before the position.
+    func checkpointLoop() {
+        var lastCheckpoint = ContinuousClock.now
+        while true {
+            let work = monitor.wait(
+                checkpointWake, timeoutSeconds: 1,
+                until: { state in state.halted || state.writebackDone || checkpointDue(state, since: ContinuousClock.now - lastCheckpoint) },
+                then: { state -> CheckpointWork in
+                    if state.halted { return .exit }
+                    if state.writebackDone { return .persist(state.appliedLSN, final: true) }
+                    if checkpointDue(state, since: ContinuousClock.now - lastCheckpoint) { return .persist(state.appliedLSN, final: false) }
+                    return .wait
                 }
-                // Shutting down with every record durable in the log: recovery finishes the
-                // writeback at the next start, so a failing device cannot hold up `down` or SIGTERM.
-                if logComplete { return }
-                failed = true
+            )
+            switch work {
+            case .exit:
+                return
+            case .wait:
+                continue
+            case .persist(let position, let final):
+                do {
+                    try persist(position)
+                    lastCheckpoint = .now
+                    if final { return }
+                } catch {
+                    let failure = LogEngineError(error, while: "syncing the data device \(device.name)")
+                    monitor.withLock { $0.writebackFailure = failure }
+                    // At shutdown the log holds everything: recovery redoes this at the next start.
+                    if final { return }
+                    monitor.wait(checkpointWake, timeoutSeconds: 1, until: { $0.halted }, then: { _ in })
+                }
             }
         }
     }
