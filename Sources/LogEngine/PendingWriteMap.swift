@@ -158,7 +158,13 @@ public struct PendingWriteMap: Sendable {
         precondition(batch.lsns.count == batchCount && Array(order[..<batchCount]) == batch.lsns, "not the batch in flight")
         order.removeFirst(batchCount)
         batchCount = 0
-        for lsn in batch.lsns { remove(lsn: lsn) }
+        guard let newest = batch.lsns.last else { return }
+        // The batch holds the oldest changes: every extent still showing one of them goes, in one
+        // pass (removing them one by one moved the array once per change, under the engine's lock).
+        extents.removeAll { $0.lsn <= newest }
+        for lsn in batch.lsns {
+            if let entry = entries.removeValue(forKey: lsn) { heldBytes -= entry.content.heldBytes }
+        }
     }
 
     /// The parts of the change at `lsn` no newer change has replaced.
@@ -172,16 +178,6 @@ public struct PendingWriteMap: Sendable {
             index += 1
         }
         return pieces
-    }
-
-    private mutating func remove(lsn: UInt64) {
-        guard let entry = entries.removeValue(forKey: lsn) else { return }
-        heldBytes -= entry.content.heldBytes
-        let end = entry.offset + UInt64(entry.content.length)
-        let start = firstIndex(endingAfter: entry.offset)
-        var index = start
-        while index < extents.count, extents[index].start < end { index += 1 }
-        extents.removeSubrange(start..<index, where: { $0.lsn == lsn })
     }
 
     private func piece(of lsn: UInt64, from start: UInt64, to end: UInt64) -> PendingPiece {
@@ -219,13 +215,6 @@ extension PendingPiece {
         switch self {
         case .data(let offset, _), .zeroes(let offset, _, _), .device(let offset, _): offset
         }
-    }
-}
-
-extension Array {
-    fileprivate mutating func removeSubrange(_ range: Range<Int>, where shouldRemove: (Element) -> Bool) {
-        let kept = self[range].filter { !shouldRemove($0) }
-        replaceSubrange(range, with: kept)
     }
 }
 
