@@ -41,7 +41,6 @@ public final class SimulatedDisk: Sendable {
         var nextNode = 0
         /// Bumped by every power loss; handles from an older generation are dead.
         var generation = 0
-        var syncs = 0
     }
 
     private let state = Mutex(State())
@@ -66,8 +65,6 @@ public final class SimulatedDisk: Sendable {
         }
     }
 
-    /// Number of file and directory syncs so far.
-    public var syncCount: Int { state.withLock { $0.syncs } }
 
     /// Cuts the power: unsynced changes are lost as `mode` says; open handles die.
     public func powerLoss(_ mode: PowerLossMode = .dropUnsynced) {
@@ -196,7 +193,6 @@ private struct SimulatedDirectory: StorageDirectory {
         try disk.withLiveState(disk.generation, path) { state in
             state.durableNames = state.names
             state.unsyncedNames = []
-            state.syncs += 1
         }
     }
 }
@@ -250,7 +246,6 @@ private final class SimulatedFile: StorageFile {
         try disk.withLiveState(generation, name) { state in
             state.nodes[node]!.durable = state.nodes[node]!.current
             state.nodes[node]!.unsynced = []
-            state.syncs += 1
         }
     }
 

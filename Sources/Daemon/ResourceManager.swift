@@ -38,7 +38,6 @@ final class ResourceManager: Sendable {
         var config: ResourceConfig
         var directory: any StorageDirectory
         var engine: LogEngine?
-        var export: ServedExport?
         var error: String?
     }
 
@@ -226,7 +225,6 @@ final class ResourceManager: Sendable {
             exports.add(export)
             state.withLock { state in
                 state.resources[name]?.engine = engine
-                state.resources[name]?.export = export
                 state.resources[name]?.error = nil
             }
             logger.info("resource up", metadata: ["resource": "\(name)", "device": "\(resource.config.device)"])
@@ -243,7 +241,6 @@ final class ResourceManager: Sendable {
         try? await NIOThreadPool.singleton.runIfActive { engine.shutdown() }
         state.withLock { state in
             state.resources[name]?.engine = nil
-            state.resources[name]?.export = nil
         }
         logger.info("resource down", metadata: ["resource": "\(name)"])
     }

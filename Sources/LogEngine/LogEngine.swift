@@ -27,14 +27,16 @@ public struct LogEngineConfiguration: Sendable {
         self.host = host
     }
 
+    /// Bytes of the largest record a client can cause.
+    var maxRecordSize: UInt64 { UInt64(LogRecordLayout.recordSize(payload: maxRecordPayload)) }
+
     /// Why this configuration cannot work, or nil.
     public var problem: String? {
         guard SegmentName.isValidHost(host) else { return "host name '\(host)' cannot be part of a segment file name" }
         guard segmentSize >= 4096 else { return "segment size must be at least 4096 bytes" }
-        let record = UInt64(maxRecordPayload + LogRecordLayout.headerSize + LogRecordLayout.trailerSize)
         // After writeback catches up only the open segment remains (at most segmentSize + one
         // record); one more record must always fit, or writes could wait forever.
-        let minimum = 2 * (segmentSize + record)
+        let minimum = 2 * (segmentSize + maxRecordSize)
         guard spaceLimit >= minimum else {
             return "log space limit \(spaceLimit) is below \(minimum) bytes (twice a segment plus the largest record)"
         }
@@ -207,7 +209,6 @@ public final class LogEngine: Sendable {
     let configuration: LogEngineConfiguration
     let directory: any StorageDirectory
     let device: any StorageFile
-    public let deviceSize: UInt64
     let monitor: Monitor<State>
     let writerWake = Condition()
     let writebackWake = Condition()
@@ -220,13 +221,11 @@ public final class LogEngine: Sendable {
     let positionBox: PositionBox
 
     init(
-        configuration: LogEngineConfiguration, directory: any StorageDirectory, device: any StorageFile, deviceSize: UInt64,
-        state: State, openSegment: OpenSegment, position: PositionFile
+        configuration: LogEngineConfiguration, directory: any StorageDirectory, device: any StorageFile, state: State, openSegment: OpenSegment, position: PositionFile
     ) {
         self.configuration = configuration
         self.directory = directory
         self.device = device
-        self.deviceSize = deviceSize
         self.monitor = Monitor(state)
         self.openSegment = OpenSegmentBox(openSegment)
         self.positionBox = PositionBox(position)
@@ -362,10 +361,8 @@ public final class LogEngine: Sendable {
     }
 
     private func recordSize(_ change: LogChange) -> UInt64 {
-        if case .write(let bytes) = change {
-            return UInt64(LogRecordLayout.headerSize + bytes.count + LogRecordLayout.trailerSize)
-        }
-        return UInt64(LogRecordLayout.headerSize + LogRecordLayout.trailerSize)
+        let payload = if case .write(let bytes) = change { bytes.count } else { 0 }
+        return UInt64(LogRecordLayout.recordSize(payload: payload))
     }
 
     private func hasRoom(_ state: State, for change: LogChange) -> Bool {

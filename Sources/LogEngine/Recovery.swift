@@ -108,7 +108,7 @@ extension LogEngine {
         )
         state.appliedLSN = endLSN
         let engine = LogEngine(
-            configuration: configuration, directory: directory, device: device, deviceSize: deviceSize, state: state,
+            configuration: configuration, directory: directory, device: device, state: state,
             openSegment: segment, position: stored
         )
         engine.startThreads()

@@ -96,7 +96,7 @@ private struct WindowReader {
         if bytes.count - local >= LogRecordLayout.headerSize {
             let payload = bytes.withUnsafeBytes { Int(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: local + 8, as: UInt32.self))) }
             if payload <= LogRecordLayout.maxPayload {
-                try ensure(position, LogRecordLayout.headerSize + payload + LogRecordLayout.trailerSize)
+                try ensure(position, LogRecordLayout.recordSize(payload: payload))
             }
         }
         let at = Int(position - start)

@@ -275,7 +275,7 @@ extension LogEngine {
                     state.appliedLSN = min(state.pending.oldestLSN ?? state.durableLSN, state.durableLSN)
                     state.lastApplied = .now
                     if failed { state.writebackFailure = nil }
-                    return (acknowledged, checkpointDue(state, since: .zero))
+                    return (acknowledged, checkpointUrgent(state))
                 }
                 failed = false
                 deliver(acknowledged)
@@ -291,12 +291,19 @@ extension LogEngine {
     /// ... and at least this often.
     static let maxCheckpointInterval: Duration = .seconds(30)
 
-    /// Whether the checkpointer should persist now, `since` the last checkpoint: writes wait for
-    /// log space, or the log holds half its limit (urgent), or a segment could be retired and the
-    /// busy interval passed, or the maximum interval passed, or writeback has been quiet a second.
+    /// Space pressure: writes wait for log space, or the log holds half its limit. Retiring
+    /// segments is then due at once.
+    func checkpointUrgent(_ state: State) -> Bool {
+        state.appliedLSN > state.writebackLSN
+            && (!state.waitingWrites.isEmpty || state.logBytes > configuration.spaceLimit / 2)
+    }
+
+    /// Whether the checkpointer should persist now, `since` the last checkpoint: under space
+    /// pressure, when a segment could be retired and the busy interval passed, when the maximum
+    /// interval passed, or when writeback has been quiet a second.
     func checkpointDue(_ state: State, since: Duration) -> Bool {
         guard state.appliedLSN > state.writebackLSN else { return false }
-        if !state.waitingWrites.isEmpty || state.logBytes > configuration.spaceLimit / 2 { return true }
+        if checkpointUrgent(state) { return true }
         let segmentDone = state.segments.count > 1 && state.segments[1].firstLSN <= state.appliedLSN
         return (segmentDone && since >= Self.busyCheckpointInterval) || since >= Self.maxCheckpointInterval
             || ContinuousClock.now - state.lastApplied >= .seconds(1)
@@ -398,7 +405,6 @@ extension LogEngine {
     private func persist(_ position: UInt64) throws(SystemError) {
         try device.sync()
         if position > positionBox.value.writebackLSN { try positionBox.value.store(position) }
-        let record = UInt64(configuration.maxRecordPayload + LogRecordLayout.headerSize + LogRecordLayout.trailerSize)
         let (doomed, kept, dropped) = monitor.withLock { state -> ([SegmentInfo], [SegmentInfo], [Spare]) in
             state.writebackLSN = position
             var retired: [SegmentInfo] = []
@@ -407,7 +413,7 @@ extension LogEngine {
             }
             // Spares only while writes do not wait and the log stays a segment plus a record below its limit.
             let pressure = !state.waitingWrites.isEmpty
-                || state.logBytes + configuration.segmentSize + record > configuration.spaceLimit
+                || state.logBytes + configuration.segmentSize + configuration.maxRecordSize > configuration.spaceLimit
             var dropped: [Spare] = []
             if pressure {
                 dropped = state.spares

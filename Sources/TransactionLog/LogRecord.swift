@@ -52,7 +52,7 @@ public struct LogRecord: Sendable, Equatable {
     }
 
     /// Bytes this record occupies on disk.
-    public var encodedSize: Int { LogRecordLayout.headerSize + payload.count + LogRecordLayout.trailerSize }
+    public var encodedSize: Int { LogRecordLayout.recordSize(payload: payload.count) }
 
     /// Appends the on-disk form (little-endian header, payload, CRC32C of both).
     public func encode(into out: inout [UInt8]) {
@@ -97,6 +97,9 @@ public enum LogRecordLayout {
     public static let trailerSize = 4
     /// A write larger than any NBD payload is not a record this version writes.
     public static let maxPayload = 32 << 20
+
+    /// Bytes a record with `payload` bytes of payload occupies on disk.
+    public static func recordSize(payload: Int) -> Int { headerSize + payload + trailerSize }
 }
 
 /// Why bytes at a position are not a valid record.
@@ -137,7 +140,7 @@ public func decodeRecord(
     guard payloadLength <= LogRecordLayout.maxPayload else {
         return .failure(.invalidField("payload length \(payloadLength)"))
     }
-    let total = LogRecordLayout.headerSize + payloadLength + LogRecordLayout.trailerSize
+    let total = LogRecordLayout.recordSize(payload: payloadLength)
     guard available >= total else { return .failure(.incomplete) }
     let stored = load(LogRecordLayout.headerSize + payloadLength, as: UInt32.self)
     let computed = CRC32C.checksum(
