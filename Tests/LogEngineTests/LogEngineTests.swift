@@ -35,16 +35,34 @@ final class Completions: LogCompletionTarget {
     }
 }
 
-/// A device or file whose writes can be held back, to fill the log and the pending map.
-final class GatedFile: StorageFile {
+/// Switches a test flips to steer `ControlledFile`s: hold writes back (to fill the log and the
+/// pending map), or fail them with an errno (a broken device, a full filesystem).
+final class FileControl: Sendable {
+    let blocked = Mutex(false)
+    let failure = Mutex<Int32?>(nil)
+
+    /// Waits while blocked; throws the failure if one is set.
+    func admit(_ name: String) throws(SystemError) {
+        while true {
+            if let errno = failure.withLock({ $0 }) { throw SystemError("write", name, errno: errno) }
+            if !blocked.withLock({ $0 }) { return }
+            usleep(1000)
+        }
+    }
+}
+
+/// A file whose writes a `FileControl` steers; `onWrite` sees every write that goes through.
+final class ControlledFile: StorageFile {
     let inner: any StorageFile
-    let open = Mutex(true)
-    /// While closed, writes fail (EIO) instead of waiting.
-    let failWhileClosed = Mutex(false)
+    let control: FileControl
     let onWrite: @Sendable ([UnsafeRawBufferPointer], UInt64) -> Void
 
-    init(_ inner: any StorageFile, onWrite: @escaping @Sendable ([UnsafeRawBufferPointer], UInt64) -> Void = { _, _ in }) {
+    init(
+        _ inner: any StorageFile, control: FileControl = FileControl(),
+        onWrite: @escaping @Sendable ([UnsafeRawBufferPointer], UInt64) -> Void = { _, _ in }
+    ) {
         self.inner = inner
+        self.control = control
         self.onWrite = onWrite
     }
 
@@ -54,10 +72,7 @@ final class GatedFile: StorageFile {
         try inner.read(into: buffer, at: offset)
     }
     func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(SystemError) {
-        while !open.withLock({ $0 }) {
-            if failWhileClosed.withLock({ $0 }) { throw SystemError("write", name, errno: EIO) }
-            usleep(1000)
-        }
+        try control.admit(name)
         onWrite(buffers, offset)
         try inner.write(buffers, at: offset)
     }
@@ -65,52 +80,24 @@ final class GatedFile: StorageFile {
     func truncate(to size: UInt64) throws(SystemError) { try inner.truncate(to: size) }
     func preallocate(_ length: UInt64) throws(SystemError) { try inner.preallocate(length) }
     func zero(offset: UInt64, length: UInt64, keepAllocated: Bool) throws(SystemError) {
-        while !open.withLock({ $0 }) { usleep(1000) }
+        try control.admit(name)
         try inner.zero(offset: offset, length: length, keepAllocated: keepAllocated)
     }
 }
 
-/// A directory whose files fail to be written while `failing` is set (a full filesystem).
-final class Switch: Sendable {
-    let on = Mutex(false)
-}
-
-struct FailingDirectory: StorageDirectory {
+/// A directory whose files are all steered by one `FileControl`.
+struct ControlledDirectory: StorageDirectory {
     let inner: any StorageDirectory
-    let failing: Switch
+    let control: FileControl
 
     var path: String { inner.path }
     func list() throws(SystemError) -> [String] { try inner.list() }
     func open(_ name: String, create: Bool) throws(SystemError) -> any StorageFile {
-        FailingFile(inner: try inner.open(name, create: create), failing: failing)
+        ControlledFile(try inner.open(name, create: create), control: control)
     }
     func remove(_ name: String) throws(SystemError) { try inner.remove(name) }
     func rename(_ from: String, to: String) throws(SystemError) { try inner.rename(from, to: to) }
     func sync() throws(SystemError) { try inner.sync() }
-}
-
-final class FailingFile: StorageFile {
-    let inner: any StorageFile
-    let failing: Switch
-    init(inner: any StorageFile, failing: Switch) {
-        self.inner = inner
-        self.failing = failing
-    }
-    var name: String { inner.name }
-    func size() throws(SystemError) -> UInt64 { try inner.size() }
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
-        try inner.read(into: buffer, at: offset)
-    }
-    func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(SystemError) {
-        if failing.on.withLock({ $0 }) { throw SystemError("write", name, errno: ENOSPC) }
-        try inner.write(buffers, at: offset)
-    }
-    func sync() throws(SystemError) { try inner.sync() }
-    func truncate(to size: UInt64) throws(SystemError) { try inner.truncate(to: size) }
-    func preallocate(_ length: UInt64) throws(SystemError) { try inner.preallocate(length) }
-    func zero(offset: UInt64, length: UInt64, keepAllocated: Bool) throws(SystemError) {
-        try inner.zero(offset: offset, length: length, keepAllocated: keepAllocated)
-    }
 }
 
 /// A resource on a simulated disk: the log directory and a data device of `deviceSize` bytes.
@@ -175,8 +162,8 @@ func waitForWriteback(_ engine: LogEngine) {
 
     @Test func writesReadBackBeforeAndAfterWriteback() throws {
         let resource = try SimulatedResource()
-        let gate = GatedFile(try resource.device())
-        gate.open.withLock { $0 = false }
+        let gate = ControlledFile(try resource.device())
+        gate.control.blocked.withLock { $0 = true }
         let engine = try resource.open(device: gate)
         let target = Completions()
         #expect(engine.submit(offset: 4096, change: .write([UInt8](repeating: 7, count: 8192)), fua: false, target: target, token: 1) == .acknowledged)
@@ -188,7 +175,7 @@ func waitForWriteback(_ engine: LogEngine) {
             + [UInt8](repeating: 7, count: 5120)
         #expect(try engine.read(offset: 0, length: 12288) == expected)
         #expect(try resource.device().read(count: 12288, at: 0) == [UInt8](repeating: 0, count: 12288))
-        gate.open.withLock { $0 = true }
+        gate.control.blocked.withLock { $0 = false }
         waitForWriteback(engine)
         #expect(try resource.device().read(count: 12288, at: 0) == expected)
         #expect(try engine.read(offset: 0, length: 12288) == expected)
@@ -216,7 +203,7 @@ func waitForWriteback(_ engine: LogEngine) {
         let disk = resource.disk
         let violations = Mutex(0)
         let checked = Mutex(0)
-        let device = GatedFile(try resource.device()) { buffers, offset in
+        let device = ControlledFile(try resource.device()) { buffers, offset in
             var data: [UInt8] = []
             for buffer in buffers { data += buffer }
             // Every byte must come from a durable write record (writeback coalesces adjacent records
@@ -457,9 +444,8 @@ func waitForWriteback(_ engine: LogEngine) {
 
     @Test func brokenHistoryChainStopsRecovery() throws {
         let resource = try SimulatedResource(segmentSize: 8 << 10, pending: 1 << 20)
-        let gate = GatedFile(try resource.device())
-        gate.open.withLock { $0 = false }  // keeps every segment: nothing is written back
-        gate.failWhileClosed.withLock { $0 = true }
+        let gate = ControlledFile(try resource.device())
+        gate.control.failure.withLock { $0 = EIO }  // keeps every segment: nothing is written back
         let engine = try resource.open(device: gate)
         let target = Completions()
         for token in 0..<4 {
@@ -467,7 +453,6 @@ func waitForWriteback(_ engine: LogEngine) {
             #expect(target.wait(token) == nil)
         }
         engine.halt()
-        gate.open.withLock { $0 = true }
         let directory = resource.disk.directory("mars")
         let segments = try directory.list().filter { SegmentName(fileName: $0) != nil }
         #expect(segments.count >= 3)
@@ -488,8 +473,8 @@ func waitForWriteback(_ engine: LogEngine) {
     /// complete once writeback frees room.
     @Test func fullLogMakesWritesWaitUntilWritebackFreesRoom() throws {
         let resource = try SimulatedResource(segmentSize: 8 << 10, maxRecord: 16 << 10, pending: 1 << 20)
-        let gate = GatedFile(try resource.device())
-        gate.open.withLock { $0 = false }
+        let gate = ControlledFile(try resource.device())
+        gate.control.blocked.withLock { $0 = true }
         let engine = try resource.open(device: gate)
         let target = Completions()
         var firstWaiting: Int?
@@ -503,7 +488,7 @@ func waitForWriteback(_ engine: LogEngine) {
         #expect(status.logBytes <= resource.configuration.spaceLimit)
         usleep(50_000)
         #expect(target.outcome(waiting) == nil, "a write that does not fit is not acknowledged")
-        gate.open.withLock { $0 = true }
+        gate.control.blocked.withLock { $0 = false }
         #expect(target.wait(39) == nil)
         waitForWriteback(engine)
         for token in 0..<40 {
@@ -516,13 +501,13 @@ func waitForWriteback(_ engine: LogEngine) {
     /// and nothing acknowledged is lost: once space is back the engine resumes.
     @Test func logWriteFailureRefusesWritesAndResumes() throws {
         let resource = try SimulatedResource(pending: 1 << 20)
-        let failing = Switch()
+        let failing = FileControl()
         let engine = try LogEngine.open(
-            directory: FailingDirectory(inner: resource.disk.directory("mars"), failing: failing), device: resource.device(),
+            directory: ControlledDirectory(inner: resource.disk.directory("mars"), control: failing), device: resource.device(),
             deviceSize: resource.deviceSize, configuration: resource.configuration
         )
         let target = Completions()
-        failing.on.withLock { $0 = true }
+        failing.failure.withLock { $0 = ENOSPC }
         #expect(engine.submit(offset: 0, change: .write([UInt8](repeating: 3, count: 4096)), fua: true, target: target, token: 1) == .waiting)
         #expect(target.wait(1)?.errno == ENOSPC)
         guard case .refused(let error) = engine.submit(offset: 8192, change: .write([1]), fua: false, target: target, token: 2) else {
@@ -531,7 +516,7 @@ func waitForWriteback(_ engine: LogEngine) {
         }
         #expect(error.errno == ENOSPC)
         #expect(engine.status.failure != nil)
-        failing.on.withLock { $0 = false }
+        failing.failure.withLock { $0 = nil }
         var flushed = false
         for attempt in 0..<50 where !flushed {
             let token = 100 + attempt
@@ -549,9 +534,8 @@ func waitForWriteback(_ engine: LogEngine) {
     /// start writes them back.
     @Test func shutdownWithAFailingDeviceLeavesTheRestToRecovery() throws {
         let resource = try SimulatedResource(pending: 1 << 20)
-        let gate = GatedFile(try resource.device())
-        gate.open.withLock { $0 = false }
-        gate.failWhileClosed.withLock { $0 = true }
+        let gate = ControlledFile(try resource.device())
+        gate.control.failure.withLock { $0 = EIO }
         var engine = try resource.open(device: gate)
         let target = Completions()
         #expect(engine.submit(offset: 8192, change: .write([UInt8](repeating: 4, count: 4096)), fua: false, target: target, token: 1) == .acknowledged)
