@@ -63,26 +63,28 @@ public protocol StorageDirectory: Sendable {
 public final class POSIXFile: StorageFile {
     public let name: String
     private let fd: Int32
-    private let ownsDescriptor: Bool
+    /// The device whose buffered descriptor this file uses; held so the descriptor stays open as
+    /// long as the file does. Nil: the file owns its descriptor.
+    private let device: BlockDevice?
 
-    /// Wraps a descriptor another object owns (a `BlockDevice`'s), which must outlive this file.
-    public init(borrowing fd: Int32, name: String) {
-        self.fd = fd
-        self.name = name
-        self.ownsDescriptor = false
+    /// The data device `device`, through its buffered descriptor.
+    public init(device: BlockDevice) {
+        self.fd = device.bufferedFD
+        self.name = device.path
+        self.device = device
     }
 
     init(owning fd: Int32, name: String) {
         self.fd = fd
         self.name = name
-        self.ownsDescriptor = true
+        self.device = nil
     }
 
     /// IOV_MAX on Linux.
     private static let maxVectors = 1024
 
     deinit {
-        if ownsDescriptor { Glibc.close(fd) }
+        if device == nil { Glibc.close(fd) }
     }
 
     public func size() throws(SystemError) -> UInt64 {

@@ -214,7 +214,7 @@ final class ResourceManager: Sendable {
                     throw DaemonError("the data device \(resource.config.device) has \(device.size) bytes, the resource needs \(resource.config.size)")
                 }
                 let engine = try LogEngine.open(
-                    directory: resource.directory, device: POSIXFile(borrowing: device.bufferedFD, name: device.path),
+                    directory: resource.directory, device: POSIXFile(device: device),
                     deviceSize: resource.config.size, configuration: settings.engineConfiguration(host: identity.host)
                 ) { message in
                     logger.notice("recovery of \(name): \(message)")
