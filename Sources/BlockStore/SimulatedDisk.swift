@@ -153,7 +153,7 @@ private struct SimulatedDirectory: StorageDirectory {
         }
     }
 
-    func open(_ name: String, create: Bool) throws(SystemError) -> any StorageFile {
+    func open(_ name: String, create: Bool, direct: Bool) throws(SystemError) -> any StorageFile {
         let generation = disk.generation
         let key = key(name)
         let node = try disk.withLiveState(generation, key) { (state) throws(SystemError) -> Int in
@@ -166,7 +166,7 @@ private struct SimulatedDirectory: StorageDirectory {
             state.unsyncedNames.append(.link(key, node))
             return node
         }
-        return SimulatedFile(disk: disk, node: node, name: key, generation: generation)
+        return SimulatedFile(disk: disk, node: node, name: key, generation: generation, direct: direct)
     }
 
     func remove(_ name: String) throws(SystemError) {
@@ -202,12 +202,15 @@ private final class SimulatedFile: StorageFile {
     let node: Int
     let name: String
     let generation: Int
+    /// Opened for direct I/O: misaligned writes fail with EINVAL, as O_DIRECT's do.
+    let direct: Bool
 
-    init(disk: SimulatedDisk, node: Int, name: String, generation: Int) {
+    init(disk: SimulatedDisk, node: Int, name: String, generation: Int, direct: Bool) {
         self.disk = disk
         self.node = node
         self.name = name
         self.generation = generation
+        self.direct = direct
     }
 
     private func withNode<T>(_ body: (inout SimulatedDisk.Node) throws(SystemError) -> T) throws(SystemError) -> T {
@@ -230,6 +233,12 @@ private final class SimulatedFile: StorageFile {
     }
 
     func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(SystemError) {
+        if direct {
+            let alignment = StorageAlignment.direct
+            let aligned = offset % UInt64(alignment) == 0
+                && buffers.allSatisfy { $0.count % alignment == 0 && Int(bitPattern: $0.baseAddress) % alignment == 0 }
+            if !aligned { throw SystemError("write", "\(name) (direct I/O, misaligned)", errno: EINVAL) }
+        }
         var bytes: [UInt8] = []
         for buffer in buffers { bytes.append(contentsOf: buffer) }
         try record(.write(offset: Int(offset), bytes: bytes))

@@ -46,12 +46,26 @@ extension StorageFile {
     }
 }
 
+extension StorageDirectory {
+    public func open(_ name: String, create: Bool) throws(SystemError) -> any StorageFile {
+        try open(name, create: create, direct: false)
+    }
+}
+
+/// What direct I/O asks of a write: offset, length and buffer address multiples of this. 4096
+/// covers every logical block size Linux filesystems and disks use.
+public enum StorageAlignment {
+    public static let direct = 4096
+}
+
 /// A directory of storage files: a resource's directory under the daemon's root.
 public protocol StorageDirectory: Sendable {
     var path: String { get }
     func list() throws(SystemError) -> [String]
     /// Opens `name`; with `create`, makes it if missing. The new name is durable only after `sync()`.
-    func open(_ name: String, create: Bool) throws(SystemError) -> any StorageFile
+    /// `direct`: writes bypass the page cache (O_DIRECT) where the filesystem allows it, and must
+    /// then be `StorageAlignment.direct`-aligned in offset, length and memory.
+    func open(_ name: String, create: Bool, direct: Bool) throws(SystemError) -> any StorageFile
     func remove(_ name: String) throws(SystemError)
     /// Atomically replaces `to` by `from`.
     func rename(_ from: String, to: String) throws(SystemError)
@@ -201,9 +215,16 @@ public struct POSIXDirectory: StorageDirectory {
         return names.sorted()
     }
 
-    public func open(_ name: String, create: Bool) throws(SystemError) -> any StorageFile {
+    /// With `direct`, a filesystem without O_DIRECT (tmpfs) gets a buffered descriptor instead.
+    public func open(_ name: String, create: Bool, direct: Bool) throws(SystemError) -> any StorageFile {
         let full = path + "/" + name
-        let fd = try Syscall.retrying("open", full) { Glibc.open(full, O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0), 0o600) }
+        let flags = O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0)
+        if direct {
+            let fd = Glibc.open(full, flags | CLINUX_O_DIRECT, 0o600)
+            if fd >= 0 { return POSIXFile(owning: fd, name: full) }
+            if errno != EINVAL { throw SystemError("open", full, errno: errno) }
+        }
+        let fd = try Syscall.retrying("open", full) { Glibc.open(full, flags, 0o600) }
         return POSIXFile(owning: fd, name: full)
     }
 

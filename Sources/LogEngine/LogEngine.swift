@@ -370,6 +370,13 @@ public final class LogEngine: Sendable {
         return state.pending.hasRoom(for: held) && state.logBytes + recordSize(change) <= configuration.spaceLimit
     }
 
+    /// Whether the oldest waiting write waits for log space (not for room in the pending map, which
+    /// writeback frees without a checkpoint).
+    func waitsForLogSpace(_ state: State) -> Bool {
+        guard let first = state.waitingWrites.first else { return false }
+        return state.logBytes + recordSize(first.change) > configuration.spaceLimit
+    }
+
     /// Appends the record and makes the change visible to reads. Returns whether the reply waits for
     /// durability (FUA).
     private func admit(_ write: WaitingWrite, _ state: inout State) -> Bool {
@@ -450,10 +457,12 @@ import Synchronization
 struct OpenSegment {
     var name: SegmentName
     var file: any StorageFile
+    let appender: SegmentAppender
     var header: SegmentHeader
     /// Where the next record goes.
     var size: UInt64
-    /// Bytes the file holds: more than `size` in a recycled segment (old bytes past the records).
+    /// Bytes the file holds: more than `size` when the last block is padded, and in a recycled
+    /// segment (old bytes past the records).
     var fileSize: UInt64
     var digest: HistoryDigest
     var records: Int

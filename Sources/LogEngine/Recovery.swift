@@ -12,9 +12,11 @@ extension LogEngine {
         if let problem = configuration.problem { throw LogEngineError(errno: EINVAL, problem) }
         let name = SegmentName(sequence: 1, host: configuration.host)!
         let segment = try startSegment(
-            name, in: directory, firstLSN: 0, epoch: epoch, previousDigest: HistoryDigest.genesis, preallocate: 0
+            name, in: directory, appender: SegmentAppender(capacity: 0), firstLSN: 0, epoch: epoch,
+            previousDigest: HistoryDigest.genesis, preallocate: 0
         )
-        try segment.file.write(LogRecord(type: .epoch, lsn: 0, epoch: epoch).encoded(), at: segment.size)
+        try segment.appender.append(LogRecord(type: .epoch, lsn: 0, epoch: epoch).encoded(), to: segment.file)
+        try segment.appender.flush(to: segment.file)
         try segment.file.sync()
         _ = try PositionFile.create(in: directory)
         try directory.sync()
@@ -92,7 +94,8 @@ extension LogEngine {
             throw LogEngineError(errno: EOVERFLOW, "segment numbers are exhausted after \(newest)")
         }
         let segment = try startSegment(
-            name, in: directory, firstLSN: endLSN, epoch: epoch, previousDigest: digest, preallocate: configuration.segmentSize
+            name, in: directory, appender: SegmentAppender(), firstLSN: endLSN, epoch: epoch, previousDigest: digest,
+            preallocate: configuration.segmentSize
         )
         var stored = position
         try stored.store(endLSN)
@@ -104,7 +107,7 @@ extension LogEngine {
         var state = State(
             epoch: epoch, nextLSN: endLSN, durableLSN: endLSN, writebackLSN: endLSN,
             pending: PendingWriteMap(capacity: configuration.pendingCapacity),
-            segments: [SegmentInfo(name: name, firstLSN: endLSN, fileSize: segment.size)]
+            segments: [SegmentInfo(name: name, firstLSN: endLSN, fileSize: segment.fileSize)]
         )
         state.appliedLSN = endLSN
         let engine = LogEngine(

@@ -52,9 +52,10 @@ extension LogEngine {
                     }
                     let group = remaining.prefix(count)
                     var digest = open.digest
-                    try append(group, to: open, digest: &digest)
+                    let fileEnd = try append(group, to: open, digest: &digest)
                     try open.file.sync()
                     open.size += bytes
+                    open.fileSize = max(open.fileSize, fileEnd)
                     open.records += count
                     open.digest = digest
                     openSegment.value = open
@@ -63,7 +64,7 @@ extension LogEngine {
                     let completions = monitor.withLock { state -> [(any LogCompletionTarget, LogCompletion)] in
                         state.durableLSN = endLSN
                         state.queuedBytes -= bytes
-                        state.segments[state.segments.count - 1].fileSize = max(open.size, open.fileSize)
+                        state.segments[state.segments.count - 1].fileSize = open.fileSize
                         state.groupCommits += 1
                         state.logFailure = nil
                         var done: [(any LogCompletionTarget, LogCompletion)] = []
@@ -90,44 +91,24 @@ extension LogEngine {
         }
     }
 
-    /// Writes `group` at the end of the open segment with vectored writes straight from the
-    /// records' payloads (64 records per call), and adds each record to the history digest.
-    private func append(_ group: ArraySlice<LogRecord>, to open: OpenSegment, digest: inout HistoryDigest) throws(SystemError) {
-        var position = open.size
-        var start = group.startIndex
-        while start < group.endIndex {
-            let chunk = group[start..<min(group.endIndex, start + 64)]
-            // Headers and checksums of the chunk, 52 bytes per record: header (48), then CRC (4).
-            var meta: [UInt8] = []
-            meta.reserveCapacity(chunk.count * 52)
-            var bytes = 0
-            for record in chunk {
-                let at = meta.count
-                let checksum = record.encodeHeader(into: &meta)
-                meta.appendLittleEndian(checksum)
-                meta.withUnsafeBytes { digest.add(recordHeader: UnsafeRawBufferPointer(rebasing: $0[at..<(at + 48)]), checksum: checksum) }
-                bytes += record.encodedSize
-            }
-            let payloads = ArraySlice(chunk.map { $0.payload[...] })
-            var result: Result<Void, SystemError> = .success(())
-            meta.withUnsafeBytes { meta in
-                result = Result { () throws(SystemError) in
-                    try withBuffers(payloads, []) { (payloadBuffers) throws(SystemError) in
-                        var buffers: [UnsafeRawBufferPointer] = []
-                        buffers.reserveCapacity(3 * payloadBuffers.count)
-                        for (index, payload) in payloadBuffers.enumerated() {
-                            buffers.append(UnsafeRawBufferPointer(rebasing: meta[(index * 52)..<(index * 52 + 48)]))
-                            if !payload.isEmpty { buffers.append(payload) }
-                            buffers.append(UnsafeRawBufferPointer(rebasing: meta[(index * 52 + 48)..<(index * 52 + 52)]))
-                        }
-                        try open.file.write(buffers, at: position)
-                    }
-                }
-            }
-            try result.get()
-            position += UInt64(bytes)
-            start = chunk.endIndex
+    /// Stages `group` at the end of the open segment and writes it (direct I/O where the filesystem
+    /// allows), adding each record to the history digest. Returns the end of the file's bytes.
+    private func append(_ group: ArraySlice<LogRecord>, to open: OpenSegment, digest: inout HistoryDigest) throws(SystemError) -> UInt64 {
+        var header: [UInt8] = []
+        header.reserveCapacity(LogRecordLayout.headerSize)
+        var trailer: [UInt8] = []
+        trailer.reserveCapacity(LogRecordLayout.trailerSize)
+        for record in group {
+            header.removeAll(keepingCapacity: true)
+            trailer.removeAll(keepingCapacity: true)
+            let checksum = record.encodeHeader(into: &header)
+            trailer.appendLittleEndian(checksum)
+            header.withUnsafeBytes { digest.add(recordHeader: $0, checksum: checksum) }
+            try open.appender.append(header, to: open.file)
+            if !record.payload.isEmpty { try open.appender.append(record.payload, to: open.file) }
+            try open.appender.append(trailer, to: open.file)
         }
+        return try open.appender.flush(to: open.file)
     }
 
     /// Closes the open segment and starts the next one, whose header chains the history. The next
@@ -148,14 +129,16 @@ extension LogEngine {
         let segment: OpenSegment
         if let spare = monitor.withLock({ state in state.spares.popLast() }) {
             do {
-                segment = try Self.reuse(spare, as: name, in: directory, firstLSN: firstLSN, epoch: epoch, previousDigest: previousDigest)
+                segment = try Self.reuse(
+                    spare, as: name, in: directory, appender: open.appender, firstLSN: firstLSN, epoch: epoch, previousDigest: previousDigest
+                )
             } catch {
                 monitor.withLock { state in state.spares.append(spare) }
                 throw error
             }
         } else {
             segment = try Self.startSegment(
-                name, in: directory, firstLSN: firstLSN, epoch: epoch, previousDigest: previousDigest,
+                name, in: directory, appender: open.appender, firstLSN: firstLSN, epoch: epoch, previousDigest: previousDigest,
                 preallocate: configuration.segmentSize
             )
         }
@@ -165,20 +148,25 @@ extension LogEngine {
         return segment
     }
 
-    /// Creates a segment file holding only its header, durable with its directory entry.
+    /// Creates a segment file holding only its header, durable with its directory entry, to be
+    /// appended to through `appender`.
     static func startSegment(
-        _ name: SegmentName, in directory: any StorageDirectory, firstLSN: UInt64, epoch: UInt64, previousDigest: [UInt8],
-        preallocate: UInt64
+        _ name: SegmentName, in directory: any StorageDirectory, appender: SegmentAppender, firstLSN: UInt64, epoch: UInt64,
+        previousDigest: [UInt8], preallocate: UInt64
     ) throws(SystemError) -> OpenSegment {
         let header = SegmentHeader(sequence: name.sequence, firstLSN: firstLSN, epoch: epoch, previousDigest: previousDigest)
-        let file = try directory.open(name.fileName, create: true)
+        let file = try directory.open(name.fileName, create: true, direct: true)
         try file.truncate(to: 0)
-        try file.write(header.encoded(), at: 0)
+        appender.restart()
+        try appender.append(header.encoded(), to: file)
+        let fileSize = try appender.flush(to: file)
         try file.preallocate(preallocate)
         try file.sync()
         try directory.sync()
-        let size = UInt64(SegmentHeader.size)
-        return OpenSegment(name: name, file: file, header: header, size: size, fileSize: size, digest: HistoryDigest(header: header), records: 0)
+        return OpenSegment(
+            name: name, file: file, appender: appender, header: header, size: UInt64(SegmentHeader.size), fileSize: fileSize,
+            digest: HistoryDigest(header: header), records: 0
+        )
     }
 
     /// Turns a spare into segment `name`: the new header is written and synced while the file still
@@ -186,18 +174,20 @@ extension LogEngine {
     /// a segment with a valid header. The old records after the header carry LSNs of an earlier
     /// part of the history, so no reader takes them for records of this segment (docs/log-format.md).
     static func reuse(
-        _ spare: Spare, as name: SegmentName, in directory: any StorageDirectory, firstLSN: UInt64, epoch: UInt64,
-        previousDigest: [UInt8]
+        _ spare: Spare, as name: SegmentName, in directory: any StorageDirectory, appender: SegmentAppender, firstLSN: UInt64,
+        epoch: UInt64, previousDigest: [UInt8]
     ) throws(SystemError) -> OpenSegment {
         let header = SegmentHeader(sequence: name.sequence, firstLSN: firstLSN, epoch: epoch, previousDigest: previousDigest)
-        let file = try directory.open(spare.fileName, create: false)
-        try file.write(header.encoded(), at: 0)
+        let file = try directory.open(spare.fileName, create: false, direct: true)
+        appender.restart()
+        try appender.append(header.encoded(), to: file)
+        let written = try appender.flush(to: file)
         try file.sync()
         try directory.rename(spare.fileName, to: name.fileName)
         try directory.sync()
         return OpenSegment(
-            name: name, file: file, header: header, size: UInt64(SegmentHeader.size), fileSize: spare.size,
-            digest: HistoryDigest(header: header), records: 0
+            name: name, file: file, appender: appender, header: header, size: UInt64(SegmentHeader.size),
+            fileSize: max(spare.size, written), digest: HistoryDigest(header: header), records: 0
         )
     }
 
@@ -292,10 +282,11 @@ extension LogEngine {
     static let maxCheckpointInterval: Duration = .seconds(30)
 
     /// Space pressure: writes wait for log space, or the log holds half its limit. Retiring
-    /// segments is then due at once.
+    /// segments is then due at once. (Writes waiting for room in the pending map are not pressure:
+    /// a device sync would only slow the writeback they wait for.)
     func checkpointUrgent(_ state: State) -> Bool {
         state.appliedLSN > state.writebackLSN
-            && (!state.waitingWrites.isEmpty || state.logBytes > configuration.spaceLimit / 2)
+            && (waitsForLogSpace(state) || state.logBytes > configuration.spaceLimit / 2)
     }
 
     /// Whether the checkpointer should persist now, `since` the last checkpoint: under space
@@ -401,7 +392,7 @@ extension LogEngine {
 
     /// Syncs the device, stores the position, and retires the segments wholly before it: up to two
     /// are kept as spares for reuse, the others deleted. Spares count towards the log space and are
-    /// deleted as soon as writes wait for room.
+    /// deleted as soon as writes wait for log space.
     private func persist(_ position: UInt64) throws(SystemError) {
         try device.sync()
         if position > positionBox.value.writebackLSN { try positionBox.value.store(position) }
@@ -411,8 +402,8 @@ extension LogEngine {
             for index in 0..<max(0, state.segments.count - 1) where state.segments[index + 1].firstLSN <= position {
                 retired.append(state.segments[index])
             }
-            // Spares only while writes do not wait and the log stays a segment plus a record below its limit.
-            let pressure = !state.waitingWrites.isEmpty
+            // Spares only while no write waits for log space and the log stays a segment plus a record below its limit.
+            let pressure = waitsForLogSpace(state)
                 || state.logBytes + configuration.segmentSize + configuration.maxRecordSize > configuration.spaceLimit
             var dropped: [Spare] = []
             if pressure {

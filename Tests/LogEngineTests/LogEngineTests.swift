@@ -92,8 +92,8 @@ struct ControlledDirectory: StorageDirectory {
 
     var path: String { inner.path }
     func list() throws(SystemError) -> [String] { try inner.list() }
-    func open(_ name: String, create: Bool) throws(SystemError) -> any StorageFile {
-        ControlledFile(try inner.open(name, create: create), control: control)
+    func open(_ name: String, create: Bool, direct: Bool) throws(SystemError) -> any StorageFile {
+        ControlledFile(try inner.open(name, create: create, direct: direct), control: control)
     }
     func remove(_ name: String) throws(SystemError) { try inner.remove(name) }
     func rename(_ from: String, to: String) throws(SystemError) { try inner.rename(from, to: to) }
@@ -495,6 +495,25 @@ func waitForWriteback(_ engine: LogEngine) {
             #expect(try resource.device().read(count: 4096, at: UInt64(token) * 4096) == [UInt8](repeating: UInt8(token + 1), count: 4096))
         }
         engine.shutdown()
+    }
+
+    /// Writes waiting for room in the pending map do not make a checkpoint urgent (its device sync
+    /// would only slow the writeback they wait for); a write waiting for log space does.
+    @Test func onlyWaitingForLogSpaceMakesACheckpointUrgent() throws {
+        let resource = try SimulatedResource(pending: 8 << 10, spaceLimit: 1 << 20)
+        let engine = try resource.open()
+        defer { engine.shutdown() }
+        var state = LogEngine.State(
+            epoch: 1, nextLSN: 9000, durableLSN: 9000, writebackLSN: 0, pending: PendingWriteMap(capacity: 8 << 10),
+            segments: [.init(name: SegmentName(sequence: 1, host: "hostA")!, firstLSN: 0, fileSize: 16 << 10)]
+        )
+        state.appliedLSN = 9000
+        state.waitingWrites.append(
+            LogEngine.WaitingWrite(offset: 0, change: .write([UInt8](repeating: 1, count: 4096)), fua: false, target: Completions(), token: 1)
+        )
+        #expect(!engine.checkpointUrgent(state), "the log has room: the write waits for the pending map")
+        state.segments[0].fileSize = (1 << 20) - 1000
+        #expect(engine.checkpointUrgent(state), "the write waits for log space")
     }
 
     /// When the log cannot be written (ENOSPC), FUA writes and flushes fail, new writes are refused,
