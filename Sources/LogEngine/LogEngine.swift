@@ -139,10 +139,11 @@ public struct LogEngineStatus: Sendable, Equatable {
 /// segment, made durable by a group commit (one fdatasync for every record waiting), and only then
 /// written back to the data device (invariant 2). Until then reads see it through the pending map.
 ///
-/// Two threads do the blocking work: the log writer (append, fdatasync, rotation) and writeback
-/// (device writes, device fdatasync, the persisted position, deleting segments). Requests arrive on
-/// event loops and never block: a write that finds no room waits in a queue, in order, and its reply
-/// waits with it.
+/// Four threads do the blocking work: the log writer (append, fdatasync, rotation), writeback
+/// (device writes), the checkpointer (device fdatasync, the persisted position, retiring segments)
+/// and the spare preparer (a written segment file ready for the writer). Requests arrive on event
+/// loops and never block: a write that finds no room waits in a queue, in order, and its reply waits
+/// with it.
 public final class LogEngine: Sendable {
     struct SegmentInfo {
         var name: SegmentName
@@ -185,8 +186,10 @@ public final class LogEngine: Sendable {
         var waitingWrites = FIFO<WaitingWrite>()
         var durabilityWaiters = FIFO<Waiter>()
         var segments: [SegmentInfo]
-        /// Written-back segment files kept for reuse as the next segments (see `rotate`).
+        /// Written-back or prepared segment files kept for reuse as the next segments (see `rotate`).
         var spares: [Spare] = []
+        /// The size of a spare being prepared: counted in the log space while it is written.
+        var preparingBytes: UInt64 = 0
         var logFailure: LogEngineError?
         var writebackFailure: LogEngineError?
         var groupCommits = 0
@@ -202,7 +205,7 @@ public final class LogEngine: Sendable {
         var writebackDone = false
 
         var logBytes: UInt64 {
-            segments.reduce(0) { $0 + $1.fileSize } + spares.reduce(0) { $0 + $1.size } + queuedBytes
+            segments.reduce(0) { $0 + $1.fileSize } + spares.reduce(0) { $0 + $1.size } + preparingBytes + queuedBytes
         }
     }
 
@@ -213,6 +216,7 @@ public final class LogEngine: Sendable {
     let writerWake = Condition()
     let writebackWake = Condition()
     let checkpointWake = Condition()
+    let prepareWake = Condition()
     let drained = Condition()
     private let threads = Mutex<[WorkerThread]>([])
     /// Only the log writer thread touches the open segment.
@@ -235,7 +239,8 @@ public final class LogEngine: Sendable {
         let writer = WorkerThread(name: "mars-log") { [self] in logWriterLoop() }
         let writeback = WorkerThread(name: "mars-writeback") { [self] in writebackLoop() }
         let checkpointer = WorkerThread(name: "mars-checkpoint") { [self] in checkpointLoop() }
-        threads.withLock { $0 = [writer, writeback, checkpointer] }
+        let preparer = WorkerThread(name: "mars-prepare") { [self] in sparePreparerLoop() }
+        threads.withLock { $0 = [writer, writeback, checkpointer, preparer] }
     }
 
     // MARK: - Requests (called on event loops; never block)
@@ -330,6 +335,7 @@ public final class LogEngine: Sendable {
         writerWake.signal()
         writebackWake.signal()
         checkpointWake.signal()
+        prepareWake.signal()
         for thread in threads.withLock({ $0 }) { thread.join() }
         threads.withLock { $0 = [] }
     }
@@ -346,6 +352,7 @@ public final class LogEngine: Sendable {
         writerWake.broadcast()
         writebackWake.broadcast()
         checkpointWake.broadcast()
+        prepareWake.broadcast()
         for thread in threads.withLock({ $0 }) { thread.join() }
         threads.withLock { $0 = [] }
     }

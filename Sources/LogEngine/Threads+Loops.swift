@@ -61,7 +61,7 @@ extension LogEngine {
                     openSegment.value = open
                     remaining = remaining.dropFirst(count)
                     let endLSN = group.last!.lsn + UInt64(group.last!.encodedSize)
-                    let completions = monitor.withLock { state -> [(any LogCompletionTarget, LogCompletion)] in
+                    let (completions, prepare) = monitor.withLock { state -> ([(any LogCompletionTarget, LogCompletion)], Bool) in
                         state.durableLSN = endLSN
                         state.queuedBytes -= bytes
                         state.segments[state.segments.count - 1].fileSize = open.fileSize
@@ -72,9 +72,10 @@ extension LogEngine {
                             _ = state.durabilityWaiters.popFirst()
                             done.append((waiter.target, LogCompletion(token: waiter.token, error: nil)))
                         }
-                        return done
+                        return (done, needsPreparedSpare(state))
                     }
                     deliver(completions)
+                    if prepare { prepareWake.signal() }
                     writebackWake.signal()
                 }
                 failing = false

@@ -442,6 +442,48 @@ func waitForWriteback(_ engine: LogEngine) {
         engine.shutdown()
     }
 
+    /// Once the open segment is an eighth full, a spare whose every block is written (zeroes) is
+    /// prepared, counted in the log space, and becomes the next segment; an idle resource and a log
+    /// without room keep none.
+    @Test func aWrittenSpareIsPreparedForTheNextSegment() throws {
+        let segmentSize: UInt64 = 64 << 10
+        let resource = try SimulatedResource(segmentSize: segmentSize, pending: 1 << 20, spaceLimit: 1 << 20)
+        let engine = try resource.open()
+        let directory = resource.disk.directory("mars")
+        usleep(100_000)
+        #expect(try directory.list().filter { $0.hasPrefix("spare-") }.isEmpty, "an idle resource prepares no spare")
+        let target = Completions()
+        let before = engine.status.logBytes
+        #expect(engine.submit(offset: 0, change: .write([UInt8](repeating: 9, count: 12 << 10)), fua: true, target: target, token: 1) == .waiting)
+        #expect(target.wait(1) == nil)
+        var prepared: [String] = []
+        for _ in 0..<2000 where prepared.isEmpty {
+            prepared = engine.monitor.withLock { $0.spares.map(\.fileName) }
+            usleep(1000)
+        }
+        #expect(prepared == ["spare-prepared-1"])
+        #expect(resource.disk.durableContent("mars", "spare-prepared-1") == [UInt8](repeating: 0, count: Int(segmentSize)))
+        #expect(engine.status.logBytes >= before + segmentSize, "the spare counts in the log space")
+        // Fill the segment: the next one is the prepared file under the next segment name.
+        for token in 2..<20 {
+            _ = engine.submit(offset: UInt64(token) * 4096, change: .write([UInt8](repeating: UInt8(token), count: 4096)), fua: true, target: target, token: token)
+            #expect(target.wait(token) == nil)
+        }
+        #expect(engine.status.currentSegment != "log-000000002-hostA")
+        #expect(!(try directory.list()).contains("spare-prepared-1"), "the spare became a segment")
+        engine.shutdown()
+
+        let tight = try SimulatedResource(segmentSize: segmentSize, pending: 1 << 20)
+        let busy = try tight.open()
+        for token in 0..<12 {
+            _ = busy.submit(offset: UInt64(token) * 4096, change: .write([UInt8](repeating: 1, count: 4096)), fua: true, target: target, token: 100 + token)
+            #expect(target.wait(100 + token) == nil)
+        }
+        usleep(100_000)
+        #expect(try tight.disk.directory("mars").list().filter { $0.hasPrefix("spare-") }.isEmpty, "no room for a spare")
+        busy.shutdown()
+    }
+
     @Test func brokenHistoryChainStopsRecovery() throws {
         let resource = try SimulatedResource(segmentSize: 8 << 10, pending: 1 << 20)
         let gate = ControlledFile(try resource.device())
