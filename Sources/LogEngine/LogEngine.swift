@@ -256,6 +256,7 @@ public final class LogEngine: Sendable {
             if let refusal = refusal(state) { return .refused(refusal) }
             if !state.waitingWrites.isEmpty || !hasRoom(state, for: change) {
                 state.waitingWrites.append(write)
+                if state.waitingWrites.count == 1 { writerWake.signal() }  // commit at once: writeback makes room
                 checkpointWake.signal()  // retiring segments may make room
                 return .waiting
             }
@@ -270,6 +271,7 @@ public final class LogEngine: Sendable {
             if let refusal = refusal(state) { return .refused(refusal) }
             if state.durableLSN >= state.nextLSN { return .acknowledged }
             state.durabilityWaiters.append(Waiter(lsn: state.nextLSN, target: target, token: token))
+            if state.durabilityWaiters.count == 1 { writerWake.signal() }
             return .waiting
         }
     }
@@ -411,9 +413,11 @@ public final class LogEngine: Sendable {
         state.queuedBytes += size
         state.pending.insert(lsn: lsn, offset: write.offset, content: content)
         state.queue.append(record)
-        if state.queue.count == 1 { writerWake.signal() }
+        let gathered = state.queuedBytes >= Self.lazyCommitBytes && state.queuedBytes - size < Self.lazyCommitBytes
+        if state.queue.count == 1 || gathered { writerWake.signal() }
         guard write.fua else { return false }
         state.durabilityWaiters.append(Waiter(lsn: state.nextLSN, target: write.target, token: write.token))
+        if state.durabilityWaiters.count == 1 { writerWake.signal() }
         return true
     }
 

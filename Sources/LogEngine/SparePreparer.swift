@@ -53,7 +53,7 @@ extension LogEngine {
                 // No retry loop against a full or failing filesystem: the log works without spares.
                 // The next attempt comes after a pause, when the writer still needs one.
                 monitor.withLock { state in state.preparingBytes = 0 }
-                monitor.wait(prepareWake, timeoutSeconds: 30, until: { $0.stopping }, then: { _ in })
+                monitor.wait(prepareWake, timeout: .seconds(30), until: { $0.stopping }, then: { _ in })
             }
         }
     }

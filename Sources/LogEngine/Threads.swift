@@ -29,14 +29,17 @@ final class Monitor<State>: @unchecked Sendable {
     /// Waits on `condition` until `ready` holds (checked under the lock), then runs `body` still
     /// holding it. With `timeout`, `body` also runs when the time is up.
     func wait<T>(
-        _ condition: Condition, timeoutSeconds: Int? = nil, until ready: (inout State) -> Bool, then body: (inout State) -> T
+        _ condition: Condition, timeout: Duration? = nil, until ready: (inout State) -> Bool, then body: (inout State) -> T
     ) -> T {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
-        if let timeoutSeconds {
+        if let timeout {
             var deadline = timespec()
             clock_gettime(CLOCK_REALTIME, &deadline)
-            deadline.tv_sec += timeoutSeconds
+            let (seconds, attoseconds) = timeout.components
+            let nanoseconds = Int(deadline.tv_nsec) + Int(attoseconds / 1_000_000_000)
+            deadline.tv_sec += Int(seconds) + nanoseconds / 1_000_000_000
+            deadline.tv_nsec = nanoseconds % 1_000_000_000
             while !ready(&state) {
                 if pthread_cond_timedwait(condition.pointer, mutex, &deadline) == ETIMEDOUT { break }
             }
