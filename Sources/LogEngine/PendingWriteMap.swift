@@ -45,19 +45,13 @@ public struct WritebackBatch: Sendable, Equatable {
 /// when a new change to the same range arrives while a batch is being written.
 /// The map holds at most `capacity` payload bytes; the caller waits for `hasRoom` (backpressure).
 public struct PendingWriteMap: Sendable {
-    private struct Extent: Sendable {
-        var start: UInt64
-        var end: UInt64
-        var lsn: UInt64
-    }
-
     private struct Entry: Sendable {
         var offset: UInt64
         var content: PendingContent
     }
 
     /// Non-overlapping visible ranges, sorted by start.
-    private var extents: [Extent] = []
+    private var extents: ExtentList
     private var entries: [UInt64: Entry] = [:]
     /// Pending LSNs in order; the first `batchCount` of them are being written back.
     private var order = FIFO<UInt64>()
@@ -66,7 +60,13 @@ public struct PendingWriteMap: Sendable {
     public private(set) var heldBytes = 0
 
     public init(capacity: Int) {
+        self.init(capacity: capacity, extentsPerChunk: 256)
+    }
+
+    /// `extentsPerChunk`: small values let tests cross chunk boundaries often.
+    init(capacity: Int, extentsPerChunk: Int) {
         self.capacity = capacity
+        self.extents = ExtentList(chunkCapacity: extentsPerChunk)
     }
 
     public var isEmpty: Bool { entries.isEmpty }
@@ -87,18 +87,25 @@ public struct PendingWriteMap: Sendable {
         order.append(lsn)
         heldBytes += content.heldBytes
         let end = offset + length
-        var replaced: [Extent] = []
-        var index = firstIndex(endingAfter: offset)
-        let insertAt = index
-        while index < extents.count, extents[index].start < end {
-            let old = extents[index]
-            if old.start < offset { replaced.append(Extent(start: old.start, end: offset, lsn: old.lsn)) }
-            if old.end > end { replaced.append(Extent(start: end, end: old.end, lsn: old.lsn)) }
-            index += 1
+        // Only the first overlapped extent can start before the new one, and only the last can
+        // end after it: their outer parts stay visible.
+        let from = extents.first(endingAfter: offset)
+        var to = from
+        var left: Extent?
+        var right: Extent?
+        while to != extents.end, extents[to].start < end {
+            let old = extents[to]
+            if old.start < offset { left = Extent(start: old.start, end: offset, lsn: old.lsn) }
+            if old.end > end { right = Extent(start: end, end: old.end, lsn: old.lsn) }
+            to = extents.after(to)
         }
         let new = Extent(start: offset, end: end, lsn: lsn)
-        let merged = replaced.filter { $0.start < offset } + [new] + replaced.filter { $0.start >= end }
-        extents.replaceSubrange(insertAt..<index, with: merged)
+        switch (left, right) {
+        case (nil, nil): extents.replace(from: from, to: to, with: CollectionOfOne(new))
+        case (let left?, nil): extents.replace(from: from, to: to, with: [left, new])
+        case (nil, let right?): extents.replace(from: from, to: to, with: [new, right])
+        case (let left?, let right?): extents.replace(from: from, to: to, with: [left, new, right])
+        }
     }
 
     /// The pieces that make up `[offset, offset+length)`: pending changes where there are any, the
@@ -107,9 +114,9 @@ public struct PendingWriteMap: Sendable {
         let end = offset + UInt64(length)
         var pieces: [PendingPiece] = []
         var position = offset
-        var index = firstIndex(endingAfter: offset)
+        var index = extents.first(endingAfter: offset)
         while position < end {
-            guard index < extents.count, extents[index].start < end else {
+            guard index != extents.end, extents[index].start < end else {
                 pieces.append(.device(offset: position, length: Int(end - position)))
                 break
             }
@@ -121,7 +128,7 @@ public struct PendingWriteMap: Sendable {
             let pieceEnd = min(extent.end, end)
             pieces.append(piece(of: extent.lsn, from: position, to: pieceEnd))
             position = pieceEnd
-            index += 1
+            index = extents.after(index)
         }
         return pieces
     }
@@ -129,8 +136,8 @@ public struct PendingWriteMap: Sendable {
     /// Whether any pending change overlaps `[offset, offset+length)` (no allocation: the read path
     /// asks this first).
     public func overlaps(offset: UInt64, length: Int) -> Bool {
-        let index = firstIndex(endingAfter: offset)
-        return index < extents.count && extents[index].start < offset + UInt64(length)
+        let index = extents.first(endingAfter: offset)
+        return index != extents.end && extents[index].start < offset + UInt64(length)
     }
 
     /// The LSN of the oldest change still in the map.
@@ -172,10 +179,10 @@ public struct PendingWriteMap: Sendable {
         guard let entry = entries[lsn] else { return [] }
         let end = entry.offset + UInt64(entry.content.length)
         var pieces: [PendingPiece] = []
-        var index = firstIndex(endingAfter: entry.offset)
-        while index < extents.count, extents[index].start < end {
+        var index = extents.first(endingAfter: entry.offset)
+        while index != extents.end, extents[index].start < end {
             if extents[index].lsn == lsn { pieces.append(piece(of: lsn, from: extents[index].start, to: extents[index].end)) }
-            index += 1
+            index = extents.after(index)
         }
         return pieces
     }
@@ -189,17 +196,6 @@ public struct PendingWriteMap: Sendable {
         case .zeroes(_, let keepAllocated):
             return .zeroes(offset: start, length: Int(end - start), keepAllocated: keepAllocated)
         }
-    }
-
-    /// The first extent whose end lies after `offset` (binary search).
-    private func firstIndex(endingAfter offset: UInt64) -> Int {
-        var low = 0
-        var high = extents.count
-        while low < high {
-            let middle = (low + high) / 2
-            if extents[middle].end <= offset { low = middle + 1 } else { high = middle }
-        }
-        return low
     }
 }
 
