@@ -155,7 +155,10 @@ public struct PendingWriteMap: Sendable {
         guard count > 0 else { return nil }
         batchCount = count
         let lsns = Array(order[..<batchCount])
-        let pieces = lsns.flatMap { visibleParts(of: $0) }.sorted { $0.offset < $1.offset }
+        var pieces: [PendingPiece] = []
+        pieces.reserveCapacity(lsns.count)
+        for lsn in lsns { appendVisibleParts(of: lsn, to: &pieces) }
+        pieces.sort { $0.offset < $1.offset }
         return WritebackBatch(lsns: lsns, pieces: pieces)
     }
 
@@ -174,21 +177,23 @@ public struct PendingWriteMap: Sendable {
         }
     }
 
-    /// The parts of the change at `lsn` no newer change has replaced.
-    private func visibleParts(of lsn: UInt64) -> [PendingPiece] {
-        guard let entry = entries[lsn] else { return [] }
+    /// Appends the parts of the change at `lsn` no newer change has replaced.
+    private func appendVisibleParts(of lsn: UInt64, to pieces: inout [PendingPiece]) {
+        guard let entry = entries[lsn] else { return }
         let end = entry.offset + UInt64(entry.content.length)
-        var pieces: [PendingPiece] = []
         var index = extents.first(endingAfter: entry.offset)
         while index != extents.end, extents[index].start < end {
-            if extents[index].lsn == lsn { pieces.append(piece(of: lsn, from: extents[index].start, to: extents[index].end)) }
+            let extent = extents[index]
+            if extent.lsn == lsn { pieces.append(piece(of: entry, from: extent.start, to: extent.end)) }
             index = extents.after(index)
         }
-        return pieces
     }
 
     private func piece(of lsn: UInt64, from start: UInt64, to end: UInt64) -> PendingPiece {
-        let entry = entries[lsn]!
+        piece(of: entries[lsn]!, from: start, to: end)
+    }
+
+    private func piece(of entry: Entry, from start: UInt64, to end: UInt64) -> PendingPiece {
         switch entry.content {
         case .data(let bytes):
             let from = Int(start - entry.offset)
