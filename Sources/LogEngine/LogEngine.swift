@@ -477,6 +477,8 @@ struct OpenSegment {
     var fileSize: UInt64
     var digest: HistoryDigest
     var records: Int
+    /// A reused spare: appends overwrite written blocks (see `rotate`).
+    let overwrites: Bool
 }
 
 final class OpenSegmentBox: @unchecked Sendable {

@@ -14,11 +14,12 @@ extension LogEngine {
     }
 
     /// Whether the log writer would profit from a prepared spare now: none is ready or being made,
-    /// the open segment is an eighth full (so idle resources keep no spare), and the spare fits in
-    /// the log space with a segment and a record to spare (it never makes a write wait).
+    /// the open segment holds an eighth of a segment or 4 MiB of records (so a resource that has
+    /// hardly written keeps no spare), and the spare fits in the log space with a segment and a
+    /// record to spare (it never makes a write wait).
     func needsPreparedSpare(_ state: State) -> Bool {
         guard state.spares.isEmpty, state.preparingBytes == 0, !state.stopping, let open = state.segments.last else { return false }
-        return state.durableLSN - open.firstLSN >= configuration.segmentSize / 8
+        return state.durableLSN - open.firstLSN >= min(configuration.segmentSize / 8, 4 << 20)
             && state.logBytes + preparedSpareSize + configuration.segmentSize + configuration.maxRecordSize <= configuration.spaceLimit
     }
 
@@ -26,7 +27,8 @@ extension LogEngine {
     /// the open segment. Appending over written blocks needs no metadata change, so each group
     /// commit's fdatasync is a data flush and never waits for a filesystem journal commit, which
     /// waits in turn for the data device's own writeback (measured 10-20 ms under load,
-    /// BENCHMARKS.md). Retired segments become spares too; this covers a log that grows faster.
+    /// BENCHMARKS.md). Retired segments become spares too; this covers a log that grows faster. The
+    /// log writer leaves a new (unwritten) segment for a spare as soon as one is ready.
     func sparePreparerLoop() {
         var number = 0
         while true {

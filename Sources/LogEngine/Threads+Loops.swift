@@ -43,7 +43,10 @@ extension LogEngine {
             do {
                 while let first = remaining.first {
                     var open = openSegment.value
-                    if open.records > 0, open.size + UInt64(first.encodedSize) > configuration.segmentSize {
+                    // A new file's blocks are unwritten, so each commit's fdatasync also commits the
+                    // filesystem journal: move on to a spare as soon as one is ready.
+                    let full = open.size + UInt64(first.encodedSize) > configuration.segmentSize
+                    if open.records > 0, full || (!open.overwrites && monitor.withLock({ !$0.spares.isEmpty })) {
                         open = try rotate(from: open, firstLSN: first.lsn, epoch: first.epoch)
                         openSegment.value = open
                     }
@@ -182,7 +185,7 @@ extension LogEngine {
         try directory.sync()
         return OpenSegment(
             name: name, file: file, appender: appender, header: header, size: UInt64(SegmentHeader.size), fileSize: fileSize,
-            digest: HistoryDigest(header: header), records: 0
+            digest: HistoryDigest(header: header), records: 0, overwrites: false
         )
     }
 
@@ -204,7 +207,7 @@ extension LogEngine {
         try directory.sync()
         return OpenSegment(
             name: name, file: file, appender: appender, header: header, size: UInt64(SegmentHeader.size),
-            fileSize: max(spare.size, written), digest: HistoryDigest(header: header), records: 0
+            fileSize: max(spare.size, written), digest: HistoryDigest(header: header), records: 0, overwrites: true
         )
     }
 

@@ -364,7 +364,8 @@ func waitForWriteback(_ engine: LogEngine) {
     }
 
     @Test func corruptRecordInTheMiddleKeepsTheResourceDown() throws {
-        let resource = try SimulatedResource(segmentSize: 64 << 10, pending: 1 << 20)
+        // Segments large enough that the three records stay in one (no spare is prepared this early).
+        let resource = try SimulatedResource(segmentSize: 1 << 20, pending: 1 << 20)
         let engine = try resource.open()
         let target = Completions()
         for token in 0..<3 {
@@ -443,8 +444,8 @@ func waitForWriteback(_ engine: LogEngine) {
     }
 
     /// Once the open segment is an eighth full, a spare whose every block is written (zeroes) is
-    /// prepared, counted in the log space, and becomes the next segment; an idle resource and a log
-    /// without room keep none.
+    /// prepared, counted in the log space, and the writer leaves the new segment for it at once; an
+    /// idle resource and a log without room keep none.
     @Test func aWrittenSpareIsPreparedForTheNextSegment() throws {
         let segmentSize: UInt64 = 64 << 10
         let resource = try SimulatedResource(segmentSize: segmentSize, pending: 1 << 20, spaceLimit: 1 << 20)
@@ -464,14 +465,19 @@ func waitForWriteback(_ engine: LogEngine) {
         #expect(prepared == ["spare-prepared-1"])
         #expect(resource.disk.durableContent("mars", "spare-prepared-1") == [UInt8](repeating: 0, count: Int(segmentSize)))
         #expect(engine.status.logBytes >= before + segmentSize, "the spare counts in the log space")
-        // Fill the segment: the next one is the prepared file under the next segment name.
-        for token in 2..<20 {
-            _ = engine.submit(offset: UInt64(token) * 4096, change: .write([UInt8](repeating: UInt8(token), count: 4096)), fua: true, target: target, token: token)
-            #expect(target.wait(token) == nil)
-        }
-        #expect(engine.status.currentSegment != "log-000000002-hostA")
+        // The open segment is a new file (unwritten blocks): the next commit moves on to the spare
+        // although the segment is far from full.
+        #expect(engine.status.currentSegment == "log-000000002-hostA")
+        #expect(engine.submit(offset: 1 << 16, change: .write([UInt8](repeating: 2, count: 4096)), fua: true, target: target, token: 2) == .waiting)
+        #expect(target.wait(2) == nil)
+        #expect(engine.status.currentSegment == "log-000000003-hostA")
         #expect(!(try directory.list()).contains("spare-prepared-1"), "the spare became a segment")
+        #expect(try engine.read(offset: 0, length: 4096) == [UInt8](repeating: 9, count: 4096))
         engine.shutdown()
+        // Both segments form one history: recovery replays them.
+        let reopened = try resource.open()
+        #expect(try reopened.read(offset: 1 << 16, length: 4096) == [UInt8](repeating: 2, count: 4096))
+        reopened.shutdown()
 
         let tight = try SimulatedResource(segmentSize: segmentSize, pending: 1 << 20)
         let busy = try tight.open()
