@@ -56,6 +56,12 @@ extension StorageDirectory {
 /// covers every logical block size Linux filesystems and disks use.
 public enum StorageAlignment {
     public static let direct = 4096
+
+    /// `size` rounded up to a multiple of `direct`.
+    public static func roundUp<Size: BinaryInteger>(_ size: Size) -> Size {
+        let alignment = Size(direct)
+        return (size + alignment - 1) / alignment * alignment
+    }
 }
 
 /// A directory of storage files: a resource's directory under the daemon's root.

@@ -17,7 +17,6 @@ struct ExtentList: Sendable {
 
     private var chunks: [[Extent]] = []
     let chunkCapacity: Int
-    private(set) var count = 0
 
     init(chunkCapacity: Int = 256) {
         precondition(chunkCapacity >= 2, "a chunk must hold at least two extents")
@@ -54,29 +53,23 @@ struct ExtentList: Sendable {
     /// Replaces the extents from `from` up to (not including) `to` by `new`, which must keep the
     /// list sorted and non-overlapping.
     mutating func replace<New: Collection<Extent>>(from: Position, to: Position, with new: New) {
-        var removed = 0
         if from == end {
             if chunks.isEmpty || chunks[chunks.count - 1].count >= chunkCapacity { chunks.append([]) }
             chunks[chunks.count - 1].append(contentsOf: new)
             splitIfFull(chunks.count - 1)
         } else if to.chunk == from.chunk {
-            removed = to.index - from.index
             chunks[from.chunk].replaceSubrange(from.index..<to.index, with: new)
             if chunks[from.chunk].isEmpty { chunks.remove(at: from.chunk) } else { splitIfFull(from.chunk) }
         } else {
-            removed = chunks[from.chunk].count - from.index
             chunks[from.chunk].replaceSubrange(from.index..., with: new)
             var last = to.chunk
             if to != end {
-                removed += to.index
                 chunks[last].removeSubrange(0..<to.index)
                 if chunks[last].isEmpty { last += 1 }
             }
-            for chunk in (from.chunk + 1)..<last { removed += chunks[chunk].count }
             chunks.removeSubrange((from.chunk + 1)..<last)
             if chunks[from.chunk].isEmpty { chunks.remove(at: from.chunk) } else { splitIfFull(from.chunk) }
         }
-        count += new.count - removed
     }
 
     /// Removes every extent `shouldRemove` selects, and packs the rest into half-full chunks.
@@ -96,7 +89,6 @@ struct ExtentList: Sendable {
         }
         if !current.isEmpty { packed.append(current) }
         chunks = packed
-        count = packed.reduce(0) { $0 + $1.count }
     }
 
     private mutating func splitIfFull(_ chunk: Int) {

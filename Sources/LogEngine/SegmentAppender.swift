@@ -21,9 +21,9 @@ final class SegmentAppender: @unchecked Sendable {
     /// Staged bytes; `buffer[0..<fill]` belongs at `blockStart`.
     private var fill = 0
 
-    /// `capacity` is rounded up to whole aligned blocks.
+    /// `capacity` is rounded up to whole aligned blocks, at least two.
     init(capacity: Int = 2 << 20) {
-        let size = max(2, (capacity + StorageAlignment.direct - 1) / StorageAlignment.direct) * StorageAlignment.direct
+        let size = max(2 * StorageAlignment.direct, StorageAlignment.roundUp(capacity))
         var pointer: UnsafeMutableRawPointer?
         precondition(posix_memalign(&pointer, StorageAlignment.direct, size) == 0, "cannot allocate the log's staging buffer")
         buffer = UnsafeMutableRawBufferPointer(start: pointer, count: size)
@@ -66,7 +66,7 @@ final class SegmentAppender: @unchecked Sendable {
     /// what the file now holds (`position` rounded up to a block).
     @discardableResult
     func flush(to file: any StorageFile) throws(SystemError) -> UInt64 {
-        let padded = (fill + alignment - 1) / alignment * alignment
+        let padded = StorageAlignment.roundUp(fill)
         guard padded > 0 else { return blockStart }
         (buffer.baseAddress! + fill).initializeMemory(as: UInt8.self, repeating: 0, count: padded - fill)
         try file.write([UnsafeRawBufferPointer(rebasing: buffer[0..<padded])], at: blockStart)

@@ -8,10 +8,7 @@ extension LogEngine {
     // MARK: - Spare preparer thread
 
     /// A segment's size rounded up to whole direct-I/O blocks: the size of a prepared spare.
-    var preparedSpareSize: UInt64 {
-        let alignment = UInt64(StorageAlignment.direct)
-        return (configuration.segmentSize + alignment - 1) / alignment * alignment
-    }
+    var preparedSpareSize: UInt64 { StorageAlignment.roundUp(configuration.segmentSize) }
 
     /// Whether the log writer would profit from a prepared spare now: none is ready or being made,
     /// the open segment holds an eighth of a segment or 4 MiB of records (so a resource that has
