@@ -294,12 +294,12 @@ extension LogEngine {
         }
     }
 
-    /// While writes keep coming, the checkpointer syncs the device at most this often when a segment
-    /// could be retired: each device fdatasync pays for every page dirtied since the last one, at
-    /// random places, while the log's fdatasyncs are sequential.
-    static let busyCheckpointInterval: Duration = .seconds(5)
-    /// ... and at least this often.
-    static let maxCheckpointInterval: Duration = .seconds(30)
+    /// While writes keep coming and the log has room, the checkpointer syncs the device this often.
+    /// Each device fdatasync writes every page dirtied since the last one, at random places: under
+    /// random writes a page rewritten many times in between is written once (as the kernel's own
+    /// 30 s dirty expiry does), where a 5 s interval cost about 15% of 4 KiB write throughput
+    /// (BENCHMARKS.md). Recovery replays at most this much more; space pressure checkpoints at once.
+    static let checkpointInterval: Duration = .seconds(30)
 
     /// Space pressure: writes wait for log space, or the log holds half its limit. Retiring
     /// segments is then due at once. (Writes waiting for room in the pending map are not pressure:
@@ -310,14 +310,10 @@ extension LogEngine {
     }
 
     /// Whether the checkpointer should persist now, `since` the last checkpoint: under space
-    /// pressure, when a segment could be retired and the busy interval passed, when the maximum
-    /// interval passed, or when writeback has been quiet a second.
+    /// pressure, when the interval passed, or when writeback has been quiet a second.
     func checkpointDue(_ state: State, since: Duration) -> Bool {
         guard state.appliedLSN > state.writebackLSN else { return false }
-        if checkpointUrgent(state) { return true }
-        let segmentDone = state.segments.count > 1 && state.segments[1].firstLSN <= state.appliedLSN
-        return (segmentDone && since >= Self.busyCheckpointInterval) || since >= Self.maxCheckpointInterval
-            || ContinuousClock.now - state.lastApplied >= .seconds(1)
+        return checkpointUrgent(state) || since >= Self.checkpointInterval || ContinuousClock.now - state.lastApplied >= .seconds(1)
     }
 
     private enum CheckpointWork {

@@ -1,13 +1,22 @@
 #ifndef CCHECKSUM_H
 #define CCHECKSUM_H
 
-// CRC32C (Castagnoli) for log records: the SSE4.2 crc32 instruction where the CPU has it,
-// a table otherwise. In C because Swift cannot target one function at SSE4.2 with a runtime check.
+// Checksums for log records: CRC32C on the SSE4.2 crc32 instruction (three interleaved streams
+// combined with PCLMULQDQ) where the CPU has them, a table otherwise; the SHA-256 block function
+// on the SHA extensions where the CPU has them, portable C otherwise. In C because Swift cannot
+// target one function at an instruction set extension with a runtime check.
 
 #include <stddef.h>
 #include <stdint.h>
 
+/// Which implementation to use: the fastest the CPU supports, or the portable one (tests compare
+/// the two).
+typedef enum { CCHECKSUM_FASTEST = 0, CCHECKSUM_PORTABLE = 1 } cchecksum_path;
+
 /// Continues `crc` (0 to start) over `length` bytes. Standard CRC32C: pre- and post-inverted.
-uint32_t cchecksum_crc32c(uint32_t crc, const void *data, size_t length);
+uint32_t cchecksum_crc32c(uint32_t crc, const void *data, size_t length, cchecksum_path path);
+
+/// Runs the SHA-256 compression function over `blocks` 64-byte blocks into `state` (FIPS 180-4).
+void cchecksum_sha256_blocks(uint32_t state[8], const void *data, size_t blocks, cchecksum_path path);
 
 #endif
