@@ -46,15 +46,16 @@ public struct WritebackBatch: Sendable, Equatable {
 /// The map holds at most `capacity` payload bytes; the caller waits for `hasRoom` (backpressure).
 public struct PendingWriteMap: Sendable {
     private struct Entry: Sendable {
+        var lsn: UInt64
         var offset: UInt64
         var content: PendingContent
     }
 
     /// Non-overlapping visible ranges, sorted by start.
     private var extents: ExtentList
-    private var entries: [UInt64: Entry] = [:]
-    /// Pending LSNs in order; the first `batchCount` of them are being written back.
-    private var order = FIFO<UInt64>()
+    /// Pending changes in LSN order (found by binary search, no hashing); the first `batchCount`
+    /// of them are being written back.
+    private var entries = FIFO<Entry>()
     private var batchCount = 0
     public let capacity: Int
     public private(set) var heldBytes = 0
@@ -80,11 +81,10 @@ public struct PendingWriteMap: Sendable {
 
     /// Records a change at `lsn` (newer than every change in the map) covering `offset`.
     public mutating func insert(lsn: UInt64, offset: UInt64, content: PendingContent) {
-        precondition(order.last.map { $0 < lsn } ?? true, "changes must arrive in LSN order")
+        precondition(entries.last.map { $0.lsn < lsn } ?? true, "changes must arrive in LSN order")
         let length = UInt64(content.length)
         guard length > 0 else { return }
-        entries[lsn] = Entry(offset: offset, content: content)
-        order.append(lsn)
+        entries.append(Entry(lsn: lsn, offset: offset, content: content))
         heldBytes += content.heldBytes
         let end = offset + length
         // Only the first overlapped extent can start before the new one, and only the last can
@@ -141,23 +141,24 @@ public struct PendingWriteMap: Sendable {
     }
 
     /// The LSN of the oldest change still in the map.
-    public var oldestLSN: UInt64? { order.first }
+    public var oldestLSN: UInt64? { entries.first?.lsn }
 
     /// Starts writing back up to `maxChanges` of the oldest changes, only those with an LSN below
     /// `limit` (the durable ones); nil when there is nothing to do. Only one batch may be in flight.
     public mutating func beginWriteback(maxChanges: Int = .max, below limit: UInt64 = .max) -> WritebackBatch? {
         precondition(batchCount == 0, "a writeback batch is already in flight")
         var count = 0
-        for lsn in order {
-            guard count < maxChanges, lsn < limit else { break }
-            count += 1
-        }
+        while count < min(maxChanges, entries.count), entries[count].lsn < limit { count += 1 }
         guard count > 0 else { return nil }
         batchCount = count
-        let lsns = Array(order[..<batchCount])
+        var lsns: [UInt64] = []
+        lsns.reserveCapacity(count)
         var pieces: [PendingPiece] = []
-        pieces.reserveCapacity(lsns.count)
-        for lsn in lsns { appendVisibleParts(of: lsn, to: &pieces) }
+        pieces.reserveCapacity(count)
+        for index in 0..<count {
+            lsns.append(entries[index].lsn)
+            appendVisibleParts(of: entries[index], to: &pieces)
+        }
         pieces.sort { $0.offset < $1.offset }
         return WritebackBatch(lsns: lsns, pieces: pieces)
     }
@@ -165,32 +166,40 @@ public struct PendingWriteMap: Sendable {
     /// The batch is on the data device: its changes leave the map (bytes newer changes replaced in
     /// the meantime stay visible through those changes).
     public mutating func finishWriteback(_ batch: WritebackBatch) {
-        precondition(batch.lsns.count == batchCount && Array(order[..<batchCount]) == batch.lsns, "not the batch in flight")
-        order.removeFirst(batchCount)
+        precondition(
+            batch.lsns.count == batchCount && batch.lsns.first == entries.first?.lsn && batch.lsns.last == entries[batchCount - 1].lsn,
+            "not the batch in flight"
+        )
+        let newest = entries[batchCount - 1].lsn
+        for index in 0..<batchCount { heldBytes -= entries[index].content.heldBytes }
+        entries.removeFirst(batchCount)
         batchCount = 0
-        guard let newest = batch.lsns.last else { return }
         // The batch holds the oldest changes: every extent still showing one of them goes, in one
         // pass (removing them one by one moved the array once per change, under the engine's lock).
         extents.removeAll { $0.lsn <= newest }
-        for lsn in batch.lsns {
-            if let entry = entries.removeValue(forKey: lsn) { heldBytes -= entry.content.heldBytes }
-        }
     }
 
-    /// Appends the parts of the change at `lsn` no newer change has replaced.
-    private func appendVisibleParts(of lsn: UInt64, to pieces: inout [PendingPiece]) {
-        guard let entry = entries[lsn] else { return }
+    /// Appends the parts of `entry` no newer change has replaced.
+    private func appendVisibleParts(of entry: Entry, to pieces: inout [PendingPiece]) {
         let end = entry.offset + UInt64(entry.content.length)
         var index = extents.first(endingAfter: entry.offset)
         while index != extents.end, extents[index].start < end {
             let extent = extents[index]
-            if extent.lsn == lsn { pieces.append(piece(of: entry, from: extent.start, to: extent.end)) }
+            if extent.lsn == entry.lsn { pieces.append(piece(of: entry, from: extent.start, to: extent.end)) }
             index = extents.after(index)
         }
     }
 
     private func piece(of lsn: UInt64, from start: UInt64, to end: UInt64) -> PendingPiece {
-        piece(of: entries[lsn]!, from: start, to: end)
+        // Binary search: entries are in LSN order, and every visible extent's change is pending.
+        var low = 0
+        var high = entries.count
+        while low < high {
+            let middle = (low + high) / 2
+            if entries[middle].lsn < lsn { low = middle + 1 } else { high = middle }
+        }
+        precondition(low < entries.count && entries[low].lsn == lsn, "an extent shows a change that is not pending")
+        return piece(of: entries[low], from: start, to: end)
     }
 
     private func piece(of entry: Entry, from start: UInt64, to end: UInt64) -> PendingPiece {
@@ -232,9 +241,8 @@ struct FIFO<Element: Sendable>: Sendable, Sequence {
 
     mutating func append(_ element: Element) { storage.append(element) }
 
-    subscript(range: PartialRangeUpTo<Int>) -> [Element] {
-        storage[head..<(head + range.upperBound)].map { $0! }
-    }
+    /// The element `index` places after the first.
+    subscript(index: Int) -> Element { storage[head + index]! }
 
     mutating func removeFirst(_ count: Int) {
         precondition(count <= self.count, "removing more than the queue holds")

@@ -364,15 +364,22 @@ extension LogEngine {
         var index = 0
         while index < pieces.count {
             switch pieces[index] {
-            case .data(let offset, _):
-                var run: [ArraySlice<UInt8>] = []
-                var end = offset
-                while index < pieces.count, case .data(let start, let bytes) = pieces[index], start == end {
-                    run.append(bytes)
-                    end += UInt64(bytes.count)
-                    index += 1
+            case .data(let offset, let bytes):
+                var next = index + 1
+                var end = offset + UInt64(bytes.count)
+                while next < pieces.count, case .data(let start, let more) = pieces[next], start == end {
+                    end += UInt64(more.count)
+                    next += 1
                 }
-                try write(run, at: offset)
+                if next == index + 1 {
+                    // Random writes rarely touch: most pieces go out alone, without gathering.
+                    var result: Result<Void, SystemError> = .success(())
+                    bytes.withUnsafeBytes { buffer in result = Result { () throws(SystemError) in try device.write([buffer], at: offset) } }
+                    try result.get()
+                } else {
+                    try write(pieces[index..<next].map { if case .data(_, let bytes) = $0 { bytes } else { [] } }, at: offset)
+                }
+                index = next
             case .zeroes(let offset, let length, let keepAllocated):
                 try device.zero(offset: offset, length: UInt64(length), keepAllocated: keepAllocated)
                 index += 1
