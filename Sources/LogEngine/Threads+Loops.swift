@@ -365,21 +365,24 @@ extension LogEngine {
         while index < pieces.count {
             switch pieces[index] {
             case .data(let offset, let bytes):
-                var next = index + 1
+                // Random writes rarely touch: most pieces go out alone, and `run` (empty until a
+                // neighbour shows up) allocates nothing for them.
+                var run: [ArraySlice<UInt8>] = []
                 var end = offset + UInt64(bytes.count)
-                while next < pieces.count, case .data(let start, let more) = pieces[next], start == end {
+                index += 1
+                while index < pieces.count, case .data(let start, let more) = pieces[index], start == end {
+                    if run.isEmpty { run.append(bytes) }
+                    run.append(more)
                     end += UInt64(more.count)
-                    next += 1
+                    index += 1
                 }
-                if next == index + 1 {
-                    // Random writes rarely touch: most pieces go out alone, without gathering.
+                if run.isEmpty {
                     var result: Result<Void, SystemError> = .success(())
                     bytes.withUnsafeBytes { buffer in result = Result { () throws(SystemError) in try device.write([buffer], at: offset) } }
                     try result.get()
                 } else {
-                    try write(pieces[index..<next].map { if case .data(_, let bytes) = $0 { bytes } else { [] } }, at: offset)
+                    try write(run, at: offset)
                 }
-                index = next
             case .zeroes(let offset, let length, let keepAllocated):
                 try device.zero(offset: offset, length: UInt64(length), keepAllocated: keepAllocated)
                 index += 1
