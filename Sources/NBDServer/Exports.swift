@@ -16,8 +16,10 @@ public final class ExportStatistics: Sendable {
 }
 
 /// One export as the server holds it: what the handshake advertises, the device behind it, the
-/// transaction log every change goes through (nil for a plain export), counters.
-public struct ServedExport: Sendable {
+/// transaction log every change goes through (nil for a plain export), counters. A class: the data
+/// path passes it with every request, and one reference costs one retain where a struct of them
+/// cost one per field.
+public final class ServedExport: Sendable {
     public let descriptor: ExportDescriptor
     public let device: BlockDevice
     public let log: LogEngine?

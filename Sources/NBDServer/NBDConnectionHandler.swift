@@ -83,6 +83,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     private var inFlight = 0
     private var inFlightBytes = 0
     private var needsFlush = false
+    /// Small replies (done, errors, block status) written since the last flush, in one buffer: a
+    /// batch of replies costs one allocation and one pipeline write instead of one per request.
+    private var replyBatch: ByteBuffer?
     private var waitingForBudget = false
     private var completedSinceBatchEnd = false
     private var disconnectRequested = false
@@ -695,6 +698,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             }
             buffer.moveWriterIndex(forwardBy: item.length)
             export.statistics.bytesRead.add(item.length, ordering: .relaxed)
+            writeReplyBatch()
             context.write(wrapOutboundOut(buffer), promise: nil)
             needsFlush = true
         } else {
@@ -705,19 +709,30 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     // MARK: - Replies
 
     private func sendDone(cookie: UInt64) {
-        guard let context else { return }
-        var out = context.channel.allocator.buffer(capacity: ReplyEncoder.simpleHeaderSize)
-        ReplyEncoder.writeDone(&out, cookie: cookie)
-        context.write(wrapOutboundOut(out), promise: nil)
-        needsFlush = true
+        appendReply(reserving: ReplyEncoder.simpleHeaderSize) { ReplyEncoder.writeDone(&$0, cookie: cookie) }
     }
 
     private func sendError(cookie: UInt64, _ error: NBDError, _ message: String) {
-        guard let context else { return }
-        var out = context.channel.allocator.buffer(capacity: 32 + message.utf8.count)
-        ReplyEncoder.writeError(&out, structured: structured, cookie: cookie, error: error, message: message)
-        context.write(wrapOutboundOut(out), promise: nil)
+        appendReply(reserving: 32 + message.utf8.count) {
+            ReplyEncoder.writeError(&$0, structured: structured, cookie: cookie, error: error, message: message)
+        }
+    }
+
+    /// Encodes a small reply at the end of the batch, starting the batch when it is empty.
+    private func appendReply(reserving bytes: Int, _ encode: (inout ByteBuffer) -> Void) {
+        guard context != nil else { return }
+        var batch = replyBatch ?? allocator.buffer(capacity: max(bytes, 32 * ReplyEncoder.simpleHeaderSize))
+        replyBatch = nil  // Keep the buffer uniquely referenced while appending.
+        encode(&batch)
+        replyBatch = batch
         needsFlush = true
+    }
+
+    /// Hands the batched small replies to the channel (before a reply written on its own, and at flush).
+    private func writeReplyBatch() {
+        guard let batch = replyBatch, let context else { return }
+        replyBatch = nil
+        context.write(wrapOutboundOut(batch), promise: nil)
     }
 
     private func sendBlockStatus(_ item: Pending, _ device: BlockDevice) {
@@ -762,16 +777,15 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             // lseek found nothing to report (the device shrank): "allocated, contents unknown" is always safe.
             extents = [Extent(length: UInt32(item.length), flags: 0)]
         }
-        guard let context else { return }
-        var out = context.channel.allocator.buffer(capacity: 32 + 8 * extents.count)
-        ReplyEncoder.writeBlockStatus(&out, cookie: item.cookie, contextID: contextID, extents: extents)
-        context.write(wrapOutboundOut(out), promise: nil)
-        needsFlush = true
+        appendReply(reserving: 32 + 8 * extents.count) {
+            ReplyEncoder.writeBlockStatus(&$0, cookie: item.cookie, contextID: contextID, extents: extents)
+        }
     }
 
     private func flushIfNeeded() {
         guard needsFlush, let context else { return }
         needsFlush = false
+        writeReplyBatch()
         context.flush()
     }
 
