@@ -327,4 +327,57 @@ struct ServerTests {
         #expect(cookies == Set((0..<200).map { UInt64(1000 + $0) }))
         await harness.stop()
     }
+
+    /// One pipelined burst mixing requests whose replies are batched (writes, flushes, errors) with
+    /// READs whose data replies are written on their own: every reply arrives whole, exactly once,
+    /// with the right error and the right data, however the two kinds interleave on the wire.
+    @Test func mixedRepliesKeepTheirFraming() async throws {
+        let size: UInt64 = 4 << 20
+        let harness = try await ServerHarness(size: Int(size))
+        let client = try TestClient.connected(harness.socketPath)
+        let blocks = (0..<16).map { pattern(4096, seed: UInt8(40 + $0)) }
+        for (index, block) in blocks.enumerated() { #expect(try client.write(block, at: UInt64(index) * 4096) == 0) }
+        enum Expected { case done, error(UInt32), data([UInt8]) }
+        var expected: [UInt64: Expected] = [:]
+        var burst: [UInt8] = []
+        for i in 0..<240 {
+            let cookie = UInt64(5000 + i)
+            switch i % 6 {
+            case 0:
+                let block = i / 6 % blocks.count
+                burst += client.requestBytes(.read, cookie: cookie, offset: UInt64(block) * 4096, length: 4096)
+                expected[cookie] = .data(blocks[block])
+            case 1:
+                burst += client.requestBytes(.write, cookie: cookie, offset: (1 << 20) + UInt64(i) * 4096, length: 4096) + blocks[0]
+                expected[cookie] = .done
+            case 2:
+                burst += client.requestBytes(.read, cookie: cookie, offset: size, length: 512)
+                expected[cookie] = .error(NBDError.invalid.rawValue)
+            case 3:
+                burst += client.requestBytes(.write, cookie: cookie, offset: size - 256, length: 512) + [UInt8](repeating: 9, count: 512)
+                expected[cookie] = .error(NBDError.noSpace.rawValue)
+            case 4:
+                burst += client.requestBytes(.flush, cookie: cookie)
+                expected[cookie] = .done
+            default:
+                burst += client.requestBytes(.read, cookie: cookie, offset: UInt64(i % blocks.count) * 4096 + 512, length: 1024)
+                expected[cookie] = .data(Array(blocks[i % blocks.count][512..<1536]))
+            }
+        }
+        try client.send(burst)
+        for _ in 0..<expected.count {
+            let reply = try client.simpleReply()
+            let answered = expected.removeValue(forKey: reply.cookie)
+            let want = try #require(answered, "cookie \(reply.cookie) unexpected or answered twice")
+            switch want {
+            case .done: #expect(reply.error == 0)
+            case .error(let error): #expect(reply.error == error)
+            case .data(let bytes):
+                #expect(reply.error == 0)
+                #expect(try client.receive(bytes.count) == bytes)
+            }
+        }
+        #expect(expected.isEmpty)
+        await harness.stop()
+    }
 }
