@@ -709,19 +709,20 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     // MARK: - Replies
 
     private func sendDone(cookie: UInt64) {
-        appendReply(reserving: ReplyEncoder.simpleHeaderSize) { ReplyEncoder.writeDone(&$0, cookie: cookie) }
+        appendReply(atMost: ReplyEncoder.simpleHeaderSize) { ReplyEncoder.writeDone(&$0, cookie: cookie) }
     }
 
     private func sendError(cookie: UInt64, _ error: NBDError, _ message: String) {
-        appendReply(reserving: 32 + message.utf8.count) {
+        appendReply(atMost: 32 + message.utf8.count) {
             ReplyEncoder.writeError(&$0, structured: structured, cookie: cookie, error: error, message: message)
         }
     }
 
-    /// Encodes a small reply at the end of the batch, starting the batch when it is empty.
-    private func appendReply(reserving bytes: Int, _ encode: (inout ByteBuffer) -> Void) {
+    /// Encodes a small reply of at most `size` bytes at the end of the batch, starting the batch
+    /// (with room for it and a few dozen more) when it is empty.
+    private func appendReply(atMost size: Int, _ encode: (inout ByteBuffer) -> Void) {
         guard context != nil else { return }
-        var batch = replyBatch ?? allocator.buffer(capacity: max(bytes, 32 * ReplyEncoder.simpleHeaderSize))
+        var batch = replyBatch ?? allocator.buffer(capacity: max(size, 32 * ReplyEncoder.simpleHeaderSize))
         replyBatch = nil  // Keep the buffer uniquely referenced while appending.
         encode(&batch)
         replyBatch = batch
@@ -777,7 +778,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             // lseek found nothing to report (the device shrank): "allocated, contents unknown" is always safe.
             extents = [Extent(length: UInt32(item.length), flags: 0)]
         }
-        appendReply(reserving: 32 + 8 * extents.count) {
+        appendReply(atMost: 32 + 8 * extents.count) {
             ReplyEncoder.writeBlockStatus(&$0, cookie: item.cookie, contextID: contextID, extents: extents)
         }
     }
