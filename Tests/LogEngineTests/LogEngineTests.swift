@@ -493,7 +493,11 @@ func waitForWriteback(_ engine: LogEngine) {
         #expect(try reopened.read(offset: 1 << 16, length: 4096) == [UInt8](repeating: 2, count: 4096))
         reopened.shutdown()
 
-        let tight = try SimulatedResource(segmentSize: segmentSize, pending: 1 << 20)
+        // The smallest log space for 4 KiB records: a spare would need the log to hold at most about
+        // one record, and one is only prepared once an eighth of a segment is durable. (With room for
+        // 16 KiB records there was a moment early in the segment when a spare fitted, and a slow run
+        // caught it.)
+        let tight = try SimulatedResource(segmentSize: segmentSize, maxRecord: 4 << 10, pending: 1 << 20)
         let busy = try tight.open()
         for token in 0..<12 {
             _ = busy.submit(offset: UInt64(token) * 4096, change: .write([UInt8](repeating: 1, count: 4096)), fua: true, target: target, token: 100 + token)
