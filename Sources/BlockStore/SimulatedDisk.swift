@@ -65,7 +65,6 @@ public final class SimulatedDisk: Sendable {
         }
     }
 
-
     /// Cuts the power: unsynced changes are lost as `mode` says; open handles die.
     public func powerLoss(_ mode: PowerLossMode = .dropUnsynced) {
         state.withLock { state in

@@ -225,7 +225,8 @@ public final class LogEngine: Sendable {
     let positionBox: PositionBox
 
     init(
-        configuration: LogEngineConfiguration, directory: any StorageDirectory, device: any StorageFile, state: State, openSegment: OpenSegment, position: PositionFile
+        configuration: LogEngineConfiguration, directory: any StorageDirectory, device: any StorageFile, state: State,
+        openSegment: OpenSegment, position: PositionFile
     ) {
         self.configuration = configuration
         self.directory = directory
@@ -256,8 +257,12 @@ public final class LogEngine: Sendable {
             if let refusal = refusal(state) { return .refused(refusal) }
             if !state.waitingWrites.isEmpty || !hasRoom(state, for: change) {
                 state.waitingWrites.append(write)
-                if state.waitingWrites.count == 1 { writerWake.signal() }  // commit at once: writeback makes room
-                checkpointWake.signal()  // retiring segments may make room
+                if state.waitingWrites.count == 1 {
+                    // Once per wait, not per waiting write: both threads re-check under the lock
+                    // before they sleep, and writeback signals the checkpointer again when it is urgent.
+                    writerWake.signal()  // commit at once: writeback makes room
+                    checkpointWake.signal()  // retiring segments may make room
+                }
                 return .waiting
             }
             return admit(write, &state) ? .waiting : .acknowledged
