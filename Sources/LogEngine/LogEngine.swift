@@ -169,9 +169,17 @@ public final class LogEngine: Sendable {
     struct WaitingWrite {
         var offset: UInt64
         var change: LogChange
+        /// CRC32C of a write's payload (0 for other changes), computed by `submit`.
+        var payloadChecksum: UInt32
         var fua: Bool
         var target: any LogCompletionTarget
         var token: Int
+    }
+
+    /// A record admitted to the log and the CRC32C of its payload.
+    struct QueuedRecord {
+        var record: LogRecord
+        var payloadChecksum: UInt32
     }
 
     struct State {
@@ -181,7 +189,7 @@ public final class LogEngine: Sendable {
         var writebackLSN: UInt64
         var pending: PendingWriteMap
         /// Admitted records the log writer has not written yet, in LSN order.
-        var queue: [LogRecord] = []
+        var queue: [QueuedRecord] = []
         var queuedBytes: UInt64 = 0
         var waitingWrites = FIFO<WaitingWrite>()
         var durabilityWaiters = FIFO<Waiter>()
@@ -252,7 +260,12 @@ public final class LogEngine: Sendable {
         offset: UInt64, change: LogChange, fua: Bool, target: any LogCompletionTarget, token: Int
     ) -> LogAdmission {
         guard change.length > 0 else { return .acknowledged }
-        let write = WaitingWrite(offset: offset, change: change, fua: fua, target: target, token: token)
+        // Checksummed here, on the event loop that has just copied the payload and still has it in
+        // its cache, not in the log writer, which would read it back from memory (BENCHMARKS.md).
+        let payloadChecksum = if case .write(let bytes) = change { CRC32C.checksum(bytes) } else { UInt32(0) }
+        let write = WaitingWrite(
+            offset: offset, change: change, payloadChecksum: payloadChecksum, fua: fua, target: target, token: token
+        )
         return monitor.withLock { state -> LogAdmission in
             if let refusal = refusal(state) { return .refused(refusal) }
             if !state.waitingWrites.isEmpty || !hasRoom(state, for: change) {
@@ -417,7 +430,7 @@ public final class LogEngine: Sendable {
         state.nextLSN += size
         state.queuedBytes += size
         state.pending.insert(lsn: lsn, offset: write.offset, content: content)
-        state.queue.append(record)
+        state.queue.append(QueuedRecord(record: record, payloadChecksum: write.payloadChecksum))
         let gathered = state.queuedBytes >= Self.lazyCommitBytes && state.queuedBytes - size < Self.lazyCommitBytes
         if state.queue.count == 1 || gathered { writerWake.signal() }
         guard write.fua else { return false }

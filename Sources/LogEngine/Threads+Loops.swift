@@ -23,7 +23,7 @@ extension LogEngine {
             // While nobody waits for durability, gather records a moment longer: fewer, larger
             // commits, and fewer wakeups of every thread on a busy host. Nothing is promised durable
             // before a FUA write or a FLUSH, which end the wait.
-            let batch: [LogRecord]? = monitor.wait(
+            let batch: [QueuedRecord]? = monitor.wait(
                 writerWake, timeout: Self.lazyCommitDelay, until: { commitDue($0) },
                 then: { state in
                     if state.halted { return nil }
@@ -41,7 +41,7 @@ extension LogEngine {
             }
             var remaining = batch[...]
             do {
-                while let first = remaining.first {
+                while let first = remaining.first?.record {
                     var open = openSegment.value
                     // A new file's blocks are unwritten, so each commit's fdatasync also commits the
                     // filesystem journal: move on to a spare as soon as one is ready.
@@ -53,8 +53,8 @@ extension LogEngine {
                     // The records that go into this segment.
                     var count = 0
                     var bytes: UInt64 = 0
-                    for record in remaining {
-                        let size = UInt64(record.encodedSize)
+                    for queued in remaining {
+                        let size = UInt64(queued.record.encodedSize)
                         if open.records + count > 0, open.size + bytes + size > configuration.segmentSize { break }
                         count += 1
                         bytes += size
@@ -69,7 +69,8 @@ extension LogEngine {
                     open.digest = digest
                     openSegment.value = open
                     remaining = remaining.dropFirst(count)
-                    let endLSN = group.last!.lsn + UInt64(group.last!.encodedSize)
+                    let last = group.last!.record
+                    let endLSN = last.lsn + UInt64(last.encodedSize)
                     let (completions, prepare) = monitor.withLock { state -> ([(any LogCompletionTarget, LogCompletion)], Bool) in
                         state.durableLSN = endLSN
                         state.queuedBytes -= bytes
@@ -113,15 +114,16 @@ extension LogEngine {
 
     /// Stages `group` at the end of the open segment and writes it (direct I/O where the filesystem
     /// allows), adding each record to the history digest. Returns the end of the file's bytes.
-    private func append(_ group: ArraySlice<LogRecord>, to open: OpenSegment, digest: inout HistoryDigest) throws(SystemError) -> UInt64 {
+    private func append(_ group: ArraySlice<QueuedRecord>, to open: OpenSegment, digest: inout HistoryDigest) throws(SystemError) -> UInt64 {
         var header: [UInt8] = []
         header.reserveCapacity(LogRecordLayout.headerSize)
         var trailer: [UInt8] = []
         trailer.reserveCapacity(LogRecordLayout.trailerSize)
-        for record in group {
+        for queued in group {
+            let record = queued.record
             header.removeAll(keepingCapacity: true)
             trailer.removeAll(keepingCapacity: true)
-            let checksum = record.encodeHeader(into: &header)
+            let checksum = record.encodeHeader(into: &header, payloadChecksum: queued.payloadChecksum)
             trailer.appendLittleEndian(checksum)
             header.withUnsafeBytes { digest.add(recordHeader: $0, checksum: checksum) }
             try open.appender.append(header, to: open.file)

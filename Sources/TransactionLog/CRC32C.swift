@@ -21,4 +21,11 @@ public enum CRC32C {
     public static func checksum(_ bytes: [UInt8], continuing crc: UInt32 = 0, implementation: ChecksumImplementation = .fastest) -> UInt32 {
         bytes.withUnsafeBytes { checksum($0, continuing: crc, implementation: implementation) }
     }
+
+    /// The checksum of A followed by B, from `first` (A's checksum), `second` (B's) and B's length.
+    public static func combine(
+        _ first: UInt32, _ second: UInt32, secondLength: Int, implementation: ChecksumImplementation = .fastest
+    ) -> UInt32 {
+        cchecksum_crc32c_combine(first, second, secondLength, implementation.path)
+    }
 }

@@ -66,6 +66,13 @@ public struct LogRecord: Sendable, Equatable {
     /// writer can send the payload from where it is, without copying it behind the header.
     @discardableResult
     public func encodeHeader(into out: inout [UInt8]) -> UInt32 {
+        encodeHeader(into: &out, payloadChecksum: CRC32C.checksum(payload))
+    }
+
+    /// `encodeHeader(into:)` with the payload's CRC32C computed earlier, where the payload was at hand
+    /// (the log writer would read it again from memory another CPU wrote).
+    @discardableResult
+    public func encodeHeader(into out: inout [UInt8], payloadChecksum: UInt32) -> UInt32 {
         let start = out.count
         out.appendLittleEndian(LogRecordLayout.magic)
         out.append(LogRecordLayout.version)
@@ -78,7 +85,7 @@ public struct LogRecord: Sendable, Equatable {
         out.appendLittleEndian(offset)
         out.appendLittleEndian(length)
         let headerCRC = out.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[start...])) }
-        return CRC32C.checksum(payload, continuing: headerCRC)
+        return CRC32C.combine(headerCRC, payloadChecksum, secondLength: payload.count)
     }
 
     public func encoded() -> [UInt8] {

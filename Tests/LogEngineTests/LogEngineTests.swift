@@ -575,7 +575,9 @@ func waitForWriteback(_ engine: LogEngine) {
         )
         state.appliedLSN = 9000
         state.waitingWrites.append(
-            LogEngine.WaitingWrite(offset: 0, change: .write([UInt8](repeating: 1, count: 4096)), fua: false, target: Completions(), token: 1)
+            LogEngine.WaitingWrite(
+                offset: 0, change: .write([UInt8](repeating: 1, count: 4096)), payloadChecksum: 0, fua: false, target: Completions(), token: 1
+            )
         )
         #expect(!engine.checkpointUrgent(state), "the log has room: the write waits for the pending map")
         state.segments[0].fileSize = (1 << 20) - 1000

@@ -82,6 +82,45 @@ struct LogFormatTests {
         }
     }
 
+    /// Combining the checksums of two parts gives the checksum of both, on either implementation,
+    /// for every short length (below the hardware path's shortest shift), around the stream sizes,
+    /// and with lengths alternating (each thread caches the last length's shift constant).
+    @Test func crc32cCombine() {
+        var random = SplitMix64(state: 7)
+        let data = (0..<9000).map { _ in UInt8.random(in: 0...255, using: &random) }
+        let lengths = Array(0...40) + [383, 384, 1024, 3072, 4096, 4096, 65, 4096, 8192, 8999]
+            + (0..<40).map { _ in Int.random(in: 0...8999, using: &random) }
+        for length in lengths {
+            let bytes = data[..<length]
+            let expected = CRC32C.checksum(Array(bytes))
+            let split = Int.random(in: 0...length, using: &random)
+            let first = CRC32C.checksum(Array(bytes[..<split]))
+            let second = CRC32C.checksum(Array(bytes[split...]))
+            for implementation in [ChecksumImplementation.fastest, .portable] {
+                #expect(
+                    CRC32C.combine(first, second, secondLength: length - split, implementation: implementation) == expected,
+                    "\(length) bytes split at \(split), \(implementation)"
+                )
+            }
+        }
+    }
+
+    /// A record's checksum from a payload checksum computed elsewhere equals the CRC32C over its header
+    /// and payload, and depends on that payload checksum.
+    @Test func recordChecksumFromAPayloadChecksum() {
+        var random = SplitMix64(state: 11)
+        for index in 0..<200 {
+            let record = randomRecord(lsn: UInt64(index) * 10_000, using: &random)
+            let payloadChecksum = CRC32C.checksum(record.payload)
+            var header: [UInt8] = []
+            let checksum = record.encodeHeader(into: &header, payloadChecksum: payloadChecksum)
+            #expect(checksum == CRC32C.checksum(header + record.payload))
+            var again: [UInt8] = []
+            #expect(record.encodeHeader(into: &again, payloadChecksum: payloadChecksum ^ 1) != checksum)
+            #expect(again == header)
+        }
+    }
+
     /// Every record type round-trips, field for field.
     @Test func roundTrip() throws {
         let (records, bytes) = randomLog(count: 300, seed: 1)

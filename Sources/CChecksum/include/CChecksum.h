@@ -16,6 +16,10 @@ typedef enum { CCHECKSUM_FASTEST = 0, CCHECKSUM_PORTABLE = 1 } cchecksum_path;
 /// Continues `crc` (0 to start) over `length` bytes. Standard CRC32C: pre- and post-inverted.
 uint32_t cchecksum_crc32c(uint32_t crc, const void *data, size_t length, cchecksum_path path);
 
+/// The CRC32C of A followed by B, from `first` (CRC32C of A), `second` (CRC32C of B) and B's
+/// length: a checksum over bytes that were checksummed in two places.
+uint32_t cchecksum_crc32c_combine(uint32_t first, uint32_t second, size_t second_length, cchecksum_path path);
+
 /// Runs the SHA-256 compression function over `blocks` 64-byte blocks into `state` (FIPS 180-4).
 void cchecksum_sha256_blocks(uint32_t state[8], const void *data, size_t blocks, cchecksum_path path);
 
