@@ -86,12 +86,12 @@ public struct ZeroBlock: @unchecked Sendable {
     public let address: UnsafeRawPointer
     public let size: Int
 
+    /// One huge page: a zero-filled spare or range costs one pinned page per 2 MiB written.
     public static let shared: ZeroBlock = {
-        let size = 1 << 20
-        var pointer: UnsafeMutableRawPointer?
-        precondition(posix_memalign(&pointer, 4096, size) == 0, "cannot allocate the zero block")
-        pointer!.initializeMemory(as: UInt8.self, repeating: 0, count: size)
-        return ZeroBlock(address: UnsafeRawPointer(pointer!), size: size)
+        let memory = DirectIOMemory.allocate(DirectIOMemory.hugePageSize)
+        // Written once, so the pages exist (anonymous memory is zeroed; reads alone would map the shared zero page).
+        memory.initializeMemory(as: UInt8.self, repeating: 0)
+        return ZeroBlock(address: UnsafeRawPointer(memory.baseAddress!), size: memory.count)
     }()
 }
 

@@ -23,13 +23,10 @@ final class SegmentAppender: @unchecked Sendable {
 
     /// `capacity` is rounded up to whole aligned blocks, at least two.
     init(capacity: Int = 2 << 20) {
-        let size = max(2 * StorageAlignment.direct, StorageAlignment.roundUp(capacity))
-        var pointer: UnsafeMutableRawPointer?
-        precondition(posix_memalign(&pointer, StorageAlignment.direct, size) == 0, "cannot allocate the log's staging buffer")
-        buffer = UnsafeMutableRawBufferPointer(start: pointer, count: size)
+        buffer = DirectIOMemory.allocate(max(2 * StorageAlignment.direct, StorageAlignment.roundUp(capacity)))
     }
 
-    deinit { free(buffer.baseAddress) }
+    deinit { DirectIOMemory.deallocate(buffer) }
 
     /// Where the next appended byte goes.
     var position: UInt64 { blockStart + UInt64(fill) }

@@ -46,6 +46,39 @@ func run(_ queue: any IOQueue, _ operations: [IOOperation]) -> [Int32] {
 
 let uringAvailable = (try? URingIOQueue()) != nil
 
+/// The whole text of a (proc or sys) file, or nil when it cannot be opened.
+func textFile(_ path: String) -> String? {
+    guard let stream = fopen(path, "r") else { return nil }
+    defer { fclose(stream) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let count = fread(&chunk, 1, chunk.count, stream)
+        if count <= 0 { break }
+        bytes += chunk[..<count]
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+/// The mapping of this process that contains `address`: start, length and VmFlags (/proc/self/smaps).
+func smapsEntry(containing address: UInt) -> (start: UInt, length: Int, flags: [String])? {
+    guard let text = textFile("/proc/self/smaps") else { return nil }
+    var found: (start: UInt, length: Int, flags: [String])?
+    for line in text.split(separator: "\n") {
+        let fields = line.split(separator: " ")
+        if let range = fields.first, range.contains("-"), !range.hasSuffix(":") {
+            if found != nil { break }
+            let bounds = range.split(separator: "-").compactMap { UInt($0, radix: 16) }
+            if bounds.count == 2, bounds[0] <= address, address < bounds[1] {
+                found = (bounds[0], Int(bounds[1] - bounds[0]), [])
+            }
+        } else if found != nil, fields.first == "VmFlags:" {
+            found!.flags = fields.dropFirst().map(String.init)
+        }
+    }
+    return found
+}
+
 func engines() -> [IOEngine] {
     uringAvailable ? [.uring, .posix] : [.posix]
 }
@@ -171,6 +204,37 @@ struct BlockStoreTests {
     }
 
     /// Direct mode uses O_DIRECT only for aligned requests from aligned memory, else the buffered descriptor.
+    /// Direct I/O memory: the requested size, huge-page aligned, zeroed, mapped in whole pages (whole
+    /// huge pages from 2 MiB up, marked for huge pages where the kernel has them), and usable as the
+    /// source of direct writes.
+    @Test(arguments: [1, 4096, 5000, 2 << 20, (2 << 20) + 4096, 4 << 20])
+    func directIOMemory(size: Int) throws {
+        let memory = DirectIOMemory.allocate(size)
+        defer { DirectIOMemory.deallocate(memory) }
+        let base = UInt(bitPattern: memory.baseAddress)
+        #expect(memory.count == size)
+        #expect(base % UInt(DirectIOMemory.hugePageSize) == 0)
+        #expect(memory.allSatisfy { $0 == 0 })
+        memory[size - 1] = 0xA5
+        let mapping = try #require(smapsEntry(containing: base), "no mapping at \(base)")
+        #expect(mapping.start == base)
+        #expect(mapping.length == DirectIOMemory.mappedLength(size))
+        #expect(mapping.length % (size >= DirectIOMemory.hugePageSize ? DirectIOMemory.hugePageSize : 4096) == 0)
+        let thp = textFile("/sys/kernel/mm/transparent_hugepage/enabled") ?? "[never]"
+        if size >= DirectIOMemory.hugePageSize, !thp.contains("[never]") {
+            #expect(mapping.flags.contains("hg"), "not marked for huge pages: \(mapping.flags)")
+        }
+        // The memory as the source of a direct write, read back through the page cache.
+        let dir = TemporaryDirectory()
+        let directory = try POSIXDirectory(path: dir.path)
+        let file = try directory.open("direct", create: true, direct: true)
+        if StorageAlignment.roundUp(size) == size {
+            memory.initializeMemory(as: UInt8.self, repeating: 0x3C)
+            try file.write([UnsafeRawBufferPointer(memory)], at: 0)
+            #expect(try directory.open("direct", create: false).read(count: size, at: 0) == [UInt8](repeating: 0x3C, count: size))
+        }
+    }
+
     @Test func directDescriptorChoice() throws {
         let dir = TemporaryDirectory()
         let device: BlockDevice
