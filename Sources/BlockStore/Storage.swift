@@ -26,6 +26,22 @@ public protocol StorageFile: AnyObject, Sendable {
 }
 
 extension StorageFile {
+    /// Writes zeroes over `[offset, offset+length)` from the shared block of zeroes: written blocks,
+    /// where `zero` may leave unwritten extents. Between blocks, stops when `proceed` returns false;
+    /// returns whether the whole range was written.
+    @discardableResult
+    public func writeZeroes(offset: UInt64, length: UInt64, while proceed: () -> Bool = { true }) throws(SystemError) -> Bool {
+        let zeroes = ZeroBlock.shared
+        var position = offset
+        while position < offset + length {
+            guard proceed() else { return false }
+            let count = Int(min(UInt64(zeroes.size), offset + length - position))
+            try write([UnsafeRawBufferPointer(start: zeroes.address, count: count)], at: position)
+            position += UInt64(count)
+        }
+        return true
+    }
+
     public func write(_ bytes: [UInt8], at offset: UInt64) throws(SystemError) {
         var result: Result<Void, SystemError> = .success(())
         bytes.withUnsafeBytes { buffer in
@@ -185,13 +201,7 @@ public final class POSIXFile: StorageFile {
             if result == 0 { return }
             if result != -EOPNOTSUPP && result != -EINVAL && result != -ENODEV { try Syscall.check("fallocate", name, result) }
         }
-        var position = offset
-        let zeroes = ZeroBlock.shared
-        while position < offset + length {
-            let count = Int(min(UInt64(zeroes.size), offset + length - position))
-            try write([UnsafeRawBufferPointer(start: zeroes.address, count: count)], at: position)
-            position += UInt64(count)
-        }
+        try writeZeroes(offset: offset, length: length)
     }
 }
 

@@ -63,14 +63,7 @@ extension LogEngine {
         let file = try directory.open(name, create: true, direct: true)
         try file.truncate(to: 0)
         try file.preallocate(size)
-        let zeroes = ZeroBlock.shared
-        var position: UInt64 = 0
-        while position < size {
-            if monitor.withLock({ $0.stopping }) { return false }
-            let count = Int(min(UInt64(zeroes.size), size - position))
-            try file.write([UnsafeRawBufferPointer(start: zeroes.address, count: count)], at: position)
-            position += UInt64(count)
-        }
+        guard try file.writeZeroes(offset: 0, length: size, while: { !monitor.withLock { $0.stopping } }) else { return false }
         try file.sync()
         try directory.sync()
         return true
