@@ -21,6 +21,15 @@ static uint32_t squares[64];
 // of three cycles and a throughput of one), then combined: crc(A || B) = crc(A) * x^(8|B|) ^ crc(B).
 enum { LONG_STRIDE = 1024, SHORT_STRIDE = 128 };
 static uint64_t long_shift[2], short_shift[2];
+// Buffers of at least FOLD_MINIMUM bytes go through four 512-bit lanes of carry-less folding where
+// the CPU has AVX-512 and VPCLMULQDQ (each multiply-add moves 16 bytes 256 bytes further, 16 at a
+// time), then the crc32 instruction over the last 16 bytes. FOLD_DISTANCES are the distances in
+// bits a fold moves data; fold_constants[i] are the two multipliers for FOLD_DISTANCES[i].
+enum { FOLD_MINIMUM = 256 };
+enum { FOLD_2048, FOLD_1536, FOLD_1024, FOLD_512, FOLD_384, FOLD_256, FOLD_128, FOLD_COUNT };
+static const uint64_t FOLD_DISTANCES[FOLD_COUNT] = {2048, 1536, 1024, 512, 384, 256, 128};
+static uint64_t fold_constants[FOLD_COUNT][2];
+static int folding;
 #endif
 
 // a * b mod P, both reflected (bit 31 is x^0), one bit of `a` at a time.
@@ -63,6 +72,13 @@ static void initialize(void) {
     long_shift[1] = x_to_the_power(16 * LONG_STRIDE - 33);
     short_shift[0] = x_to_the_power(8 * SHORT_STRIDE - 33);
     short_shift[1] = x_to_the_power(16 * SHORT_STRIDE - 33);
+    folding = hardware && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vpclmulqdq");
+    // A 16-byte block's first 8 bytes are the high-order half: moving the block d bits on
+    // multiplies them by x^(d+64) and the second half by x^d, less the 33 of the shift above.
+    for (int i = 0; i < FOLD_COUNT; i++) {
+        fold_constants[i][0] = x_to_the_power(FOLD_DISTANCES[i] + 64 - 33);
+        fold_constants[i][1] = x_to_the_power(FOLD_DISTANCES[i] - 33);
+    }
 #endif
 }
 
@@ -129,11 +145,71 @@ __attribute__((target("sse4.2,pclmul"))) static uint32_t accelerated(uint32_t cr
 }
 #endif
 
+#if defined(__x86_64__)
+#define FOLD_TARGET __attribute__((target("avx512f,vpclmulqdq,pclmul,sse4.2")))
+
+// `block` moved on by the distance whose multipliers `constants` holds (both halves of every lane).
+FOLD_TARGET static inline __m512i fold512(__m512i block, __m512i constants) {
+    return _mm512_xor_si512(_mm512_clmulepi64_epi128(block, constants, 0x00), _mm512_clmulepi64_epi128(block, constants, 0x11));
+}
+
+FOLD_TARGET static inline __m128i fold128(__m128i block, int distance) {
+    __m128i constants = _mm_loadu_si128((const __m128i *)fold_constants[distance]);
+    return _mm_xor_si128(_mm_clmulepi64_si128(block, constants, 0x00), _mm_clmulepi64_si128(block, constants, 0x11));
+}
+
+FOLD_TARGET static inline __m512i broadcast(int distance) {
+    return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)fold_constants[distance]));
+}
+
+// At least FOLD_MINIMUM bytes. The CRC register is added to the first four bytes; folding keeps
+// the remainder modulo P of everything before the block it folds into, so the crc32 instruction
+// over the last 16-byte block (from 0) and the tail finishes the checksum.
+FOLD_TARGET static uint32_t folded(uint32_t crc, const unsigned char *p, size_t n) {
+    __m512i x0 = _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)crc)));
+    __m512i x1 = _mm512_loadu_si512(p + 64), x2 = _mm512_loadu_si512(p + 128), x3 = _mm512_loadu_si512(p + 192);
+    p += 256;
+    n -= 256;
+    const __m512i by2048 = broadcast(FOLD_2048);
+    while (n >= 256) {
+        // 0x96: three-way exclusive or.
+        x0 = _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x0, by2048, 0x00), _mm512_clmulepi64_epi128(x0, by2048, 0x11), _mm512_loadu_si512(p), 0x96);
+        x1 = _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x1, by2048, 0x00), _mm512_clmulepi64_epi128(x1, by2048, 0x11), _mm512_loadu_si512(p + 64), 0x96);
+        x2 = _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x2, by2048, 0x00), _mm512_clmulepi64_epi128(x2, by2048, 0x11), _mm512_loadu_si512(p + 128), 0x96);
+        x3 = _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x3, by2048, 0x00), _mm512_clmulepi64_epi128(x3, by2048, 0x11), _mm512_loadu_si512(p + 192), 0x96);
+        p += 256;
+        n -= 256;
+    }
+    x3 = _mm512_ternarylogic_epi64(fold512(x0, broadcast(FOLD_1536)), fold512(x1, broadcast(FOLD_1024)), x3, 0x96);
+    const __m512i by512 = broadcast(FOLD_512);
+    x3 = _mm512_xor_si512(x3, fold512(x2, by512));
+    while (n >= 64) {
+        x3 = _mm512_xor_si512(fold512(x3, by512), _mm512_loadu_si512(p));
+        p += 64;
+        n -= 64;
+    }
+    __m128i v = _mm_xor_si128(fold128(_mm512_extracti32x4_epi32(x3, 0), FOLD_384), fold128(_mm512_extracti32x4_epi32(x3, 1), FOLD_256));
+    v = _mm_xor_si128(v, fold128(_mm512_extracti32x4_epi32(x3, 2), FOLD_128));
+    v = _mm_xor_si128(v, _mm512_extracti32x4_epi32(x3, 3));
+    while (n >= 16) {
+        v = _mm_xor_si128(fold128(v, FOLD_128), _mm_loadu_si128((const __m128i *)p));
+        p += 16;
+        n -= 16;
+    }
+    uint64_t c = __builtin_ia32_crc32di(0, (uint64_t)_mm_cvtsi128_si64(v));
+    c = __builtin_ia32_crc32di(c, (uint64_t)_mm_extract_epi64(v, 1));
+    uint32_t c32 = (uint32_t)c;
+    while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
+    return c32;
+}
+#endif
+
 uint32_t cchecksum_crc32c(uint32_t crc, const void *data, size_t length, cchecksum_path path) {
     pthread_once(&once, initialize);
     crc = ~crc;
 #if defined(__x86_64__)
-    if (hardware && path == CCHECKSUM_FASTEST) return ~accelerated(crc, data, length);
+    if (folding && path == CCHECKSUM_FASTEST && length >= FOLD_MINIMUM) return ~folded(crc, data, length);
+    if (hardware && path != CCHECKSUM_PORTABLE) return ~accelerated(crc, data, length);
 #endif
     return ~software(crc, data, length);
 }
@@ -144,7 +220,7 @@ uint32_t cchecksum_crc32c_combine(uint32_t first, uint32_t second, size_t second
     pthread_once(&once, initialize);
     uint64_t bits = 8 * (uint64_t)second_length;
 #if defined(__x86_64__)
-    if (hardware && path == CCHECKSUM_FASTEST && bits >= 33) {
+    if (hardware && path != CCHECKSUM_PORTABLE && bits >= 33) {
         // The shift constant for a length costs a dozen multiplications; a writer's records mostly
         // share a few lengths, so each thread keeps the last one.
         static _Thread_local uint64_t cached_bits = 0;

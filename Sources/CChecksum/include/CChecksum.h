@@ -1,17 +1,18 @@
 #ifndef CCHECKSUM_H
 #define CCHECKSUM_H
 
-// Checksums for log records: CRC32C on the SSE4.2 crc32 instruction (three interleaved streams
-// combined with PCLMULQDQ) where the CPU has them, a table otherwise; the SHA-256 block function
+// Checksums for log records: CRC32C by carry-less folding on AVX-512 VPCLMULQDQ for buffers from
+// 256 bytes, else the SSE4.2 crc32 instruction (three interleaved streams combined with PCLMULQDQ),
+// where the CPU has them, a table otherwise; the SHA-256 block function
 // on the SHA extensions where the CPU has them, portable C otherwise. In C because Swift cannot
 // target one function at an instruction set extension with a runtime check.
 
 #include <stddef.h>
 #include <stdint.h>
 
-/// Which implementation to use: the fastest the CPU supports, or the portable one (tests compare
-/// the two).
-typedef enum { CCHECKSUM_FASTEST = 0, CCHECKSUM_PORTABLE = 1 } cchecksum_path;
+/// Which implementation to use: the fastest the CPU supports, the portable one, or (CRC32C only)
+/// the crc32 instruction without AVX-512 folding (tests compare them).
+typedef enum { CCHECKSUM_FASTEST = 0, CCHECKSUM_PORTABLE = 1, CCHECKSUM_CRC32_INSTRUCTION = 2 } cchecksum_path;
 
 /// Continues `crc` (0 to start) over `length` bytes. Standard CRC32C: pre- and post-inverted.
 uint32_t cchecksum_crc32c(uint32_t crc, const void *data, size_t length, cchecksum_path path);
