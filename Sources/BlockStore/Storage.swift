@@ -43,6 +43,10 @@ extension StorageFile {
     }
 
     public func write(_ bytes: [UInt8], at offset: UInt64) throws(SystemError) {
+        try write(bytes[...], at: offset)
+    }
+
+    public func write(_ bytes: ArraySlice<UInt8>, at offset: UInt64) throws(SystemError) {
         var result: Result<Void, SystemError> = .success(())
         bytes.withUnsafeBytes { buffer in
             result = Result { () throws(SystemError) in try write([buffer], at: offset) }

@@ -148,9 +148,12 @@ __attribute__((target("sse4.2,pclmul"))) static uint32_t accelerated(uint32_t cr
 #if defined(__x86_64__)
 #define FOLD_TARGET __attribute__((target("avx512f,vpclmulqdq,pclmul,sse4.2")))
 
-// `block` moved on by the distance whose multipliers `constants` holds (both halves of every lane).
-FOLD_TARGET static inline __m512i fold512(__m512i block, __m512i constants) {
-    return _mm512_xor_si512(_mm512_clmulepi64_epi128(block, constants, 0x00), _mm512_clmulepi64_epi128(block, constants, 0x11));
+// `block` moved on by the distance whose multipliers `constants` holds (both halves of every lane),
+// added to `onto` (0x96: three-way exclusive or).
+FOLD_TARGET static inline __m512i fold512(__m512i block, __m512i constants, __m512i onto) {
+    return _mm512_ternarylogic_epi64(
+        _mm512_clmulepi64_epi128(block, constants, 0x00), _mm512_clmulepi64_epi128(block, constants, 0x11), onto, 0x96
+    );
 }
 
 FOLD_TARGET static inline __m128i fold128(__m128i block, int distance) {
@@ -172,19 +175,17 @@ FOLD_TARGET static uint32_t folded(uint32_t crc, const unsigned char *p, size_t 
     n -= 256;
     const __m512i by2048 = broadcast(FOLD_2048);
     while (n >= 256) {
-        // 0x96: three-way exclusive or.
-        x0 = _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x0, by2048, 0x00), _mm512_clmulepi64_epi128(x0, by2048, 0x11), _mm512_loadu_si512(p), 0x96);
-        x1 = _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x1, by2048, 0x00), _mm512_clmulepi64_epi128(x1, by2048, 0x11), _mm512_loadu_si512(p + 64), 0x96);
-        x2 = _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x2, by2048, 0x00), _mm512_clmulepi64_epi128(x2, by2048, 0x11), _mm512_loadu_si512(p + 128), 0x96);
-        x3 = _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x3, by2048, 0x00), _mm512_clmulepi64_epi128(x3, by2048, 0x11), _mm512_loadu_si512(p + 192), 0x96);
+        x0 = fold512(x0, by2048, _mm512_loadu_si512(p));
+        x1 = fold512(x1, by2048, _mm512_loadu_si512(p + 64));
+        x2 = fold512(x2, by2048, _mm512_loadu_si512(p + 128));
+        x3 = fold512(x3, by2048, _mm512_loadu_si512(p + 192));
         p += 256;
         n -= 256;
     }
-    x3 = _mm512_ternarylogic_epi64(fold512(x0, broadcast(FOLD_1536)), fold512(x1, broadcast(FOLD_1024)), x3, 0x96);
     const __m512i by512 = broadcast(FOLD_512);
-    x3 = _mm512_xor_si512(x3, fold512(x2, by512));
+    x3 = fold512(x0, broadcast(FOLD_1536), fold512(x1, broadcast(FOLD_1024), fold512(x2, by512, x3)));
     while (n >= 64) {
-        x3 = _mm512_xor_si512(fold512(x3, by512), _mm512_loadu_si512(p));
+        x3 = fold512(x3, by512, _mm512_loadu_si512(p));
         p += 64;
         n -= 64;
     }

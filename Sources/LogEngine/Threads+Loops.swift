@@ -379,9 +379,7 @@ extension LogEngine {
                     index += 1
                 }
                 if run.isEmpty {
-                    var result: Result<Void, SystemError> = .success(())
-                    bytes.withUnsafeBytes { buffer in result = Result { () throws(SystemError) in try device.write([buffer], at: offset) } }
-                    try result.get()
+                    try device.write(bytes, at: offset)
                 } else {
                     try write(run, at: offset)
                 }
