@@ -10,6 +10,10 @@
   rss-10g-burst       peak RSS (VmHWM) of marsd while fio writes 10 GiB to the   target < 256 MiB
                       logged resource (1M, qd8)
 
+For the 4 KiB rounds it also reports CPU per request (marsd's threads, and the whole machine with
+fio) and the machine's idle share (idle + iowait): on a small machine the client shares the CPUs,
+and the two paths differ as much in how much CPU stays idle as in what a request costs.
+
 Usage: logbench.py [--rounds N] [--runtime S] [--marsd PATH] [--dir DIR] [--burst-gib N] [--seq-gib N]
                    [--fua-writes N] [--json FILE]
 """
@@ -73,6 +77,12 @@ class Marsd:
                     return int(line.split()[1])
         return 0
 
+    def cpu_seconds(self):
+        """utime + stime of every thread of marsd so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=600)
@@ -97,6 +107,25 @@ def fio(target, rw, bs, qd, runtime=None, size=None, end_fsync=False):
     text = out.stdout
     job = json.loads(text[text.index("{"):])["jobs"][0]["write"]
     return dict(iops=job["iops"], mibs=job["bw_bytes"] / MiB)
+
+
+def machine_ticks():
+    """(busy, idle) clock ticks of all CPUs so far; iowait counts as idle."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return user + nice + system + irq + softirq + steal, idle + iowait
+
+
+def fio_4k(server, runtime):
+    """4 KiB random writes at qd32 against `server`: IOPS, µs of CPU per request (marsd; the whole
+    machine, fio included) and the machine's idle share, over fio's whole run (ramp included)."""
+    cpu0, (busy0, idle0) = server.cpu_seconds(), machine_ticks()
+    result = fio(server.uri, "randwrite", "4k", 32, runtime)
+    cpu1, (busy1, idle1) = server.cpu_seconds(), machine_ticks()
+    requests = result["iops"] * (runtime + 1)  # fio's second of ramp runs at about the same rate
+    tick = os.sysconf("SC_CLK_TCK")
+    return dict(iops=result["iops"], server_us=(cpu1 - cpu0) * 1e6 / requests,
+                machine_us=(busy1 - busy0) / tick * 1e6 / requests, idle=(idle1 - idle0) / ((busy1 - busy0) + (idle1 - idle0)))
 
 
 def fresh(workdir, name):
@@ -151,6 +180,7 @@ def main():
     work = tempfile.mkdtemp(prefix="logbench.", dir=a.dir)
     size = 2 * GiB
     results = {k: [] for k in ("plain-4k", "logged-4k", "raw-1m", "logged-1m", "bare-fua", "logged-fua")}
+    cpu = {"plain-4k": [], "logged-4k": []}
     try:
         plain = Marsd(marsd, work, "plain", False, size)
         logged = Marsd(marsd, work, "logged", True, size)
@@ -159,8 +189,8 @@ def main():
             f.truncate(size)
         for rnd in range(1, a.rounds + 1):
             order = [
-                ("plain-4k", lambda: fio(plain.uri, "randwrite", "4k", 32, a.runtime)["iops"]),
-                ("logged-4k", lambda: fio(logged.uri, "randwrite", "4k", 32, a.runtime)["iops"]),
+                ("plain-4k", lambda: fio_4k(plain, a.runtime)),
+                ("logged-4k", lambda: fio_4k(logged, a.runtime)),
                 ("raw-1m", lambda: fio(fresh(work, "seq.img"), "write", "1m", 8, size=f"{a.seq_gib}g", end_fsync=True)["mibs"]),
                 ("logged-1m", lambda: fio(logged.uri, "write", "1m", 8, size=f"{a.seq_gib}g", end_fsync=True)["mibs"]),
                 ("bare-fua", lambda: bare_latency_us(raw, a.fua_writes, size)),
@@ -170,8 +200,14 @@ def main():
                 order = [order[i ^ 1] for i in range(len(order))]  # alternate who goes first
             for name, measure in order:
                 value = measure()
+                if name in cpu:
+                    cpu[name].append(value)
+                    log(f"round {rnd}: {name} = {value['iops']:.1f} IOPS, marsd {value['server_us']:.2f} µs/request, "
+                        f"machine {value['machine_us']:.2f} µs/request, {100 * value['idle']:.0f}% idle")
+                    value = value["iops"]
+                else:
+                    log(f"round {rnd}: {name} = {value:.1f}")
                 results[name].append(value)
-                log(f"round {rnd}: {name} = {value:.1f}")
         plain.stop()
         log(f"burst: {a.burst_gib} GiB of 1M writes into a fresh logged resource")
         burst = Marsd(marsd, work, "burst", True, a.burst_gib * GiB)
@@ -184,22 +220,28 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in results.items()}
+    usage = {k: {m: statistics.median(r[m] for r in v) for m in ("server_us", "machine_us", "idle")} for k, v in cpu.items()}
     summary = {
         "randwrite-4k-qd32": dict(logged_iops=med["logged-4k"], plain_iops=med["plain-4k"],
-                                  ratio=med["logged-4k"] / med["plain-4k"], target=">= 0.8"),
+                                  ratio=med["logged-4k"] / med["plain-4k"], target=">= 0.8",
+                                  logged_cpu=usage["logged-4k"], plain_cpu=usage["plain-4k"]),
         "seqwrite-1m-qd8": dict(logged_mibs=med["logged-1m"], raw_mibs=med["raw-1m"],
                                 ratio=med["logged-1m"] / med["raw-1m"], target=">= 0.45"),
         "fua-4k-qd1": dict(logged_us=med["logged-fua"], bare_us=med["bare-fua"],
                            ratio=med["logged-fua"] / med["bare-fua"], target="<= 1.5"),
         "rss-10g-burst": dict(peak_rss_mib=rss_mib, burst_gib=a.burst_gib, seconds=seconds,
                               mibs=a.burst_gib * 1024 / seconds, target="< 256 MiB"),
-        "rounds": a.rounds, "runtime": a.runtime, "raw": results,
+        "rounds": a.rounds, "runtime": a.runtime, "raw": results, "cpu_4k": cpu,
     }
     print(f"{'job':<20} {'logged':>12} {'peer':>12} {'ratio':>7}  target")
     for job, peer, unit in (("randwrite-4k-qd32", "plain_iops", "logged_iops"), ("seqwrite-1m-qd8", "raw_mibs", "logged_mibs"),
                             ("fua-4k-qd1", "bare_us", "logged_us")):
         s = summary[job]
         print(f"{job:<20} {s[unit]:>12.1f} {s[peer]:>12.1f} {s['ratio']:>7.2f}  {s['target']}")
+    for path in ("logged", "plain"):
+        u = summary["randwrite-4k-qd32"][f"{path}_cpu"]
+        print(f"  4k {path:<7} CPU per request: marsd {u['server_us']:.2f} µs, machine {u['machine_us']:.2f} µs; "
+              f"machine idle {100 * u['idle']:.0f}%")
     b = summary["rss-10g-burst"]
     print(f"{'rss-10g-burst':<20} {b['peak_rss_mib']:>9.1f} MiB peak RSS, {b['mibs']:.0f} MiB/s  target {b['target']}")
     if a.json:
