@@ -31,6 +31,30 @@ final class SegmentAppender: @unchecked Sendable {
     /// Where the next appended byte goes.
     var position: UInt64 { blockStart + UInt64(fill) }
 
+    /// The appender between two commits: where its staged partial block belongs, and that block's
+    /// bytes (durable records, or a segment header being written).
+    struct Mark {
+        fileprivate let blockStart: UInt64
+        fileprivate let partial: [UInt8]
+    }
+
+    /// What to return to if the commit that starts now fails.
+    func mark() -> Mark {
+        Mark(blockStart: blockStart, partial: Array(UnsafeRawBufferPointer(rebasing: buffer[0..<fill])))
+    }
+
+    /// Forgets everything staged or written since `mark`. A failed commit is then staged again at the
+    /// offsets its records' LSNs give, not after the bytes of the failed attempt, and every byte that
+    /// was not durable is written again (after a failed fdatasync the page cache cannot be trusted to
+    /// still hold it dirty).
+    func rewind(to mark: Mark) {
+        blockStart = mark.blockStart
+        fill = mark.partial.count
+        mark.partial.withUnsafeBytes { partial in
+            if let source = partial.baseAddress { buffer.baseAddress!.copyMemory(from: source, byteCount: partial.count) }
+        }
+    }
+
     /// Starts a new segment: the next byte goes to offset 0.
     func restart() {
         blockStart = 0

@@ -13,6 +13,9 @@ extension LogEngine {
     /// queued, requests that wait for durability fail, and the writer retries every second.
     func logWriterLoop() {
         var failing = false
+        // A rotation that failed is done again before anything else is appended: records appended
+        // to the old segment would overlap the LSNs a half-made next segment already claims.
+        var rotationFailed = false
         while true {
             if failing {
                 monitor.wait(writerWake, timeout: .seconds(1), until: { $0.halted }, then: { _ in })
@@ -46,8 +49,16 @@ extension LogEngine {
                     // A new file's blocks are unwritten, so each commit's fdatasync also commits the
                     // filesystem journal: move on to a spare as soon as one is ready.
                     let full = open.size + UInt64(first.encodedSize) > configuration.segmentSize
-                    if open.records > 0, full || (!open.overwrites && monitor.withLock({ !$0.spares.isEmpty })) {
-                        open = try rotate(from: open, firstLSN: first.lsn, epoch: first.epoch)
+                    if rotationFailed || open.records > 0 && (full || (!open.overwrites && monitor.withLock({ !$0.spares.isEmpty }))) {
+                        let beforeRotation = open.appender.mark()
+                        do {
+                            open = try rotate(from: open, firstLSN: first.lsn, epoch: first.epoch)
+                        } catch {
+                            open.appender.rewind(to: beforeRotation)
+                            rotationFailed = true
+                            throw error
+                        }
+                        rotationFailed = false
                         openSegment.value = open
                     }
                     // The records that go into this segment.
@@ -61,8 +72,15 @@ extension LogEngine {
                     }
                     let group = remaining.prefix(count)
                     var digest = open.digest
-                    let fileEnd = try append(group, to: open, digest: &digest)
-                    try open.file.sync()
+                    let beforeCommit = open.appender.mark()
+                    let fileEnd: UInt64
+                    do {
+                        fileEnd = try append(group, to: open, digest: &digest)
+                        try open.file.sync()
+                    } catch {
+                        open.appender.rewind(to: beforeCommit)
+                        throw error
+                    }
                     open.size += bytes
                     open.fileSize = max(open.fileSize, fileEnd)
                     open.records += count
@@ -155,7 +173,10 @@ extension LogEngine {
                     spare, as: name, in: directory, appender: open.appender, firstLSN: firstLSN, epoch: epoch, previousDigest: previousDigest
                 )
             } catch {
-                monitor.withLock { state in state.spares.append(spare) }
+                // Once renamed, the spare is the new segment's file; the retry starts that segment afresh.
+                if (try? directory.list().contains(spare.fileName)) ?? true {
+                    monitor.withLock { state in state.spares.append(spare) }
+                }
                 throw error
             }
         } else {

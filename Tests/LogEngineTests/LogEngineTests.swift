@@ -40,6 +40,10 @@ final class Completions: LogCompletionTarget {
 final class FileControl: Sendable {
     let blocked = Mutex(false)
     let failure = Mutex<Int32?>(nil)
+    /// Fails fdatasync (writes still go through).
+    let syncFailure = Mutex<Int32?>(nil)
+    /// Fails the fsync of a `ControlledDirectory` (renames and new files still happen).
+    let directorySyncFailure = Mutex<Int32?>(nil)
 
     /// Waits while blocked; throws the failure if one is set.
     func admit(_ name: String) throws(SystemError) {
@@ -76,7 +80,10 @@ final class ControlledFile: StorageFile {
         onWrite(buffers, offset)
         try inner.write(buffers, at: offset)
     }
-    func sync() throws(SystemError) { try inner.sync() }
+    func sync() throws(SystemError) {
+        if let errno = control.syncFailure.withLock({ $0 }) { throw SystemError("fdatasync", name, errno: errno) }
+        try inner.sync()
+    }
     func truncate(to size: UInt64) throws(SystemError) { try inner.truncate(to: size) }
     func preallocate(_ length: UInt64) throws(SystemError) { try inner.preallocate(length) }
     func zero(offset: UInt64, length: UInt64, keepAllocated: Bool) throws(SystemError) {
@@ -97,7 +104,10 @@ struct ControlledDirectory: StorageDirectory {
     }
     func remove(_ name: String) throws(SystemError) { try inner.remove(name) }
     func rename(_ from: String, to: String) throws(SystemError) { try inner.rename(from, to: to) }
-    func sync() throws(SystemError) { try inner.sync() }
+    func sync() throws(SystemError) {
+        if let errno = control.directorySyncFailure.withLock({ $0 }) { throw SystemError("fsync", path, errno: errno) }
+        try inner.sync()
+    }
 }
 
 /// A resource on a simulated disk: the log directory and a data device of `deviceSize` bytes.
@@ -614,6 +624,107 @@ func waitForWriteback(_ engine: LogEngine) {
         #expect(flushed)
         waitForWriteback(engine)
         #expect(try resource.device().read(count: 4096, at: 0) == [UInt8](repeating: 3, count: 4096))
+        engine.shutdown()
+    }
+
+    /// A commit that failed (a write or the fdatasync of the log, while appending or while starting
+    /// the next segment) is written again at its own offsets when the log works again: after a
+    /// power loss every write acknowledged as durable is still in the log, and the log is intact.
+    @Test(arguments: [false, true]) func failedCommitsAreWrittenAgainInPlace(failSyncs: Bool) throws {
+        let resource = try SimulatedResource(pending: 1 << 20)
+        let control = FileControl()
+        func fail(_ errno: Int32?) {
+            if failSyncs { control.syncFailure.withLock { $0 = errno } } else { control.failure.withLock { $0 = errno } }
+        }
+        let directory = ControlledDirectory(inner: resource.disk.directory("mars"), control: control)
+        var engine = try LogEngine.open(
+            directory: directory, device: resource.device(), deviceSize: resource.deviceSize, configuration: resource.configuration
+        )
+        let target = Completions()
+        var expected = [UInt8](repeating: 0, count: Int(resource.deviceSize))
+        var failedAppends = 0
+        var failedRotations = 0
+        // 1 KiB records in 8 KiB segments: some failures hit an append, some the start of a segment.
+        // (The log writer retries once a second.)
+        for index in 0..<40 {
+            let bytes = [UInt8](repeating: UInt8(index + 1), count: 1024)
+            let offset = index * 1024
+            let fails = index % 4 == 2
+            let segment = engine.status.currentSegment
+            if fails { fail(EIO) }
+            let admission = engine.submit(offset: UInt64(offset), change: .write(bytes), fua: true, target: target, token: index)
+            #expect(admission == .waiting)
+            if fails {
+                #expect(target.wait(index)?.errno == EIO)
+                fail(nil)
+                var flushed = false
+                for attempt in 0..<50 where !flushed {
+                    let token = 1000 + 100 * index + attempt
+                    let result = engine.flush(target: target, token: token)
+                    flushed = result == .acknowledged || (result == .waiting && target.wait(token) == nil)
+                    if !flushed { usleep(100_000) }
+                }
+                try #require(flushed, "the log did not resume after the failure")
+                if engine.status.currentSegment == segment { failedAppends += 1 } else { failedRotations += 1 }
+            } else {
+                #expect(target.wait(index) == nil)
+            }
+            expected.replaceSubrange(offset..<offset + 1024, with: bytes)
+        }
+        #expect(failedAppends > 0 && failedRotations > 0, "appends \(failedAppends), rotations \(failedRotations)")
+        engine.halt()
+        resource.disk.powerLoss()
+        var reports: [String] = []
+        engine = try resource.open(report: { reports.append($0) })
+        let recovered = try resource.device().read(count: expected.count, at: 0) == expected
+        #expect(recovered)
+        #expect(!reports.contains { $0.contains("torn") }, "\(reports)")
+        engine.shutdown()
+    }
+
+    /// A spare that was renamed into the next segment before the commit failed (here: the
+    /// directory's fsync) is that segment's file now: the retry must not look for it as a spare.
+    @Test func aSpareRenamedBeforeAFailureIsNotTakenAgain() throws {
+        let resource = try SimulatedResource(pending: 1 << 20, spaceLimit: 1 << 20)
+        let control = FileControl()
+        let directory = ControlledDirectory(inner: resource.disk.directory("mars"), control: control)
+        var engine = try LogEngine.open(
+            directory: directory, device: resource.device(), deviceSize: resource.deviceSize, configuration: resource.configuration
+        )
+        let target = Completions()
+        var expected = [UInt8](repeating: 0, count: Int(resource.deviceSize))
+        func write(_ index: Int) -> LogEngineError? {
+            let bytes = [UInt8](repeating: UInt8(index % 250 + 1), count: 1024)
+            let offset = index % 200 * 1024
+            guard engine.submit(offset: UInt64(offset), change: .write(bytes), fua: true, target: target, token: index) == .waiting else {
+                return LogEngineError(errno: EINVAL, "not waiting")
+            }
+            // Admitted: a failed commit keeps the record queued, and the next commit that works
+            // (the FLUSH below) makes it durable.
+            expected.replaceSubrange(offset..<offset + 1024, with: bytes)
+            return target.wait(index)
+        }
+        // Fill a few segments, so that the spare preparer has a spare ready.
+        for index in 0..<20 { #expect(write(index) == nil) }
+        usleep(200_000)
+        control.directorySyncFailure.withLock { $0 = EIO }
+        var failed = false
+        for index in 20..<60 where !failed { failed = write(index) != nil }
+        control.directorySyncFailure.withLock { $0 = nil }
+        #expect(failed, "no segment was started while the directory could not be synced")
+        var flushed = false
+        for attempt in 0..<50 where !flushed {
+            let result = engine.flush(target: target, token: 1000 + attempt)
+            flushed = result == .acknowledged || (result == .waiting && target.wait(1000 + attempt) == nil)
+            if !flushed { usleep(100_000) }
+        }
+        try #require(flushed, "the log did not resume: \(engine.status.failure ?? "")")
+        for index in 60..<80 { #expect(write(index) == nil) }
+        engine.halt()
+        resource.disk.powerLoss()
+        engine = try resource.open()
+        let recovered = try resource.device().read(count: expected.count, at: 0) == expected
+        #expect(recovered)
         engine.shutdown()
     }
 
