@@ -28,8 +28,12 @@ public struct HistoryWalk: Sendable {
 /// newest segment only. Recovery replays through `visit`; `marsadm log-verify` and `log-dump` use
 /// the same walk.
 public enum LogHistory {
+    /// A segment's place in the history is checked from its header before any of its records is
+    /// visited: recovery must not replay records of a segment that does not continue the one before
+    /// (a missing or forked segment) and only then find out. `begin` sees each accepted header first.
     public static func walk(
-        _ directory: any StorageDirectory, visit: (LogRecord, SegmentName, UInt64) throws -> Void = { _, _, _ in }
+        _ directory: any StorageDirectory, begin: (SegmentName, SegmentHeader) throws -> Void = { _, _ in },
+        visit: (LogRecord, SegmentName, UInt64) throws -> Void = { _, _, _ in }
     ) throws -> HistoryWalk {
         let names = try directory.list().compactMap(SegmentName.init(fileName:)).sorted { $0.sequence < $1.sequence }
         guard !names.isEmpty else { throw LogRecoveryError(segment: nil, offset: nil, reason: "no log segments in \(directory.path)") }
@@ -39,30 +43,24 @@ public enum LogHistory {
             let file = try directory.open(name.fileName, create: false)
             let scan: SegmentScan
             do {
-                scan = try SegmentReader.scan(file, name: name.fileName) { record, offset in
-                    walk.epoch = max(walk.epoch, record.epoch)
-                    try visit(record, name, offset)
-                }
+                let previous = walk.segments.last
+                scan = try SegmentReader.scan(
+                    file, name: name.fileName,
+                    accept: { header in
+                        try checkPlace(of: header, in: name, after: previous)
+                        try begin(name, header)
+                    },
+                    visit: { record, offset in
+                        walk.epoch = max(walk.epoch, record.epoch)
+                        try visit(record, name, offset)
+                    }
+                )
             } catch let error as SegmentHeaderError {
                 if isNewest, index > 0, error.fileSize <= UInt64(SegmentHeader.size) {
                     walk.interrupted = name
                     break
                 }
                 throw LogRecoveryError(segment: name.fileName, offset: 0, reason: "the segment header is unreadable (\(error.defect))")
-            }
-            if scan.header.sequence != name.sequence {
-                throw LogRecoveryError(segment: name.fileName, offset: 0, reason: "its header says sequence \(scan.header.sequence)")
-            }
-            if let previous = walk.segments.last {
-                if scan.header.firstLSN != previous.scan.endLSN {
-                    throw LogRecoveryError(
-                        segment: name.fileName, offset: 0,
-                        reason: "it starts at LSN \(scan.header.firstLSN) but the segment before ends at \(previous.scan.endLSN)"
-                    )
-                }
-                if scan.header.previousDigest != previous.scan.digest {
-                    throw LogRecoveryError(segment: name.fileName, offset: 0, reason: "its history digest does not continue the segment before")
-                }
             }
             walk.epoch = max(walk.epoch, scan.header.epoch)
             switch scan.end {
@@ -74,5 +72,22 @@ public enum LogHistory {
             walk.segments.append(WalkedSegment(name: name, scan: scan, fileSize: try file.size()))
         }
         return walk
+    }
+
+    /// Whether `header` names its own file's sequence and continues the segment before.
+    private static func checkPlace(of header: SegmentHeader, in name: SegmentName, after previous: WalkedSegment?) throws {
+        if header.sequence != name.sequence {
+            throw LogRecoveryError(segment: name.fileName, offset: 0, reason: "its header says sequence \(header.sequence)")
+        }
+        guard let previous else { return }
+        if header.firstLSN != previous.scan.endLSN {
+            throw LogRecoveryError(
+                segment: name.fileName, offset: 0,
+                reason: "it starts at LSN \(header.firstLSN) but the segment before ends at \(previous.scan.endLSN)"
+            )
+        }
+        if header.previousDigest != previous.scan.digest {
+            throw LogRecoveryError(segment: name.fileName, offset: 0, reason: "its history digest does not continue the segment before")
+        }
     }
 }

@@ -42,7 +42,18 @@ extension LogEngine {
         }
         let start = position.writebackLSN
         var replayed = 0
-        let walk = try LogHistory.walk(directory) { record, name, offset in
+        var oldestChecked = false
+        let walk = try LogHistory.walk(directory, begin: { name, header in
+            // Before anything is replayed: a log that starts after the position lacks records.
+            guard !oldestChecked else { return }
+            oldestChecked = true
+            if header.firstLSN > start {
+                throw LogRecoveryError(
+                    segment: name.fileName, offset: 0,
+                    reason: "the writeback position is \(start) but the oldest segment starts at \(header.firstLSN)"
+                )
+            }
+        }) { record, name, offset in
             guard record.lsn >= start, record.type.carriesRange else { return }
             guard record.offset + record.length <= deviceSize else {
                 throw LogRecoveryError(
@@ -53,15 +64,9 @@ extension LogEngine {
             try replay(record, onto: device)
             replayed += 1
         }
-        guard let endLSN = walk.endLSN, let digest = walk.digest, let oldest = walk.segments.first, let newest = walk.segments.last
+        guard let endLSN = walk.endLSN, let digest = walk.digest, let newest = walk.segments.last
         else {
             throw LogRecoveryError(segment: nil, offset: nil, reason: "no readable segment")
-        }
-        if oldest.scan.header.firstLSN > start {
-            throw LogRecoveryError(
-                segment: oldest.name.fileName, offset: 0,
-                reason: "the writeback position is \(start) but the oldest segment starts at \(oldest.scan.header.firstLSN)"
-            )
         }
         if start > endLSN {
             throw LogRecoveryError(segment: newest.name.fileName, offset: nil, reason: "the writeback position \(start) is beyond the log's end \(endLSN)")

@@ -30,9 +30,11 @@ public enum SegmentReader {
 
     /// Reads the header and every record of `file` in order, calling `visit` with each valid record
     /// and its file offset, and says how the records ended (clean end, torn tail, or corruption with
-    /// valid records after it).
+    /// valid records after it). `accept` sees the header before any record is visited and throws if
+    /// the segment does not belong where it is.
     public static func scan(
-        _ file: any StorageFile, name: String, visit: (LogRecord, UInt64) throws -> Void = { _, _ in }
+        _ file: any StorageFile, name: String, accept: (SegmentHeader) throws -> Void = { _ in },
+        visit: (LogRecord, UInt64) throws -> Void = { _, _ in }
     ) throws -> SegmentScan {
         let size = try file.size()
         let headerBytes = try file.read(count: SegmentHeader.size, at: 0)
@@ -41,6 +43,7 @@ public enum SegmentReader {
         case .success(let decoded): header = decoded
         case .failure(let defect): throw SegmentHeaderError(segment: name, defect: defect, fileSize: size)
         }
+        try accept(header)
         var digest = HistoryDigest(header: header)
         var reader = WindowReader(file: file, size: size)
         var position = UInt64(SegmentHeader.size)

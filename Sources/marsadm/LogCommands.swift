@@ -73,7 +73,7 @@ func report(_ options: LogOptions, withRecords: Bool) throws -> LogReport {
     var problem: String?
     var walk = HistoryWalk()
     do {
-        walk = try LogHistory.walk(directory) { record, segment, offset in
+        walk = try LogHistory.walk(directory, visit: { record, segment, offset in
             guard withRecords else { return }
             var flags: [String] = []
             if record.flags.contains(.fua) { flags.append("fua") }
@@ -84,7 +84,7 @@ func report(_ options: LogOptions, withRecords: Bool) throws -> LogReport {
                     flags: flags, fileOffset: offset
                 )
             )
-        }
+        })
     } catch {
         problem = "\(error)"
     }

@@ -728,6 +728,40 @@ func waitForWriteback(_ engine: LogEngine) {
         engine.shutdown()
     }
 
+    /// Invariants 4 and 6: recovery checks each segment's place in the history (sequence, first
+    /// LSN, digest of the segment before) from its header before it replays any of its records. A
+    /// missing segment stops recovery with none of the records after the gap on the device, and
+    /// so does a log whose oldest segment starts after the writeback position.
+    @Test(arguments: [false, true]) func recoveryReplaysNothingBeyondAGap(removeOldest: Bool) throws {
+        let resource = try SimulatedResource(pending: 1 << 20, spaceLimit: 1 << 20)
+        var engine = try resource.open()
+        let target = Completions()
+        for index in 0..<30 {
+            let bytes = [UInt8](repeating: UInt8(index + 1), count: 1024)
+            #expect(engine.submit(offset: UInt64(index * 1024), change: .write(bytes), fua: true, target: target, token: index) == .waiting)
+            #expect(target.wait(index) == nil)
+        }
+        engine.halt()
+        resource.disk.powerLoss()  // the device was never synced: everything is to be replayed
+        let directory = resource.disk.directory("mars")
+        var offsetsBySegment: [UInt64: [UInt64]] = [:]
+        let walk = try LogHistory.walk(directory, visit: { record, segment, _ in
+            if record.type == .write { offsetsBySegment[segment.sequence, default: []].append(record.offset) }
+        })
+        let sequences = walk.segments.map(\.name.sequence)
+        try #require(sequences.count >= 4)
+        // The oldest segment holds the position; removing it leaves a log that starts after it.
+        let removed = removeOldest ? sequences[0] : sequences[2]
+        try directory.remove(SegmentName(sequence: removed, host: "hostA")!.fileName)
+        #expect(throws: LogRecoveryError.self) { _ = try resource.open() }
+        let device = try resource.device()
+        for sequence in sequences where sequence > removed {
+            for offset in offsetsBySegment[sequence] ?? [] {
+                #expect(try device.read(count: 1, at: offset) == [0], "segment \(sequence)'s write at \(offset) was replayed")
+            }
+        }
+    }
+
     /// A data device that fails cannot hold up shutdown: the log has every record, and the next
     /// start writes them back.
     @Test func shutdownWithAFailingDeviceLeavesTheRestToRecovery() throws {
