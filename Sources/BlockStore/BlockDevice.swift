@@ -12,6 +12,24 @@ public enum CacheMode: String, Sendable, CaseIterable {
     case direct
 }
 
+/// What tells two paths of the same storage apart from different storage: a file's inode, or a
+/// block device's device number (a device has as many nodes and links as udev and LVM give it).
+public enum DeviceIdentity: Hashable, Sendable {
+    case file(device: UInt64, inode: UInt64)
+    case blockDevice(UInt64)
+
+    init(_ info: stat) {
+        self = info.st_mode & S_IFMT == S_IFBLK ? .blockDevice(UInt64(info.st_rdev)) : .file(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
+    }
+
+    /// The identity of what `path` names now (following links).
+    public init(path: String) throws(SystemError) {
+        var info = stat()
+        _ = try Syscall.retrying("stat", path) { stat(path, &info) }
+        self.init(info)
+    }
+}
+
 /// The local storage of one export: a regular file (sparse is fine) or a block device.
 ///
 /// Holds a buffered descriptor, plus an O_DIRECT descriptor in direct mode. Both refer to the same
@@ -24,6 +42,7 @@ public final class BlockDevice: Sendable {
 
     public let path: String
     public let kind: Kind
+    public let identity: DeviceIdentity
     public let size: UInt64
     public let readOnly: Bool
     public let cacheMode: CacheMode
@@ -47,6 +66,7 @@ public final class BlockDevice: Sendable {
             throw error
         }
         let type = info.st_mode & S_IFMT
+        self.identity = DeviceIdentity(info)
         var size: UInt64 = 0
         var logicalSector: UInt32 = 512
         switch type {

@@ -268,3 +268,39 @@ public struct POSIXDirectory: StorageDirectory {
         _ = try Syscall.retrying("fsync", path) { fsync(fd) }
     }
 }
+
+/// An exclusive lock on a file (flock), held until this value is gone or the process ends: one
+/// daemon per root directory. The file holds the holder's process id, for the message another
+/// process shows when it finds the lock taken.
+public final class FileLock: Sendable {
+    private let fd: Int32
+
+    private init(fd: Int32) { self.fd = fd }
+
+    deinit { Glibc.close(fd) }
+
+    /// Takes the lock on `path` (created if missing), or returns the holder's process id (0 if
+    /// unknown) when another process has it.
+    public static func acquire(_ path: String) throws(SystemError) -> Result<FileLock, HeldBy> {
+        let fd = try Syscall.retrying("open", path) { Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
+        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let code = errno
+            defer { Glibc.close(fd) }
+            guard code == EWOULDBLOCK else { throw SystemError("flock", path, errno: code) }
+            var bytes = [UInt8](repeating: 0, count: 32)
+            let count = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+            let digits = bytes.prefix(max(0, count)).prefix { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
+            return .failure(HeldBy(pid: Int32(String(decoding: digits, as: UTF8.self)) ?? 0))
+        }
+        let lock = FileLock(fd: fd)
+        let pid = Array("\(getpid())\n".utf8)
+        _ = try Syscall.retrying("ftruncate", path) { ftruncate(fd, 0) }
+        let written = pid.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        if written < 0 { throw SystemError("pwrite", path, errno: errno) }
+        return .success(lock)
+    }
+
+    public struct HeldBy: Error, Sendable {
+        public let pid: Int32
+    }
+}

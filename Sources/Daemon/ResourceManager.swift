@@ -48,6 +48,9 @@ final class ResourceManager: Sendable {
 
     let settings: ResourceSettings
     private let root: any StorageDirectory
+    /// Held while marsd runs: a second marsd on the same root would recover the same logs and
+    /// delete segments the first one still appends to.
+    private let rootLock: FileLock
     private let exports: ExportTable
     private let logger: Logger
     private let state = Mutex(State())
@@ -63,6 +66,16 @@ final class ResourceManager: Sendable {
         } catch {
             throw DaemonError("cannot use \(settings.root) as the root directory: \(error). Create it or give another --root.")
         }
+        let lockPath = settings.root + "/" + Self.lockFileName
+        switch try FileLock.acquire(lockPath) {
+        case .success(let lock):
+            rootLock = lock
+        case .failure(let holder):
+            let who = holder.pid > 0 ? "marsd (pid \(holder.pid))" : "another process"
+            throw DaemonError(
+                "\(settings.root) is in use by \(who): it holds \(lockPath). Stop that marsd first, or give this one another --root."
+            )
+        }
         let identity = try StateFile.read(ClusterIdentity.self, named: ClusterIdentity.fileName, in: root)
         var resources: [String: Resource] = [:]
         for entry in try root.list() where entry.hasPrefix("resource-") {
@@ -73,6 +86,11 @@ final class ResourceManager: Sendable {
                 logger.warning("ignoring \(settings.root)/\(entry): it has no \(ResourceConfig.fileName)")
                 continue
             }
+            if exports.exports.contains(where: { $0.descriptor.name == name }) {
+                throw DaemonError(
+                    "--export \(name)=... has the name of resource '\(name)' under \(settings.root): its clients would bypass the log. Give the export another name."
+                )
+            }
             resources[name] = Resource(config: config, directory: directory)
         }
         state.withLock { state in
@@ -80,6 +98,8 @@ final class ResourceManager: Sendable {
             state.resources = resources
         }
     }
+
+    static let lockFileName = "marsd.lock"
 
     /// Brings up every resource that was up when marsd stopped (recovering its log).
     func restore() async {
@@ -163,6 +183,7 @@ final class ResourceManager: Sendable {
             throw DaemonError("cannot open the data device \(path): \(error). Check the path and permissions.")
         }
         guard device.size > 0 else { throw DaemonError("the data device \(path) is empty: give it a size first") }
+        if let user = user(of: device) { throw DaemonError("\(path) is already \(user): a device belongs to one resource or export") }
         let directoryPath = settings.root + "/" + Names.resourceDirectory(name)
         if access(directoryPath, F_OK) == 0 {
             throw DaemonError("\(directoryPath) exists already: remove it or choose another resource name")
@@ -183,6 +204,26 @@ final class ResourceManager: Sendable {
         state.withLock { $0.resources[name] = Resource(config: config, directory: directory) }
         try await bringUp(name)
         return "created resource \(name) on \(path) (\(device.size) bytes); this host is its primary"
+    }
+
+    /// Who already uses `device` (another resource, an export, or marsd's own root), or nil.
+    private func user(of device: BlockDevice) -> String? {
+        func canonical(_ path: String) -> String {
+            guard let real = realpath(path, nil) else { return path }
+            defer { free(real) }
+            return String(cString: real)
+        }
+        if canonical(device.path).hasPrefix(canonical(settings.root) + "/") { return "inside marsd's root \(settings.root)" }
+        for export in exports.exports where export.device.identity == device.identity {
+            return export.log == nil ? "served as export '\(export.descriptor.name)'" : "the device of resource '\(export.descriptor.name)'"
+        }
+        for resource in state.withLock({ Array($0.resources.values) }) {
+            // A device missing now (a resource that is down) cannot be this one.
+            if let identity = try? DeviceIdentity(path: resource.config.device), identity == device.identity {
+                return "the device of resource '\(resource.config.name)'"
+            }
+        }
+        return nil
     }
 
     private func setWanted(_ name: String, _ wanted: String) throws {

@@ -74,6 +74,14 @@ check "create-resource r1 (a relative device path is the caller's)" bash -c "cd 
 check "the resource records the absolute device path" grep -q "\"device\" : \"$T/r.img\"" "$T/root/resource-r1/resource.json"
 check "a second create-resource r1 is refused" fails_with "exists already" adm create-resource r1 "$T/r.img"
 check "a resource name that is an export is refused" fails_with "already served" adm create-resource a "$T/r.img"
+ln -s "$T/r.img" "$T/r-link.img"
+check "r1's device is refused for another resource" fails_with "is already the device of resource 'r1'" adm create-resource r2 "$T/r.img"
+check "... also through a symbolic link" fails_with "is already the device of resource 'r1'" adm create-resource r2 "$T/r-link.img"
+check "an export's device is refused" fails_with "is already served as export 'a'" adm create-resource r2 "$T/a.img"
+check "a file in marsd's root is refused" fails_with "inside marsd's root" adm create-resource r2 "$T/root/resource-r1/resource.json"
+check "a second marsd on the same root is refused and names the first" fails_with "is in use by marsd (pid $PID)" \
+    timeout 20 "$MARSD" serve --root "$T/root" --unix "$T/other.sock" --control "$T/other-ctl.sock"
+check "the first marsd still serves r1" nbdsh -u "nbd+unix:///r1?socket=$T/nbd.sock" -c 'assert h.pread(512, 0) is not None'
 check "write to the resource with FUA, trim, zero and flush" nbdsh -u "nbd+unix:///r1?socket=$T/nbd.sock" -c '
 import os
 d = os.urandom(1 << 20)
@@ -147,4 +155,6 @@ check "no export is served from a corrupt log" bash -c "! nbdinfo 'nbd+unix:///r
 kill -TERM "$PID"
 graceful() { wait "$PID"; local rc=$?; PID=; [ "$rc" -eq 0 ] && [ ! -e "$T/nbd.sock" ] && [ ! -e "$T/ctl.sock" ]; }
 check "SIGTERM stops marsd gracefully and removes its sockets" graceful
+check "an export with a resource's name is refused at start" fails_with "has the name of resource 'r1'" \
+    timeout 20 "$MARSD" serve --root "$T/root" --export r1="$T/a.img" --unix "$T/nbd.sock"
 [ "$fails" -eq 0 ]
