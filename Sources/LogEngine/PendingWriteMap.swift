@@ -12,10 +12,15 @@ public enum PendingContent: Sendable, Equatable {
         }
     }
 
-    /// Memory the content holds.
+    /// Memory one change holds besides its payload: its entry, up to three extents, and its record
+    /// until the log writer has it. Counted so that many small changes (1-byte writes, trims, which
+    /// have no payload) cannot hold far more memory than the map's capacity (invariant 7).
+    public static let changeOverhead = 128
+
+    /// Memory the change holds.
     var heldBytes: Int {
-        if case .data(let bytes) = self { return bytes.count }
-        return 0
+        if case .data(let bytes) = self { return bytes.count + Self.changeOverhead }
+        return Self.changeOverhead
     }
 }
 
@@ -43,7 +48,8 @@ public struct WritebackBatch: Sendable, Equatable {
 /// replaced, and its changes leave the map when the batch is on the device. Because the next batch
 /// starts only after that, an older change can never land on the device after a newer one, even
 /// when a new change to the same range arrives while a batch is being written.
-/// The map holds at most `capacity` payload bytes; the caller waits for `hasRoom` (backpressure).
+/// The map holds at most `capacity` bytes (payloads and a fixed overhead per change); the caller
+/// waits for `hasRoom` (backpressure).
 public struct PendingWriteMap: Sendable {
     private struct Entry: Sendable {
         var lsn: UInt64
@@ -76,7 +82,7 @@ public struct PendingWriteMap: Sendable {
     /// Whether a change of `bytes` payload bytes fits now. An empty map takes any one change, so a
     /// change larger than the capacity cannot wait forever.
     public func hasRoom(for bytes: Int) -> Bool {
-        entries.isEmpty || heldBytes + bytes <= capacity
+        entries.isEmpty || heldBytes + bytes + PendingContent.changeOverhead <= capacity
     }
 
     /// Records a change at `lsn` (newer than every change in the map) covering `offset`.

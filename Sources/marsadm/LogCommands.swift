@@ -16,7 +16,7 @@ struct LogOptions: ParsableArguments {
 
     func directory() throws -> any StorageDirectory {
         guard SegmentName.isValidHost(name) else {
-            throw ValidationError("resource name '\(name)' is not allowed: use 1 to 64 letters, digits, '.', '_' or '-'")
+            throw ValidationError("resource name '\(name)' is not allowed: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'")
         }
         do {
             return try POSIXDirectory(path: root + "/resource-" + name)

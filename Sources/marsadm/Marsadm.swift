@@ -80,7 +80,7 @@ struct CreateResource: ParsableCommand {
             """
     )
 
-    @Argument(help: "The resource name: 1 to 64 letters, digits, '.', '_' or '-'.")
+    @Argument(help: "The resource name: 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'.")
     var name: String
 
     @Argument(help: "The data device: a regular file or a block device.")

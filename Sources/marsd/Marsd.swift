@@ -41,10 +41,10 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "A log segment is closed and the next one started at this size (MiB).")
     var logSegmentMib = 256
 
-    @Option(help: "MiB the log segments of one resource may take together; when they do, writes wait until writeback frees whole segments. At least twice a segment plus 64 MiB.")
+    @Option(help: "MiB the log segments of one resource may take together; when they do, writes wait until writeback frees whole segments. At least twice a segment plus 66 MiB (twice the largest record).")
     var logSpaceMib = 65536
 
-    @Option(help: "MiB of logged writes not yet written back that one resource holds in memory for reads; beyond it writes wait.")
+    @Option(help: "MiB of logged writes not yet written back that one resource holds in memory for reads (payloads, and 128 bytes per change); beyond it writes wait.")
     var logPendingMib = 64
 
     @Option(

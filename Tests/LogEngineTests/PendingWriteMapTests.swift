@@ -85,17 +85,31 @@ struct PendingWriteMapTests {
         ])
     }
 
-    /// The map is bounded: room is reported by held payload bytes; an empty map takes anything.
+    /// The map is bounded: room is reported by held bytes (payload and a fixed overhead per
+    /// change); an empty map takes anything.
     @Test func capacity() {
-        var map = PendingWriteMap(capacity: 100)
-        #expect(map.hasRoom(for: 1000))
+        let overhead = PendingContent.changeOverhead
+        var map = PendingWriteMap(capacity: 100 + 3 * overhead)
+        #expect(map.hasRoom(for: 10_000))
         map.insert(lsn: 1, offset: 0, content: .data([UInt8](repeating: 1, count: 60)))
-        #expect(map.hasRoom(for: 40) && !map.hasRoom(for: 41))
+        #expect(map.hasRoom(for: 40 + overhead) && !map.hasRoom(for: 41 + overhead))
         map.insert(lsn: 2, offset: 0, content: .zeroes(length: 1 << 30, keepAllocated: false))
-        #expect(map.heldBytes == 60)  // Zeroes hold no memory however long the range.
+        #expect(map.heldBytes == 60 + 2 * overhead)  // Zeroes hold no payload however long the range.
         let batch = map.beginWriteback(maxChanges: 1)!
         map.finishWriteback(batch)
-        #expect(map.heldBytes == 0)
+        #expect(map.heldBytes == overhead)
+    }
+
+    /// Invariant 7: changes without payload (trims, zeroes) and tiny writes are bounded too.
+    @Test func manySmallChangesFillTheMap() {
+        var map = PendingWriteMap(capacity: 64 << 10)
+        var admitted = 0
+        while admitted < 100_000, map.hasRoom(for: 0) {
+            let content: PendingContent = admitted % 2 == 0 ? .zeroes(length: 4096, keepAllocated: false) : .data([1])
+            map.insert(lsn: UInt64(admitted + 1), offset: UInt64(admitted) * 8192, content: content)
+            admitted += 1
+        }
+        #expect(admitted > 0 && admitted <= (64 << 10) / PendingContent.changeOverhead)
     }
 
     /// Property: under random inserts, reads and writeback batches that stay in flight while more
