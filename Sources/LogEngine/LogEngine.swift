@@ -22,6 +22,9 @@ public struct LogEngineConfiguration: Sendable {
     public var maxRecordPayload = 32 << 20
     /// Changes one writeback batch takes at most.
     public var writebackBatchChanges = 4096
+    /// How long a resource going down keeps retrying a log it cannot write (a full or failing
+    /// filesystem) before it gives up the records nobody was promised durability for.
+    public var stoppingRetryLimit: Duration = .seconds(10)
 
     public init(host: String) {
         self.host = host

@@ -16,9 +16,24 @@ extension LogEngine {
         // A rotation that failed is done again before anything else is appended: records appended
         // to the old segment would overlap the LSNs a half-made next segment already claims.
         var rotationFailed = false
+        var failingSince: ContinuousClock.Instant?
         while true {
             if failing {
                 monitor.wait(writerWake, timeout: .seconds(1), until: { $0.halted }, then: { _ in })
+                // Going down while the log cannot be written: after a while the records nobody was
+                // promised durability for are given up, so that `down` and SIGTERM end. Writes
+                // acknowledged as durable are in the log already; the rest were never flushed.
+                if let since = failingSince, since.duration(to: .now) >= configuration.stoppingRetryLimit,
+                    monitor.withLock({ state in state.stopping })
+                {
+                    monitor.withLock { state in
+                        state.queue = []
+                        state.queuedBytes = 0
+                        state.writerDone = true
+                    }
+                    writebackWake.signal()
+                    return
+                }
             }
             monitor.wait(
                 writerWake, until: { $0.halted || !$0.queue.isEmpty || ($0.stopping && $0.waitingWrites.isEmpty) }, then: { _ in }
@@ -107,7 +122,9 @@ extension LogEngine {
                     writebackWake.signal()
                 }
                 failing = false
+                failingSince = nil
             } catch {
+                if failingSince == nil { failingSince = .now }
                 let failure = LogEngineError(error, while: "appending to the log of \(directory.path)")
                 let failed = monitor.withLock { state -> [Waiter] in
                     state.queue = Array(remaining) + state.queue
@@ -259,8 +276,10 @@ extension LogEngine {
                 work = monitor.wait(
                     writebackWake,
                     until: { state in
+                        // Once the writer is done nothing more becomes durable: changes it gave up
+                        // (see `LogEngineConfiguration.stoppingRetryLimit`) stay pending and are never written back.
                         state.halted || (state.pending.oldestLSN.map { $0 < state.durableLSN } ?? false)
-                            || (state.stopping && state.writerDone && state.pending.isEmpty)
+                            || (state.stopping && state.writerDone)
                     },
                     then: { state -> WritebackWork in
                         if state.halted { return .exit }

@@ -1,4 +1,5 @@
 import BlockStore
+import Dispatch
 import Synchronization
 import TestSupport
 import Testing
@@ -114,7 +115,7 @@ struct ControlledDirectory: StorageDirectory {
 struct SimulatedResource {
     let disk = SimulatedDisk()
     let deviceSize: UInt64
-    let configuration: LogEngineConfiguration
+    var configuration: LogEngineConfiguration
 
     /// `spaceLimit` nil: the smallest the configuration allows (no room for spare segments).
     init(
@@ -624,6 +625,38 @@ func waitForWriteback(_ engine: LogEngine) {
         #expect(flushed)
         waitForWriteback(engine)
         #expect(try resource.device().read(count: 4096, at: 0) == [UInt8](repeating: 3, count: 4096))
+        engine.shutdown()
+    }
+
+    /// Going down while the log cannot be written ends: after `stoppingRetryLimit` the writer gives
+    /// up what was never flushed, and every write acknowledged as durable is still recovered.
+    @Test func shutdownEndsWhileTheLogCannotBeWritten() throws {
+        var resource = try SimulatedResource(pending: 1 << 20)
+        resource.configuration.stoppingRetryLimit = .milliseconds(300)
+        let control = FileControl()
+        let directory = ControlledDirectory(inner: resource.disk.directory("mars"), control: control)
+        var engine = try LogEngine.open(
+            directory: directory, device: resource.device(), deviceSize: resource.deviceSize, configuration: resource.configuration
+        )
+        let target = Completions()
+        let durable = [UInt8](repeating: 7, count: 4096)
+        #expect(engine.submit(offset: 0, change: .write(durable), fua: true, target: target, token: 1) == .waiting)
+        #expect(target.wait(1) == nil)
+        control.failure.withLock { $0 = ENOSPC }
+        #expect(engine.submit(offset: 8192, change: .write([UInt8](repeating: 8, count: 4096)), fua: false, target: target, token: 2) == .acknowledged)
+        #expect(engine.flush(target: target, token: 3) == .waiting)
+        #expect(target.wait(3)?.errno == ENOSPC)
+        let stopped = Mutex(false)
+        DispatchQueue.global().async { [engine] in
+            engine.shutdown()
+            stopped.withLock { $0 = true }
+        }
+        for _ in 0..<300 where !stopped.withLock({ $0 }) { usleep(50_000) }
+        try #require(stopped.withLock { $0 }, "shutdown did not return within 15 s while the log failed")
+        control.failure.withLock { $0 = nil }
+        resource.disk.powerLoss()
+        engine = try resource.open()
+        #expect(try resource.device().read(count: 4096, at: 0) == durable)
         engine.shutdown()
     }
 
