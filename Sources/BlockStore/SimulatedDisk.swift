@@ -15,6 +15,10 @@ public final class SimulatedDisk: Sendable {
         /// Per file, a prefix of the unsynced changes survives, cut at a random byte; the
         /// directory keeps a prefix of its unsynced name changes.
         case keepRandomPrefix(seed: UInt64)
+        /// A disk cache that persists in any order: each 512-byte sector of each unsynced write, and
+        /// each unsynced truncation, survives or not at random (applied in order); the directory
+        /// keeps a prefix of its unsynced name changes.
+        case keepRandomSectors(seed: UInt64)
     }
 
     fileprivate enum Change {
@@ -68,8 +72,12 @@ public final class SimulatedDisk: Sendable {
     /// Cuts the power: unsynced changes are lost as `mode` says; open handles die.
     public func powerLoss(_ mode: PowerLossMode = .dropUnsynced) {
         state.withLock { state in
-            var random = SplitMix(seed: { if case .keepRandomPrefix(let seed) = mode { return seed } else { return 0 } }())
-            let keepSome: Bool = { if case .keepRandomPrefix = mode { return true } else { return false } }()
+            let seed: UInt64? = switch mode {
+            case .dropUnsynced: nil
+            case .keepRandomPrefix(let seed), .keepRandomSectors(let seed): seed
+            }
+            var random = SplitMix(seed: seed ?? 0)
+            let keepSome = seed != nil
             var names = state.durableNames
             if keepSome {
                 let kept = Int(random.next() % UInt64(state.unsyncedNames.count + 1))
@@ -82,7 +90,24 @@ public final class SimulatedDisk: Sendable {
             }
             for (id, var node) in state.nodes {
                 var content = node.durable
-                if keepSome, !node.unsynced.isEmpty {
+                if case .keepRandomSectors = mode {
+                    for change in node.unsynced where random.next() % 4 != 0 {
+                        switch change {
+                        case .truncate:
+                            Self.apply(change, to: &content)
+                        case .write(let offset, let bytes):
+                            var sector = offset / 512 * 512
+                            while sector < offset + bytes.count {
+                                let from = max(sector, offset)
+                                let to = min(sector + 512, offset + bytes.count)
+                                if random.next() % 2 == 0 {
+                                    Self.apply(.write(offset: from, bytes: Array(bytes[(from - offset)..<(to - offset)])), to: &content)
+                                }
+                                sector += 512
+                            }
+                        }
+                    }
+                } else if keepSome, !node.unsynced.isEmpty {
                     let kept = Int(random.next() % UInt64(node.unsynced.count + 1))
                     for (index, change) in node.unsynced.prefix(kept).enumerated() {
                         var change = change

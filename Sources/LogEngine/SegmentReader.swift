@@ -62,7 +62,7 @@ public enum SegmentReader {
                 let end: ScanEnd
                 if try reader.isZero(from: position) {
                     end = .end(offset: Int(position))
-                } else if try reader.hasValidRecord(after: position, firstLSN: header.firstLSN) {
+                } else if try reader.hasValidRecord(after: position, firstLSN: header.firstLSN, committedAfter: lsn) {
                     end = .corrupt(offset: Int(position), defect: defect)
                 } else {
                     end = .tornTail(offset: Int(position), defect: defect)
@@ -125,7 +125,12 @@ private struct WindowReader {
 
     /// Whether a genuine record of this segment (magic, checksum and the LSN its position implies)
     /// starts anywhere after `position`.
-    func hasValidRecord(after position: UInt64, firstLSN: UInt64) throws -> Bool {
+    /// Whether a valid record after `position` was written by a group commit that began after
+    /// `defectLSN`, i.e. once the bytes at the defect were durable: then the defect is damage.
+    /// Valid records of the commit the defect is part of do not count: until its fdatasync returned,
+    /// the disk could persist that commit's blocks in any order, so a power loss can leave a hole in
+    /// it with later records intact, and nothing in it was acknowledged as durable.
+    func hasValidRecord(after position: UInt64, firstLSN: UInt64, committedAfter defectLSN: UInt64) throws -> Bool {
         let magic = withUnsafeBytes(of: LogRecordLayout.magic.littleEndian) { Array($0) }
         var offset = position + 1
         while offset < size {
@@ -137,7 +142,11 @@ private struct WindowReader {
                 let candidate = offset + UInt64(index)
                 var probe = WindowReader(file: file, size: size)
                 let expected = firstLSN + (candidate - UInt64(SegmentHeader.size))
-                if case .success = try probe.record(at: candidate, expectedLSN: expected) { return true }
+                if case .success(let (record, _, _)) = try probe.record(at: candidate, expectedLSN: expected),
+                    record.commitStart > defectLSN
+                {
+                    return true
+                }
             }
             offset += UInt64(SegmentReader.window)
         }

@@ -154,8 +154,12 @@ extension LogEngine {
         header.reserveCapacity(LogRecordLayout.headerSize)
         var trailer: [UInt8] = []
         trailer.reserveCapacity(LogRecordLayout.trailerSize)
+        // The log is durable up to the group's first record: each record says how far before it
+        // that is, so a reader can tell bytes a power loss cut out of this commit from damage.
+        let commitStart = group.first?.record.lsn ?? 0
         for queued in group {
-            let record = queued.record
+            var record = queued.record
+            record.commitOffset = UInt32(clamping: record.lsn - commitStart)
             header.removeAll(keepingCapacity: true)
             trailer.removeAll(keepingCapacity: true)
             let checksum = record.encodeHeader(into: &header, payloadChecksum: queued.payloadChecksum)

@@ -37,10 +37,15 @@ public struct LogRecord: Sendable, Equatable {
     public var length: UInt64
     /// The data of a write; empty otherwise.
     public var payload: [UInt8]
+    /// Bytes of the same group commit before this record: everything before `lsn - commitOffset`
+    /// was durable when the record was written. 0 claims nothing beyond the record itself. Readers
+    /// use it to tell bytes a power loss cut out of an unfinished commit from corrupted durable
+    /// bytes (docs/log-format.md).
+    public var commitOffset: UInt32
 
     public init(
         type: LogRecordType, flags: LogRecordFlags = [], lsn: UInt64, epoch: UInt64, offset: UInt64 = 0,
-        length: UInt64 = 0, payload: [UInt8] = []
+        length: UInt64 = 0, payload: [UInt8] = [], commitOffset: UInt32 = 0
     ) {
         self.type = type
         self.flags = flags
@@ -49,7 +54,11 @@ public struct LogRecord: Sendable, Equatable {
         self.offset = offset
         self.length = length
         self.payload = payload
+        self.commitOffset = commitOffset
     }
+
+    /// Where the group commit that wrote this record began: the log was durable up to here.
+    public var commitStart: UInt64 { lsn - UInt64(commitOffset) }
 
     /// Bytes this record occupies on disk.
     public var encodedSize: Int { LogRecordLayout.recordSize(payload: payload.count) }
@@ -79,7 +88,7 @@ public struct LogRecord: Sendable, Equatable {
         out.append(type.rawValue)
         out.appendLittleEndian(flags.rawValue)
         out.appendLittleEndian(UInt32(payload.count))
-        out.appendLittleEndian(UInt32(0))
+        out.appendLittleEndian(commitOffset)
         out.appendLittleEndian(lsn)
         out.appendLittleEndian(epoch)
         out.appendLittleEndian(offset)
@@ -139,7 +148,7 @@ public func decodeRecord(
     }
     let flags = LogRecordFlags(rawValue: load(6, as: UInt16.self))
     let payloadLength = Int(load(8, as: UInt32.self))
-    let reserved = load(12, as: UInt32.self)
+    let commitOffset = load(12, as: UInt32.self)
     let lsn = load(16, as: UInt64.self)
     let epoch = load(24, as: UInt64.self)
     let offset = load(32, as: UInt64.self)
@@ -155,7 +164,8 @@ public func decodeRecord(
     )
     guard stored == computed else { return .failure(.checksumMismatch) }
     // Fields are checked after the checksum: a record that passes it was written this way.
-    guard reserved == 0, flags.isSubset(of: .known) else { return .failure(.invalidField("reserved bits set")) }
+    guard flags.isSubset(of: .known) else { return .failure(.invalidField("reserved bits set")) }
+    guard UInt64(commitOffset) <= lsn else { return .failure(.invalidField("commit offset \(commitOffset) before LSN 0")) }
     if type == .write {
         guard payloadLength > 0, UInt64(payloadLength) == length else {
             return .failure(.invalidField("write of \(length) bytes with \(payloadLength) bytes of payload"))
@@ -178,7 +188,10 @@ public func decodeRecord(
         )
     )
     return .success(
-        LogRecord(type: type, flags: flags, lsn: lsn, epoch: epoch, offset: offset, length: length, payload: payload)
+        LogRecord(
+            type: type, flags: flags, lsn: lsn, epoch: epoch, offset: offset, length: length, payload: payload,
+            commitOffset: commitOffset
+        )
     )
 }
 

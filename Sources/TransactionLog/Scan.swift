@@ -5,8 +5,10 @@ public enum ScanEnd: Equatable, Sendable {
     /// From `offset` on there is an incomplete or damaged record and nothing valid after it: the tail
     /// of an append that was interrupted. Recovery cuts the log at `offset`.
     case tornTail(offset: Int, defect: RecordDefect)
-    /// A damaged record at `offset` with valid records after it: the log is corrupt. Nothing from here
-    /// on may be applied; recovery stops and reports the position (invariant 6).
+    /// A damaged record at `offset` with valid records after it that a later group commit wrote
+    /// (once the damaged bytes were durable): the log is corrupt. Nothing from here on may be
+    /// applied; recovery stops and reports the position (invariant 6). Valid records of the damaged
+    /// record's own commit make it a torn tail: a power loss may persist a commit's blocks in any order.
     case corrupt(offset: Int, defect: RecordDefect)
 }
 
@@ -28,7 +30,7 @@ public func scanRecords(
             position += record.encodedSize
         case .failure(let defect):
             if bytes[position...].allSatisfy({ $0 == 0 }) { return .end(offset: position) }
-            if hasValidRecord(bytes, after: position, start: start, firstLSN: firstLSN) {
+            if hasValidRecord(bytes, after: position, start: start, firstLSN: firstLSN, committedAfter: expected) {
                 return .corrupt(offset: position, defect: defect)
             }
             return .tornTail(offset: position, defect: defect)
@@ -37,14 +39,17 @@ public func scanRecords(
     return .end(offset: position)
 }
 
-/// Whether a genuine record of this history (right magic, checksum and LSN for its position) starts
-/// anywhere after `position`.
-private func hasValidRecord(_ bytes: UnsafeRawBufferPointer, after position: Int, start: Int, firstLSN: UInt64) -> Bool {
+/// Whether a genuine record of this history (right magic, checksum and LSN for its position) that a
+/// group commit begun after `defectLSN` wrote starts anywhere after `position`.
+private func hasValidRecord(
+    _ bytes: UnsafeRawBufferPointer, after position: Int, start: Int, firstLSN: UInt64, committedAfter defectLSN: UInt64
+) -> Bool {
     let magic = LogRecordLayout.magic.littleEndian
     var candidate = position + 1
     while candidate + LogRecordLayout.headerSize + LogRecordLayout.trailerSize <= bytes.count {
         if bytes.loadUnaligned(fromByteOffset: candidate, as: UInt32.self) == magic,
-            case .success = decodeRecord(bytes, at: candidate, expectedLSN: firstLSN + UInt64(candidate - start))
+            case .success(let record) = decodeRecord(bytes, at: candidate, expectedLSN: firstLSN + UInt64(candidate - start)),
+            record.commitStart > defectLSN
         {
             return true
         }

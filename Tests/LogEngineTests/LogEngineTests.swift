@@ -342,8 +342,10 @@ func waitForWriteback(_ engine: LogEngine) {
         }
         // Let the threads run a little, then cut the power in the middle of whatever they do.
         usleep(UInt32(random.next() % 3000))
-        let keep = random.next() % 2 == 0
-        resource.disk.powerLoss(keep ? .keepRandomPrefix(seed: random.next()) : .dropUnsynced)
+        let modes: [SimulatedDisk.PowerLossMode] = [
+            .dropUnsynced, .keepRandomPrefix(seed: random.next()), .keepRandomSectors(seed: random.next()),
+        ]
+        resource.disk.powerLoss(modes[Int(random.next() % 3)])
         engine.halt()
 
         engine = try resource.open()
@@ -413,6 +415,49 @@ func waitForWriteback(_ engine: LogEngine) {
             return error.segment == segment && error.offset == UInt64(SegmentHeader.size)
                 && "\(error)".contains("log-verify")
         }
+    }
+
+    /// A power loss before a group commit's fdatasync returns may persist its blocks in any order:
+    /// a hole in the newest commit with its later records intact is a torn tail (nothing in it was
+    /// acknowledged as durable), cut there; the same damage in an earlier commit, followed by the
+    /// records of a later one, is corruption and keeps the resource down.
+    @Test(arguments: [false, true]) func aHoleInTheLastCommitIsATornTail(inEarlierCommit: Bool) throws {
+        let resource = try SimulatedResource(segmentSize: 1 << 20, pending: 1 << 20)
+        var engine = try resource.open()
+        let target = Completions()
+        let first = [UInt8](repeating: 1, count: 4096)
+        #expect(engine.submit(offset: 0, change: .write(first), fua: true, target: target, token: 0) == .waiting)
+        #expect(target.wait(0) == nil)
+        // Several writes and one FLUSH: one group commit of several records.
+        for token in 1...6 {
+            let bytes = [UInt8](repeating: UInt8(token + 1), count: 4096)
+            #expect(engine.submit(offset: UInt64(token) * 4096, change: .write(bytes), fua: false, target: target, token: token) == .acknowledged)
+        }
+        #expect(engine.flush(target: target, token: 100) == .waiting)
+        #expect(target.wait(100) == nil)
+        let segment = engine.status.currentSegment
+        engine.halt()
+        var records: [(record: LogRecord, offset: UInt64)] = []
+        _ = try LogHistory.walk(resource.disk.directory("mars"), visit: { record, name, offset in
+            if name.fileName == segment { records.append((record, offset)) }
+        })
+        let group = records.filter { $0.record.commitStart == records.last!.record.commitStart }
+        try #require(group.count >= 2, "the writes did not share a commit: \(records.map(\.record.commitOffset))")
+        // Damage the first record of the last commit, or the record of the commit before it.
+        let damaged = inEarlierCommit ? records[records.count - group.count - 1] : group[0]
+        let file = try resource.disk.directory("mars").open(segment, create: false)
+        try file.write([UInt8](repeating: 0, count: 512), at: damaged.offset + 512)
+        try file.sync()
+        var reports: [String] = []
+        if inEarlierCommit {
+            #expect(throws: LogRecoveryError.self) { _ = try resource.open() }
+            return
+        }
+        engine = try resource.open(report: { reports.append($0) })
+        #expect(reports.contains { $0.contains("torn tail") }, "\(reports)")
+        #expect(try engine.read(offset: 0, length: 4096) == first)
+        #expect(engine.status.appendedLSN == damaged.record.lsn)  // cut at the hole; the log goes on from there
+        engine.shutdown()
     }
 
     @Test func segmentsRotateChainAndAreDeletedAfterWriteback() throws {

@@ -165,6 +165,52 @@ struct LogFormatTests {
         }
     }
 
+    /// The commit offset round-trips, and one that would put the commit before LSN 0 is refused.
+    @Test func commitOffsetRoundTrips() {
+        for (lsn, commitOffset) in [(UInt64(0), UInt32(0)), (5000, 1), (5000, 5000), (1 << 40, UInt32.max)] {
+            let record = LogRecord(type: .trim, lsn: lsn, epoch: 2, offset: 0, length: 4096, commitOffset: commitOffset)
+            let (decoded, end) = scan(record.encoded(), firstLSN: lsn)
+            #expect(decoded == [record] && end == .end(offset: record.encodedSize))
+            #expect(decoded.first?.commitStart == lsn - UInt64(commitOffset))
+        }
+        let bad = LogRecord(type: .trim, lsn: 10, epoch: 2, offset: 0, length: 4096, commitOffset: 11).encoded()
+        guard case .tornTail(0, .invalidField) = scan(bad, firstLSN: 10).1 else {
+            Issue.record("a commit offset beyond the LSN was accepted")
+            return
+        }
+    }
+
+    /// Damage followed only by valid records of its own group commit (a power loss that persisted
+    /// the commit's blocks out of order) is a torn tail; followed by a record of a later commit, it
+    /// is corruption.
+    @Test func damageInsideTheLastCommitIsATornTail() {
+        var rng = SplitMix64(state: 11)
+        var records: [LogRecord] = []
+        var bytes: [UInt8] = []
+        var lsn: UInt64 = 1000
+        var commitStart = lsn
+        for index in 0..<10 {
+            if index == 0 || index == 4 { commitStart = lsn }  // commits: records 0-3 and 4-9
+            var record = randomRecord(lsn: lsn, using: &rng)
+            record.commitOffset = UInt32(lsn - commitStart)
+            record.encode(into: &bytes)
+            records.append(record)
+            lsn += UInt64(record.encodedSize)
+        }
+        func offset(of index: Int) -> Int { records[..<index].reduce(0) { $0 + $1.encodedSize } }
+        for victim in [3, 4, 6] {
+            var damaged = bytes
+            damaged[offset(of: victim) + 20] ^= 0x40
+            let (decoded, end) = scan(damaged)
+            #expect(decoded == Array(records[..<victim]))
+            if victim < 4 {
+                #expect(end == .corrupt(offset: offset(of: victim), defect: .checksumMismatch), "victim \(victim)")
+            } else {
+                #expect(end == .tornTail(offset: offset(of: victim), defect: .checksumMismatch), "victim \(victim)")
+            }
+        }
+    }
+
     /// A flipped bit in a record followed by valid records is corruption, reported at its offset;
     /// nothing from there on is returned.
     @Test func corruptionInTheMiddleIsReported() {
