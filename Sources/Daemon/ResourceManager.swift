@@ -44,6 +44,9 @@ final class ResourceManager: Sendable {
     private struct State {
         var identity: ClusterIdentity?
         var resources: [String: Resource] = [:]
+        /// Resource directories whose resource.json cannot be read, and why: shown as failed, never
+        /// served, their name not reusable, until the operator restores the file and restarts marsd.
+        var unreadable: [String: String] = [:]
     }
 
     let settings: ResourceSettings
@@ -78,12 +81,23 @@ final class ResourceManager: Sendable {
         }
         let identity = try StateFile.read(ClusterIdentity.self, named: ClusterIdentity.fileName, in: root)
         var resources: [String: Resource] = [:]
+        var unreadable: [String: String] = [:]
         for entry in try root.list() where entry.hasPrefix("resource-") {
             let name = String(entry.dropFirst("resource-".count))
             guard (try? Names.validateResource(name)) != nil else { continue }
-            let directory = try POSIXDirectory(path: settings.root + "/" + entry)
-            guard let config = try StateFile.read(ResourceConfig.self, named: ResourceConfig.fileName, in: directory) else {
-                logger.warning("ignoring \(settings.root)/\(entry): it has no \(ResourceConfig.fileName)")
+            let config: ResourceConfig
+            do {
+                let directory = try POSIXDirectory(path: settings.root + "/" + entry)
+                guard let read = try StateFile.read(ResourceConfig.self, named: ResourceConfig.fileName, in: directory) else {
+                    logger.warning("ignoring \(settings.root)/\(entry): it has no \(ResourceConfig.fileName)")
+                    continue
+                }
+                config = read
+                resources[name] = Resource(config: config, directory: directory)
+            } catch {
+                // One damaged resource keeps only itself down.
+                logger.error("resource \(name) stays down: \(error)")
+                unreadable[name] = "\(error)"
                 continue
             }
             if exports.exports.contains(where: { $0.descriptor.name == name }) {
@@ -91,11 +105,11 @@ final class ResourceManager: Sendable {
                     "--export \(name)=... has the name of resource '\(name)' under \(settings.root): its clients would bypass the log. Give the export another name."
                 )
             }
-            resources[name] = Resource(config: config, directory: directory)
         }
         state.withLock { state in
             state.identity = identity
             state.resources = resources
+            state.unreadable = unreadable
         }
     }
 
@@ -148,6 +162,7 @@ final class ResourceManager: Sendable {
     private func existingName(_ request: ControlRequest) throws -> String {
         guard let name = request.name else { throw DaemonError("\(request.command.rawValue) needs a resource name") }
         try Names.validateResource(name)
+        if let problem = state.withLock({ $0.unreadable[name] }) { throw DaemonError("resource '\(name)' cannot be used: \(problem)") }
         guard state.withLock({ $0.resources[name] != nil }) else {
             throw DaemonError("there is no resource '\(name)' on this host (marsadm view lists them)")
         }
@@ -172,7 +187,9 @@ final class ResourceManager: Sendable {
         guard let identity = state.withLock({ $0.identity }) else {
             throw DaemonError("this host is in no cluster yet: run 'marsadm create-cluster' first")
         }
-        guard state.withLock({ $0.resources[name] == nil }) else { throw DaemonError("resource '\(name)' exists already") }
+        guard state.withLock({ $0.resources[name] == nil && $0.unreadable[name] == nil }) else {
+            throw DaemonError("resource '\(name)' exists already")
+        }
         guard exports.exports.allSatisfy({ $0.descriptor.name != name }) else {
             throw DaemonError("an export named '\(name)' is already served (marsd --export)")
         }
@@ -297,24 +314,29 @@ final class ResourceManager: Sendable {
     var identity: ClusterIdentity? { state.withLock { $0.identity } }
 
     func status() -> [ResourceStatus] {
-        let resources = state.withLock { Array($0.resources.values) }
-        return resources.sorted { $0.config.name < $1.config.name }.map { resource in
-            let log = resource.engine.map { engine -> LogStatus in
-                let status = engine.status
-                return LogStatus(
-                    epoch: status.epoch, appendedLSN: status.appendedLSN, durableLSN: status.durableLSN,
-                    writebackLSN: status.writebackLSN, pendingChanges: status.pendingChanges, pendingBytes: status.pendingBytes,
-                    waitingWrites: status.waitingWrites, logBytes: status.logBytes, spaceLimit: status.spaceLimit,
-                    segments: status.segments, currentSegment: status.currentSegment, groupCommits: status.groupCommits,
-                    failure: status.failure
-                )
-            }
-            let state = resource.engine != nil ? "up" : (resource.error != nil ? "failed" : "down")
-            return ResourceStatus(
-                name: resource.config.name, device: resource.config.device, size: resource.config.size, role: resource.config.role,
-                wanted: resource.config.wanted, state: state, error: resource.error, log: log
+        let (resources, unreadable) = state.withLock { (Array($0.resources.values), $0.unreadable) }
+        let broken = unreadable.map { name, problem in
+            ResourceStatus(name: name, device: "?", size: 0, role: "?", wanted: "?", state: "failed", error: problem)
+        }
+        return (resources.map(Self.status(of:)) + broken).sorted { $0.name < $1.name }
+    }
+
+    private static func status(of resource: Resource) -> ResourceStatus {
+        let log = resource.engine.map { engine -> LogStatus in
+            let status = engine.status
+            return LogStatus(
+                epoch: status.epoch, appendedLSN: status.appendedLSN, durableLSN: status.durableLSN,
+                writebackLSN: status.writebackLSN, pendingChanges: status.pendingChanges, pendingBytes: status.pendingBytes,
+                waitingWrites: status.waitingWrites, logBytes: status.logBytes, spaceLimit: status.spaceLimit,
+                segments: status.segments, currentSegment: status.currentSegment, groupCommits: status.groupCommits,
+                failure: status.failure
             )
         }
+        let state = resource.engine != nil ? "up" : (resource.error != nil ? "failed" : "down")
+        return ResourceStatus(
+            name: resource.config.name, device: resource.config.device, size: resource.config.size, role: resource.config.role,
+            wanted: resource.config.wanted, state: state, error: resource.error, log: log
+        )
     }
 
     private static func hostname() -> String {

@@ -80,7 +80,7 @@ enum StateFile {
         do {
             return try JSONDecoder().decode(type, from: Data(bytes))
         } catch {
-            throw DaemonError("\(directory.path)/\(name) is unreadable (\(error)); restore it from a backup: marsd cannot start without it")
+            throw DaemonError("\(directory.path)/\(name) is unreadable (\(error)); restore it from a backup")
         }
     }
 }

@@ -155,6 +155,15 @@ check "no export is served from a corrupt log" bash -c "! nbdinfo 'nbd+unix:///r
 kill -TERM "$PID"
 graceful() { wait "$PID"; local rc=$?; PID=; [ "$rc" -eq 0 ] && [ ! -e "$T/nbd.sock" ] && [ ! -e "$T/ctl.sock" ]; }
 check "SIGTERM stops marsd gracefully and removes its sockets" graceful
+mkdir "$T/root/resource-broken" && echo '{"name": "broken", "dev' > "$T/root/resource-broken/resource.json"
+"$MARSD" serve --root "$T/root" --unix "$T/nbd.sock" --control "$T/ctl.sock" 2>>"$T/marsd.log" &
+PID=$!
+wait_for_socket "$T/ctl.sock"
+check "an unreadable resource.json keeps only its resource down" bash -c "'$MARSADM' view --control '$T/ctl.sock' | tee /dev/stderr | grep -E '^broken .* failed' && '$MARSADM' view --control '$T/ctl.sock' | grep -E '^r1 +primary +up +failed'"
+check "... view names the file" bash -c "'$MARSADM' view --control '$T/ctl.sock' | grep -F 'resource-broken/resource.json is unreadable'"
+check "... up says why it cannot" fails_with "resource 'broken' cannot be used" "$MARSADM" up broken --control "$T/ctl.sock"
+check "... and its name is not taken again" fails_with "exists already" "$MARSADM" create-resource broken "$T/b.img" --control "$T/ctl.sock"
+kill -TERM "$PID"; wait "$PID"; PID=
 check "an export with a resource's name is refused at start" fails_with "has the name of resource 'r1'" \
     timeout 20 "$MARSD" serve --root "$T/root" --export r1="$T/a.img" --unix "$T/nbd.sock"
 [ "$fails" -eq 0 ]
