@@ -35,9 +35,19 @@ public enum LogHistory {
         _ directory: any StorageDirectory, begin: (SegmentName, SegmentHeader) throws -> Void = { _, _ in },
         visit: (LogRecord, SegmentName, UInt64) throws -> Void = { _, _, _ in }
     ) throws -> HistoryWalk {
+        var walk = HistoryWalk()
+        try self.walk(directory, into: &walk, begin: begin, visit: visit)
+        return walk
+    }
+
+    /// The same walk into `walk`, which keeps what was read before a problem stopped it (the
+    /// damaged segment included, its scan ending where the damage is), for `marsadm log-dump`.
+    public static func walk(
+        _ directory: any StorageDirectory, into walk: inout HistoryWalk, begin: (SegmentName, SegmentHeader) throws -> Void = { _, _ in },
+        visit: (LogRecord, SegmentName, UInt64) throws -> Void = { _, _, _ in }
+    ) throws {
         let names = try directory.list().compactMap(SegmentName.init(fileName:)).sorted { $0.sequence < $1.sequence }
         guard !names.isEmpty else { throw LogRecoveryError(segment: nil, offset: nil, reason: "no log segments in \(directory.path)") }
-        var walk = HistoryWalk()
         for (index, name) in names.enumerated() {
             let isNewest = index == names.count - 1
             let file = try directory.open(name.fileName, create: false)
@@ -63,15 +73,14 @@ public enum LogHistory {
                 throw LogRecoveryError(segment: name.fileName, offset: 0, reason: "the segment header is unreadable (\(error.defect))")
             }
             walk.epoch = max(walk.epoch, scan.header.epoch)
+            walk.segments.append(WalkedSegment(name: name, scan: scan, fileSize: try file.size()))
             switch scan.end {
             case .end, .tornTail where isNewest:
                 break
             case .tornTail(let offset, let defect), .corrupt(let offset, let defect):
                 throw LogRecoveryError(segment: name.fileName, offset: UInt64(offset), reason: "damaged record (\(defect)) with more log after it")
             }
-            walk.segments.append(WalkedSegment(name: name, scan: scan, fileSize: try file.size()))
         }
-        return walk
     }
 
     /// Whether `header` names its own file's sequence and continues the segment before.

@@ -73,7 +73,7 @@ func report(_ options: LogOptions, withRecords: Bool) throws -> LogReport {
     var problem: String?
     var walk = HistoryWalk()
     do {
-        walk = try LogHistory.walk(directory, visit: { record, segment, offset in
+        try LogHistory.walk(directory, into: &walk, visit: { record, segment, offset in
             guard withRecords else { return }
             var flags: [String] = []
             if record.flags.contains(.fua) { flags.append("fua") }

@@ -147,6 +147,7 @@ SEG=$(ls "$T/root/resource-r1" | grep '^log-' | tail -1)
 /usr/bin/python3 -c "
 f = open('$T/root/resource-r1/$SEG', 'r+b'); f.seek(64 + 48 + 1000); b = f.read(1); f.seek(64 + 48 + 1000); f.write(bytes([b[0] ^ 1]))"
 check "log-verify names the corrupt segment and offset" fails_with "$SEG at byte 64" "$MARSADM" log-verify r1 --root "$T/root"
+check "log-dump still lists the log, up to the damage" bash -c "! '$MARSADM' log-dump r1 --root '$T/root' > '$T/dump' 2>&1; cat '$T/dump'; grep -E '^$SEG: .*corrupt at 64' '$T/dump' && grep -q '^PROBLEM:' '$T/dump'"
 "$MARSD" serve --root "$T/root" --unix "$T/nbd.sock" --control "$T/ctl.sock" 2>>"$T/marsd.log" &
 PID=$!
 wait_for_socket "$T/ctl.sock"
