@@ -83,6 +83,44 @@ public enum LogHistory {
         }
     }
 
+    /// The writeback position (`writeback-position`): replay starts there.
+    static func openPosition(in directory: any StorageDirectory) throws -> PositionFile {
+        do {
+            guard let position = try PositionFile.open(in: directory) else {
+                throw LogRecoveryError(segment: nil, offset: nil, reason: "\(PositionFile.name) has no valid slot")
+            }
+            return position
+        } catch let error as SystemError {
+            throw LogRecoveryError(segment: nil, offset: nil, reason: "cannot read \(PositionFile.name): \(error)")
+        }
+    }
+
+    /// A log whose oldest segment starts after the writeback position lacks records.
+    static func checkPosition(_ position: UInt64, oldest: SegmentName, startingAt firstLSN: UInt64) throws {
+        if firstLSN > position {
+            throw LogRecoveryError(
+                segment: oldest.fileName, offset: 0, reason: "the writeback position is \(position) but the oldest segment starts at \(firstLSN)"
+            )
+        }
+    }
+
+    static func checkPosition(_ position: UInt64, newest: SegmentName, endingAt endLSN: UInt64) throws {
+        if position > endLSN {
+            throw LogRecoveryError(segment: newest.fileName, offset: nil, reason: "the writeback position \(position) is beyond the log's end \(endLSN)")
+        }
+    }
+
+    /// The writeback position of an intact `walk` of `directory`, checked against it as recovery
+    /// checks it (for `marsadm log-verify`, which would otherwise call a log OK that recovery refuses).
+    public static func verifiedPosition(in directory: any StorageDirectory, walk: HistoryWalk) throws -> UInt64 {
+        let position = try openPosition(in: directory).writebackLSN
+        if let oldest = walk.segments.first, let newest = walk.segments.last {
+            try checkPosition(position, oldest: oldest.name, startingAt: oldest.scan.header.firstLSN)
+            try checkPosition(position, newest: newest.name, endingAt: newest.scan.endLSN)
+        }
+        return position
+    }
+
     /// Whether `header` names its own file's sequence and continues the segment before.
     private static func checkPlace(of header: SegmentHeader, in name: SegmentName, after previous: WalkedSegment?) throws {
         if header.sequence != name.sequence {

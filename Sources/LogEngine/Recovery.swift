@@ -31,15 +31,7 @@ extension LogEngine {
         report: (String) -> Void = { _ in }
     ) throws -> LogEngine {
         if let problem = configuration.problem { throw LogEngineError(errno: EINVAL, problem) }
-        let position: PositionFile
-        do {
-            guard let opened = try PositionFile.open(in: directory) else {
-                throw LogRecoveryError(segment: nil, offset: nil, reason: "\(PositionFile.name) has no valid slot")
-            }
-            position = opened
-        } catch let error as SystemError {
-            throw LogRecoveryError(segment: nil, offset: nil, reason: "cannot read \(PositionFile.name): \(error)")
-        }
+        let position = try LogHistory.openPosition(in: directory)
         let start = position.writebackLSN
         var replayed = 0
         var oldestChecked = false
@@ -47,12 +39,7 @@ extension LogEngine {
             // Before anything is replayed: a log that starts after the position lacks records.
             guard !oldestChecked else { return }
             oldestChecked = true
-            if header.firstLSN > start {
-                throw LogRecoveryError(
-                    segment: name.fileName, offset: 0,
-                    reason: "the writeback position is \(start) but the oldest segment starts at \(header.firstLSN)"
-                )
-            }
+            try LogHistory.checkPosition(start, oldest: name, startingAt: header.firstLSN)
         }) { record, name, offset in
             guard record.lsn >= start, record.type.carriesRange else { return }
             guard record.offset + record.length <= deviceSize else {
@@ -68,9 +55,7 @@ extension LogEngine {
         else {
             throw LogRecoveryError(segment: nil, offset: nil, reason: "no readable segment")
         }
-        if start > endLSN {
-            throw LogRecoveryError(segment: newest.name.fileName, offset: nil, reason: "the writeback position \(start) is beyond the log's end \(endLSN)")
-        }
+        try LogHistory.checkPosition(start, newest: newest.name, endingAt: endLSN)
         if let interrupted = walk.interrupted {
             report("removing \(interrupted), whose creation was interrupted")
             try directory.remove(interrupted.fileName)

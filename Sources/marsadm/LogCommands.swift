@@ -56,6 +56,8 @@ struct LogReport: Codable {
     var resource: String
     var ok: Bool
     var problem: String?
+    /// Where recovery replays from (writeback-position), when the log is intact.
+    var writebackLSN: UInt64?
     var segments: [Segment]
 }
 
@@ -88,6 +90,14 @@ func report(_ options: LogOptions, withRecords: Bool) throws -> LogReport {
     } catch {
         problem = "\(error)"
     }
+    var writebackLSN: UInt64?
+    if problem == nil {
+        do {
+            writebackLSN = try LogHistory.verifiedPosition(in: directory, walk: walk)
+        } catch {
+            problem = "\(error)"
+        }
+    }
     let segments = walk.segments.map { segment -> LogReport.Segment in
         let end: String
         switch segment.scan.end {
@@ -102,7 +112,7 @@ func report(_ options: LogOptions, withRecords: Bool) throws -> LogReport {
             recordList: withRecords ? records[segment.name.fileName] ?? [] : nil
         )
     }
-    return LogReport(resource: options.name, ok: problem == nil, problem: problem, segments: segments)
+    return LogReport(resource: options.name, ok: problem == nil, problem: problem, writebackLSN: writebackLSN, segments: segments)
 }
 
 struct LogDump: ParsableCommand {
@@ -137,8 +147,9 @@ struct LogVerify: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Check that a resource's log segments form one intact history.",
         discussion: """
-            Verifies every record's checksum and position, the continuity of LSNs across segments and the \
-            history digest chain. Exits with 1 and names the segment and byte offset of the first problem. \
+            Verifies every record's checksum and position, the continuity of LSNs across segments, the \
+            history digest chain, and that the writeback position lies within the log. Exits with 1 and \
+            names the segment and byte offset of the first problem. \
             A torn tail of the newest segment is reported but is not a problem: recovery cuts it.
             """
     )
@@ -155,7 +166,8 @@ struct LogVerify: ParsableCommand {
             let records = report.segments.reduce(0) { $0 + $1.records }
             let first = report.segments.first?.firstLSN ?? 0
             let end = report.segments.last?.endLSN ?? 0
-            print("\(options.name): OK: \(report.segments.count) segments, \(records) records, LSN \(first)..<\(end)")
+            let position = report.writebackLSN.map { ", written back to \($0)" } ?? ""
+            print("\(options.name): OK: \(report.segments.count) segments, \(records) records, LSN \(first)..<\(end)\(position)")
             for segment in report.segments where segment.end != "end" {
                 print("\(segment.name): \(segment.end); recovery cuts it")
             }

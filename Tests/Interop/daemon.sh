@@ -103,7 +103,9 @@ log = r[\"log\"]
 assert log[\"appendedLSN\"] > 1 << 20 and log[\"durableLSN\"] == log[\"appendedLSN\"], log
 assert log[\"currentSegment\"].startswith(\"log-\") and log[\"currentSegment\"].endswith(\"-alpha\"), log
 '"
-check "marsadm log-verify says OK" bash -c "'$MARSADM' log-verify r1 --root '$T/root' | grep -E '^r1: OK'"
+check "marsadm log-verify says OK" bash -c "'$MARSADM' log-verify r1 --root '$T/root' | grep -E '^r1: OK: .*, written back to [0-9]+$'"
+check "log-verify checks the writeback position too" bash -c "mkdir '$T/copy' && cp -r '$T/root/resource-r1' '$T/copy/' && rm '$T/copy/resource-r1/writeback-position'
+    ! '$MARSADM' log-verify r1 --root '$T/copy' > '$T/verify' 2>&1; cat '$T/verify'; grep -F 'BROKEN: log recovery stopped: cannot read writeback-position' '$T/verify'"
 check "marsadm log-dump lists the records" bash -c "'$MARSADM' log-dump r1 --root '$T/root' | grep -E ' write epoch 1 offset 0 length 1048576 \[fua\]'"
 check "marsadm log-dump --json" bash -c "'$MARSADM' log-dump r1 --root '$T/root' --json | /usr/bin/python3 -c '
 import json, sys
