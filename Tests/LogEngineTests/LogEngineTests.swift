@@ -722,12 +722,12 @@ func waitForWriteback(_ engine: LogEngine) {
         var expected = [UInt8](repeating: 0, count: Int(resource.deviceSize))
         var failedAppends = 0
         var failedRotations = 0
-        // 1 KiB records in 8 KiB segments: some failures hit an append, some the start of a segment.
-        // (The log writer retries once a second.)
+        // 8 KiB segments: a failing 7 KiB write never fits behind other records and fails while the
+        // next segment starts; a failing 1 KiB one fails in its append. (The writer retries once a second.)
         for index in 0..<40 {
-            let bytes = [UInt8](repeating: UInt8(index + 1), count: 1024)
-            let offset = index * 1024
             let fails = index % 4 == 2
+            let bytes = [UInt8](repeating: UInt8(index + 1), count: fails && index % 8 == 2 ? 7 << 10 : 1024)
+            let offset = index * 1024
             let segment = engine.status.currentSegment
             if fails { fail(EIO) }
             let admission = engine.submit(offset: UInt64(offset), change: .write(bytes), fua: true, target: target, token: index)
@@ -747,7 +747,7 @@ func waitForWriteback(_ engine: LogEngine) {
             } else {
                 #expect(target.wait(index) == nil)
             }
-            expected.replaceSubrange(offset..<offset + 1024, with: bytes)
+            expected.replaceSubrange(offset..<offset + bytes.count, with: bytes)
         }
         #expect(failedAppends > 0 && failedRotations > 0, "appends \(failedAppends), rotations \(failedRotations)")
         engine.halt()
