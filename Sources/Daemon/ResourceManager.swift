@@ -286,6 +286,10 @@ final class ResourceManager: Sendable {
                 state.resources[name]?.error = nil
             }
             logger.info("resource up", metadata: ["resource": "\(name)", "device": "\(resource.config.device)"])
+        } catch let error as LogRecoveryError {
+            let failure = DaemonError("\(error). \(LogRecoveryError.advice)")
+            state.withLock { $0.resources[name]?.error = failure.description }
+            throw failure
         } catch {
             state.withLock { $0.resources[name]?.error = "\(error)" }
             throw error
@@ -342,7 +346,7 @@ final class ResourceManager: Sendable {
     private static func hostname() -> String {
         var buffer = [CChar](repeating: 0, count: 256)
         gethostname(&buffer, buffer.count)
-        return String(cString: buffer).split(separator: ".").first.map(String.init) ?? "localhost"
+        return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self).split(separator: ".").first.map(String.init) ?? "localhost"
     }
 }
 

@@ -75,7 +75,9 @@ public enum LogHistory {
             walk.epoch = max(walk.epoch, scan.header.epoch)
             walk.segments.append(WalkedSegment(name: name, scan: scan, fileSize: try file.size()))
             switch scan.end {
-            case .end, .tornTail where isNewest:
+            case .end:
+                break
+            case .tornTail where isNewest:
                 break
             case .tornTail(let offset, let defect), .corrupt(let offset, let defect):
                 throw LogRecoveryError(segment: name.fileName, offset: UInt64(offset), reason: "damaged record (\(defect)) with more log after it")

@@ -59,6 +59,13 @@ struct LogReport: Codable {
     /// Where recovery replays from (writeback-position), when the log is intact.
     var writebackLSN: UInt64?
     var segments: [Segment]
+    /// The newest segment file when its creation was interrupted (no valid header yet): recovery
+    /// removes it.
+    var interrupted: String?
+
+    var interruptedNote: String? {
+        interrupted.map { "\($0): its creation was interrupted (no valid header yet); recovery removes it" }
+    }
 }
 
 func hex(_ bytes: [UInt8]) -> String {
@@ -68,9 +75,19 @@ func hex(_ bytes: [UInt8]) -> String {
     }.joined()
 }
 
-/// Walks the resource's history; a broken history becomes `problem`.
+/// Walks the resource's history; a broken history becomes `problem`. With --json a log that
+/// cannot be opened is reported as JSON too (and the command still fails).
 func report(_ options: LogOptions, withRecords: Bool) throws -> LogReport {
-    let directory = try options.directory()
+    let directory: any StorageDirectory
+    do {
+        directory = try options.directory()
+    } catch {
+        if options.json {
+            let report = LogReport(resource: options.name, ok: false, problem: "\(error)", segments: [])
+            print((try? ControlCodec.prettyJSON(report)) ?? "")
+        }
+        throw error
+    }
     var records: [String: [LogReport.Record]] = [:]
     var problem: String?
     var walk = HistoryWalk()
@@ -112,7 +129,10 @@ func report(_ options: LogOptions, withRecords: Bool) throws -> LogReport {
             recordList: withRecords ? records[segment.name.fileName] ?? [] : nil
         )
     }
-    return LogReport(resource: options.name, ok: problem == nil, problem: problem, writebackLSN: writebackLSN, segments: segments)
+    return LogReport(
+        resource: options.name, ok: problem == nil, problem: problem, writebackLSN: writebackLSN, segments: segments,
+        interrupted: walk.interrupted?.fileName
+    )
 }
 
 struct LogDump: ParsableCommand {
@@ -137,6 +157,7 @@ struct LogDump: ParsableCommand {
                     print("  \(record.lsn) \(record.type) epoch \(record.epoch)\(range)\(flags) @\(record.fileOffset)")
                 }
             }
+            if let note = report.interruptedNote { print(note) }
             if let problem = report.problem { print("PROBLEM: \(problem)") }
         }
         if !report.ok { throw ExitCode(1) }
@@ -171,6 +192,7 @@ struct LogVerify: ParsableCommand {
             for segment in report.segments where segment.end != "end" {
                 print("\(segment.name): \(segment.end); recovery cuts it")
             }
+            if let note = report.interruptedNote { print(note) }
         }
         if !report.ok { throw ExitCode(1) }
     }

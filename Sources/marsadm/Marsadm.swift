@@ -26,15 +26,24 @@ struct ControlOptions: ParsableArguments {
     @Option(help: ArgumentHelp("The control socket of the local marsd (marsd --control).", valueName: "path"))
     var control = "/run/marsd/control.sock"
 
+    @Option(help: ArgumentHelp("How long to wait for marsd's reply, in seconds.", valueName: "seconds"))
+    var timeout: Double = 300
+
     @Flag(help: "Print JSON instead of text.")
     var json = false
 
-    /// Sends `request`; a refusal becomes an error naming what marsd said.
+    func validate() throws {
+        guard timeout > 0, timeout <= 86400 else { throw ValidationError("--timeout must be between 0 and 86400 seconds, not \(timeout)") }
+    }
+
+    /// Sends `request`; a refusal becomes an error naming what marsd said. With --json, every
+    /// failure also prints a JSON object with an "error" field, so scripts need not parse stderr.
     func send(_ request: ControlRequest) throws -> ControlResponse {
         let response: ControlResponse
         do {
-            response = try ControlClient.send(request, to: control)
+            response = try ControlClient.send(request, to: control, timeout: .milliseconds(Int64(timeout * 1000)))
         } catch {
+            if json { print((try? ControlCodec.prettyJSON(ControlResponse(error: "\(error)"))) ?? "") }
             throw MarsadmError("\(error)")
         }
         if let error = response.error {
@@ -94,7 +103,7 @@ struct CreateResource: ParsableCommand {
         if !path.hasPrefix("/") {
             var buffer = [CChar](repeating: 0, count: 4096)
             guard getcwd(&buffer, buffer.count) != nil else { throw MarsadmError("cannot resolve \(device): getcwd failed") }
-            path = String(cString: buffer) + "/" + path
+            path = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) + "/" + path
         }
         try options.perform(ControlRequest(command: .createResource, name: name, device: path))
     }

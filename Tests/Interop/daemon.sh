@@ -30,6 +30,22 @@ check "marsd refuses a bad export" fails_with "NAME=PATH" "$MARSD" serve --root 
 check "marsd refuses a log space limit below two segments" fails_with "log-space-mib must be at least" "$MARSD" serve --root "$T/root" --unix "$T/x.sock" --log-segment-mib 64 --log-space-mib 100
 check "marsd names a root it cannot use" fails_with "$T/a-file/root" bash -c "touch '$T/a-file'; '$MARSD' serve --root '$T/a-file/root' --unix '$T/x.sock'"
 check "marsadm explains an unreachable daemon" fails_with "Is marsd running" "$MARSADM" view --control "$T/nothing.sock"
+check "... and with --json prints the error as JSON" bash -c "! '$MARSADM' view --json --control '$T/nothing.sock' > '$T/json' 2>/dev/null && /usr/bin/python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+assert \"Is marsd running\" in r[\"error\"], r
+' < '$T/json'"
+check "marsadm does not wait forever for a silent peer" bash -c "
+    /usr/bin/python3 -c 'import socket, time; s = socket.socket(socket.AF_UNIX); s.bind(\"$T/silent.sock\"); s.listen(); c = s.accept(); time.sleep(30)' &
+    for i in \$(seq 100); do [ -S '$T/silent.sock' ] && break; sleep 0.1; done
+    ! timeout 20 '$MARSADM' view --timeout 1 --control '$T/silent.sock' > '$T/silent' 2>&1; rc=\$?; kill %1; cat '$T/silent'
+    grep -F 'no reply from $T/silent.sock within 1' '$T/silent'"
+check "marsadm says when a peer answers with something else" bash -c "
+    /usr/bin/python3 -c 'import socket; s = socket.socket(socket.AF_UNIX); s.bind(\"$T/other.sock\"); s.listen(); c, _ = s.accept(); c.recv(100); c.sendall(b\"hello\\n\"); c.close()' &
+    for i in \$(seq 100); do [ -S '$T/other.sock' ] && break; sleep 0.1; done
+    ! timeout 20 '$MARSADM' view --timeout 10 --control '$T/other.sock' > '$T/other' 2>&1; wait; cat '$T/other'
+    grep -F '$T/other.sock answered with something that is not a marsd control reply' '$T/other'"
+check "marsadm refuses a zero --timeout" fails_with "timeout must be" "$MARSADM" view --timeout 0 --control "$T/nothing.sock"
 
 truncate -s 256M "$T/a.img"
 truncate -s 64M "$T/b.img"
@@ -103,6 +119,8 @@ log = r[\"log\"]
 assert log[\"appendedLSN\"] > 1 << 20 and log[\"durableLSN\"] == log[\"appendedLSN\"], log
 assert log[\"currentSegment\"].startswith(\"log-\") and log[\"currentSegment\"].endswith(\"-alpha\"), log
 '"
+check "marsadm pointed at the NBD socket says what it reached" fails_with "$T/nbd.sock closed the connection without a reply. Is it marsd's control socket" \
+    "$MARSADM" view --timeout 10 --control "$T/nbd.sock"
 check "marsadm log-verify says OK" bash -c "'$MARSADM' log-verify r1 --root '$T/root' | grep -E '^r1: OK: .*, written back to [0-9]+$'"
 check "log-verify checks the writeback position too" bash -c "mkdir '$T/copy' && cp -r '$T/root/resource-r1' '$T/copy/' && rm '$T/copy/resource-r1/writeback-position'
     ! '$MARSADM' log-verify r1 --root '$T/copy' > '$T/verify' 2>&1; cat '$T/verify'; grep -F 'BROKEN: log recovery stopped: cannot read writeback-position' '$T/verify'"
@@ -116,6 +134,15 @@ assert \"write\" in types and \"trim\" in types and \"writeZeroes\" in types, ty
 '"
 check "log-dump of a missing resource says so" fails_with "cannot open the log of resource 'nope'" "$MARSADM" log-dump nope --root "$T/root"
 check "log-dump refuses a path in the name" fails_with "not allowed" "$MARSADM" log-dump ../etc --root "$T/root"
+check "log-verify --json of a missing resource prints the problem as JSON" bash -c "! '$MARSADM' log-verify nope --json --root '$T/root' > '$T/json' 2>/dev/null && /usr/bin/python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+assert not r[\"ok\"] and \"cannot open the log of resource\" in r[\"problem\"], r
+' < '$T/json'"
+check "log-verify mentions a newest segment whose creation was interrupted" bash -c "rm -rf '$T/copy2' && mkdir '$T/copy2' && cp -r '$T/root/resource-r1' '$T/copy2/'
+    last=\$(ls '$T/copy2/resource-r1' | grep '^log-' | tail -1); seq=\${last#log-}; seq=\$((10#\${seq%%-*} + 1))
+    : > '$T/copy2/resource-r1/'\$(printf 'log-%09d-alpha' \$seq)
+    '$MARSADM' log-verify r1 --root '$T/copy2' | tee /dev/stderr | grep -E '^log-[0-9]{9}-alpha: its creation was interrupted'"
 check "down r1 writes the log back" adm down r1
 check "the export is gone while r1 is down" bash -c "! nbdinfo 'nbd+unix:///r1?socket=$T/nbd.sock' 2>/dev/null"
 check "the data device holds every write after down" /usr/bin/python3 -c "
@@ -149,11 +176,13 @@ SEG=$(ls "$T/root/resource-r1" | grep '^log-' | tail -1)
 /usr/bin/python3 -c "
 f = open('$T/root/resource-r1/$SEG', 'r+b'); f.seek(64 + 48 + 1000); b = f.read(1); f.seek(64 + 48 + 1000); f.write(bytes([b[0] ^ 1]))"
 check "log-verify names the corrupt segment and offset" fails_with "$SEG at byte 64" "$MARSADM" log-verify r1 --root "$T/root"
+check "... and does not send the operator to itself" bash -c "! '$MARSADM' log-verify r1 --root '$T/root' | grep -F 'marsadm log-verify'"
 check "log-dump still lists the log, up to the damage" bash -c "! '$MARSADM' log-dump r1 --root '$T/root' > '$T/dump' 2>&1; cat '$T/dump'; grep -E '^$SEG: .*corrupt at 64' '$T/dump' && grep -q '^PROBLEM:' '$T/dump'"
 "$MARSD" serve --root "$T/root" --unix "$T/nbd.sock" --control "$T/ctl.sock" 2>>"$T/marsd.log" &
 PID=$!
 wait_for_socket "$T/ctl.sock"
 check "a corrupt log keeps the resource down and view says why" bash -c "'$MARSADM' view --control '$T/ctl.sock' | tee /dev/stderr | grep -E '^r1 +primary +up +failed' && '$MARSADM' view --control '$T/ctl.sock' | grep -F '$SEG at byte 64'"
+check "... and what to do next" bash -c "'$MARSADM' view --json --control '$T/ctl.sock' | grep -F 'When recovery stops'"
 check "no export is served from a corrupt log" bash -c "! nbdinfo 'nbd+unix:///r1?socket=$T/nbd.sock' 2>/dev/null"
 kill -TERM "$PID"
 graceful() { wait "$PID"; local rc=$?; PID=; [ "$rc" -eq 0 ] && [ ! -e "$T/nbd.sock" ] && [ ! -e "$T/ctl.sock" ]; }
@@ -169,4 +198,14 @@ check "... and its name is not taken again" fails_with "exists already" "$MARSAD
 kill -TERM "$PID"; wait "$PID"; PID=
 check "an export with a resource's name is refused at start" fails_with "has the name of resource 'r1'" \
     timeout 20 "$MARSD" serve --root "$T/root" --export r1="$T/a.img" --unix "$T/nbd.sock"
+# README, "When recovery stops": with the damaged log moved out of the root, the device serves again.
+mv "$T/root/resource-r1" "$T/r1-damaged"
+"$MARSD" serve --root "$T/root" --unix "$T/nbd.sock" --control "$T/ctl.sock" 2>>"$T/marsd.log" &
+PID=$!
+wait_for_socket "$T/ctl.sock"
+check "a resource whose log was damaged is created again on its device" adm create-resource r1 "$T/r.img"
+check "... and serves the device as it is" nbdsh -u "nbd+unix:///r1?socket=$T/nbd.sock" -c "
+assert h.get_size() == $(stat -c %s "$T/r.img")
+assert h.pread(4096, 2 << 20) == b'\x77' * 4096"
+kill -TERM "$PID"; wait "$PID"; PID=
 [ "$fails" -eq 0 ]

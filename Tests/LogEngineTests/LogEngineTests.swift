@@ -413,7 +413,7 @@ func waitForWriteback(_ engine: LogEngine) {
         } throws: { error in
             guard let error = error as? LogRecoveryError else { return false }
             return error.segment == segment && error.offset == UInt64(SegmentHeader.size)
-                && "\(error)".contains("log-verify")
+                && "\(error)".contains("\(segment) at byte \(SegmentHeader.size): damaged record")
         }
     }
 
@@ -812,7 +812,7 @@ func waitForWriteback(_ engine: LogEngine) {
     /// so does a log whose oldest segment starts after the writeback position.
     @Test(arguments: [false, true]) func recoveryReplaysNothingBeyondAGap(removeOldest: Bool) throws {
         let resource = try SimulatedResource(pending: 1 << 20, spaceLimit: 1 << 20)
-        var engine = try resource.open()
+        let engine = try resource.open()
         let target = Completions()
         for index in 0..<30 {
             let bytes = [UInt8](repeating: UInt8(index + 1), count: 1024)
