@@ -287,7 +287,12 @@ final class ResourceManager: Sendable {
             }
             logger.info("resource up", metadata: ["resource": "\(name)", "device": "\(resource.config.device)"])
         } catch let error as LogRecoveryError {
-            let failure = DaemonError("\(error). \(LogRecoveryError.advice)")
+            // The error states what recovery found; what to do is said here, where an operator sees
+            // it (marsadm's log commands print the facts only: they are the inspection this points to).
+            let failure = DaemonError(
+                "\(error). The resource stays down. 'marsadm log-dump' lists the log up to the damage and 'marsadm log-verify' "
+                    + "the writeback position; README, Operations, 'When recovery stops' says how to go on."
+            )
             state.withLock { $0.resources[name]?.error = failure.description }
             throw failure
         } catch {
@@ -346,7 +351,8 @@ final class ResourceManager: Sendable {
     private static func hostname() -> String {
         var buffer = [CChar](repeating: 0, count: 256)
         gethostname(&buffer, buffer.count)
-        return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self).split(separator: ".").first.map(String.init) ?? "localhost"
+        let name = buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        return name.split(separator: ".").first.map(String.init) ?? "localhost"
     }
 }
 

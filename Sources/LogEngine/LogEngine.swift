@@ -81,13 +81,6 @@ public struct LogRecoveryError: Error, Sendable, CustomStringConvertible {
         if let offset { text += " at byte \(offset)" }
         return text + ": \(reason)"
     }
-
-    /// What an operator can do about it, for marsd to add where it reports the error (marsadm's own
-    /// log commands print the facts only: they are the inspection this points to).
-    public static let advice =
-        "The resource stays down. 'marsadm log-dump' lists the log up to the damage and 'marsadm log-verify' "
-        + "the writeback position; README, Operations, 'When recovery stops' says how to go on."
-
 }
 
 /// A logged change, as a client sent it.

@@ -101,9 +101,9 @@ struct CreateResource: ParsableCommand {
         // marsd runs elsewhere: a relative path means the caller's directory, so send it absolute.
         var path = device
         if !path.hasPrefix("/") {
-            var buffer = [CChar](repeating: 0, count: 4096)
-            guard getcwd(&buffer, buffer.count) != nil else { throw MarsadmError("cannot resolve \(device): getcwd failed") }
-            path = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) + "/" + path
+            guard let directory = getcwd(nil, 0) else { throw MarsadmError("cannot resolve \(device): getcwd failed") }
+            defer { free(directory) }
+            path = String(cString: directory) + "/" + path
         }
         try options.perform(ControlRequest(command: .createResource, name: name, device: path))
     }
