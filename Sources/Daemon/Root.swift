@@ -29,22 +29,12 @@ struct ResourceConfig: Codable, Equatable {
 }
 
 enum Names {
-    /// Resource names become directory and export names: 1 to 64 of [A-Za-z0-9._-], not starting
-    /// with '.' or '-' (no path tricks).
     static func validateResource(_ name: String) throws {
-        guard SegmentName.isValidHost(name) else {
-            throw DaemonError(
-                "resource name '\(name)' is not allowed: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
-            )
-        }
+        if let refusal = SafeName.refusal(name, kind: "resource") { throw DaemonError(refusal) }
     }
 
     static func validateHost(_ name: String) throws {
-        guard SegmentName.isValidHost(name) else {
-            throw DaemonError(
-                "host name '\(name)' is not allowed: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-' (give --host)"
-            )
-        }
+        if let refusal = SafeName.refusal(name, kind: "host") { throw DaemonError(refusal + " (give --host)") }
     }
 
     static func resourceDirectory(_ name: String) -> String { "resource-" + name }

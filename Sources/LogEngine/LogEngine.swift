@@ -35,7 +35,7 @@ public struct LogEngineConfiguration: Sendable {
 
     /// Why this configuration cannot work, or nil.
     public var problem: String? {
-        guard SegmentName.isValidHost(host) else { return "host name '\(host)' cannot be part of a segment file name" }
+        guard SafeName.isValid(host) else { return "host name '\(host)' cannot be part of a segment file name" }
         guard segmentSize >= 4096 else { return "segment size must be at least 4096 bytes" }
         // After writeback catches up only the open segment remains (at most segmentSize + one
         // record); one more record must always fit, or writes could wait forever.

@@ -7,7 +7,7 @@ public struct SegmentName: Hashable, Comparable, Sendable, CustomStringConvertib
 
     /// Nil when `sequence` or `host` could not be part of a safe file name.
     public init?(sequence: UInt64, host: String) {
-        guard (1...Self.maxSequence).contains(sequence), Self.isValidHost(host) else { return nil }
+        guard (1...Self.maxSequence).contains(sequence), SafeName.isValid(host) else { return nil }
         self.sequence = sequence
         self.host = host
     }
@@ -27,17 +27,6 @@ public struct SegmentName: Hashable, Comparable, Sendable, CustomStringConvertib
     }
 
     public var description: String { fileName }
-
-    /// Host names: 1 to 64 of [A-Za-z0-9._-], not starting with '.' or '-' (no path tricks).
-    public static func isValidHost(_ host: String) -> Bool {
-        guard (1...64).contains(host.utf8.count), let first = host.utf8.first, first != UInt8(ascii: "."),
-            first != UInt8(ascii: "-")
-        else { return false }
-        return host.utf8.allSatisfy { byte in
-            (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A)
-                || byte == UInt8(ascii: ".") || byte == UInt8(ascii: "_") || byte == UInt8(ascii: "-")
-        }
-    }
 
     public static func < (a: SegmentName, b: SegmentName) -> Bool {
         (a.sequence, a.host) < (b.sequence, b.host)
@@ -109,5 +98,27 @@ public struct SegmentHeader: Equatable, Sendable {
                 previousDigest: Array(bytes[40..<56])
             )
         )
+    }
+}
+
+/// Host and resource names become parts of file, directory and export names, so only a safe subset
+/// is allowed (no path tricks). One rule, stated once for every message that refuses a name.
+public enum SafeName {
+    public static let rule = "1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+
+    public static func isValid(_ name: String) -> Bool {
+        guard (1...64).contains(name.utf8.count), let first = name.utf8.first, first != UInt8(ascii: "."),
+            first != UInt8(ascii: "-")
+        else { return false }
+        return name.utf8.allSatisfy { byte in
+            (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A)
+                || byte == UInt8(ascii: ".") || byte == UInt8(ascii: "_") || byte == UInt8(ascii: "-")
+        }
+    }
+
+    /// Why `name` is refused ("resource name 'x/y' is not allowed: use ..."), or nil when it is valid.
+    /// `kind` names what the name is for: "resource", "host".
+    public static func refusal(_ name: String, kind: String) -> String? {
+        isValid(name) ? nil : "\(kind) name '\(name)' is not allowed: use \(rule)"
     }
 }

@@ -15,9 +15,7 @@ struct LogOptions: ParsableArguments {
     var json = false
 
     func directory() throws -> any StorageDirectory {
-        guard SegmentName.isValidHost(name) else {
-            throw ValidationError("resource name '\(name)' is not allowed: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'")
-        }
+        if let refusal = SafeName.refusal(name, kind: "resource") { throw ValidationError(refusal) }
         do {
             return try POSIXDirectory(path: root + "/resource-" + name)
         } catch {

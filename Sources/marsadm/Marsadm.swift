@@ -1,5 +1,6 @@
 import ArgumentParser
 import ControlProtocol
+import TransactionLog
 
 #if canImport(Glibc)
 import Glibc
@@ -89,7 +90,7 @@ struct CreateResource: ParsableCommand {
             """
     )
 
-    @Argument(help: "The resource name: 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'.")
+    @Argument(help: ArgumentHelp("The resource name: \(SafeName.rule)."))
     var name: String
 
     @Argument(help: "The data device: a regular file or a block device.")

@@ -305,6 +305,19 @@ struct LogFormatTests {
         #expect(SegmentName(sequence: 1_000_000_000, host: "h") == nil)
     }
 
+    /// Host and resource names: the safe subset, and one refusal text that states the rule.
+    @Test func safeNames() {
+        for good in ["a", "r0", "db_1.example-2", "_x", String(repeating: "z", count: 64)] {
+            #expect(SafeName.isValid(good), "\(good) refused")
+            #expect(SafeName.refusal(good, kind: "resource") == nil)
+        }
+        for bad in ["", ".", "..", ".hidden", "-dash", "a/b", "../etc", "a b", "a\0b", "é", String(repeating: "z", count: 65)] {
+            #expect(!SafeName.isValid(bad), "\(bad) accepted")
+            #expect(SafeName.refusal(bad, kind: "resource") == "resource name '\(bad)' is not allowed: use \(SafeName.rule)")
+        }
+        #expect(SafeName.refusal("a/b", kind: "host")?.hasPrefix("host name 'a/b' is not allowed: use 1 to 64 letters") == true)
+    }
+
     /// The segment header round-trips and detects damage.
     @Test func segmentHeader() {
         let header = SegmentHeader(sequence: 7, firstLSN: 123_456, epoch: 3, previousDigest: Array(0..<16))
