@@ -237,10 +237,8 @@ func waitForWriteback(_ engine: LogEngine) {
             for name in disk.durableNames(in: "mars") where SegmentName(fileName: name) != nil {
                 guard let bytes = disk.durableContent("mars", name), bytes.count >= SegmentHeader.size else { continue }
                 let header = try! bytes.withUnsafeBytes { SegmentHeader.decode($0) }.get()
-                _ = bytes.withUnsafeBytes { buffer in
-                    scanRecords(buffer, firstLSN: header.firstLSN, startingAt: SegmentHeader.size) { record, _ in
-                        if record.type == .write { records.append(record) }
-                    }
+                _ = try! scanRecords(LogBytesInMemory(bytes), from: UInt64(SegmentHeader.size), firstLSN: header.firstLSN) {
+                    if $0.record.type == .write { records.append($0.record) }
                 }
             }
             records.sort { $0.lsn > $1.lsn }

@@ -39,10 +39,18 @@ func randomLog(count: Int, firstLSN: UInt64 = 1000, seed: UInt64) -> ([LogRecord
     return (records, bytes)
 }
 
+/// The records `scanRecords` finds in `bytes` and how it ended, through the production window of
+/// 1 MiB and through a window of 64 bytes, which puts window edges inside every record; both must agree.
 func scan(_ bytes: [UInt8], firstLSN: UInt64 = 1000) -> ([LogRecord], ScanEnd) {
-    var records: [LogRecord] = []
-    let end = bytes.withUnsafeBytes { scanRecords($0, firstLSN: firstLSN) { record, _ in records.append(record) } }
-    return (records, end)
+    var results: [([LogRecord], ScanEnd)] = []
+    for window in [1 << 20, 64] {
+        var records: [LogRecord] = []
+        let scan = try! scanRecords(LogBytesInMemory(bytes), firstLSN: firstLSN, window: window) { records.append($0.record) }
+        #expect(scan.records == records.count)
+        results.append((records, scan.end))
+    }
+    #expect(results[0].0 == results[1].0 && results[0].1 == results[1].1, "the 64-byte window scanned differently")
+    return results[0]
 }
 
 @Suite("Transaction log format")
