@@ -36,6 +36,7 @@ public struct ControlResponse: Codable, Sendable, Equatable {
     public var error: String?
     /// What a command did, in a sentence.
     public var message: String?
+    /// marsd's state once the command is done: in every reply without an error.
     public var status: DaemonStatus?
 
     public init(error: String? = nil, message: String? = nil, status: DaemonStatus? = nil) {

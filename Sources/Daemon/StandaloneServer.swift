@@ -121,7 +121,9 @@ public struct StandaloneServer: Service {
             do {
                 control = try await ControlServer.start(path: path, group: group, logger: logger) { request in
                     var response = await resources.handle(request)
-                    if request.command == .view, response.error == nil {
+                    // Every successful reply carries the state it left behind, so a script that
+                    // changed something reads the result from the same reply (--json).
+                    if response.error == nil {
                         response.status = status(server, resources: resources, listeners: listeners)
                     }
                     return response

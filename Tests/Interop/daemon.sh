@@ -119,6 +119,12 @@ log = r[\"log\"]
 assert log[\"appendedLSN\"] > 1 << 20 and log[\"durableLSN\"] == log[\"appendedLSN\"], log
 assert log[\"currentSegment\"].startswith(\"log-\") and log[\"currentSegment\"].endswith(\"-alpha\"), log
 '"
+check "marsadm up --json reports what marsd holds afterwards" bash -c "'$MARSADM' up r1 --json --control '$T/ctl.sock' | /usr/bin/python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+assert r[\"message\"] == \"resource r1 is up\", r
+assert [(x[\"name\"], x[\"state\"]) for x in r[\"status\"][\"resources\"]] == [(\"r1\", \"up\")], r
+'"
 check "marsadm pointed at the NBD socket says what it reached" fails_with "$T/nbd.sock closed the connection without a reply. Is it marsd's control socket" \
     "$MARSADM" view --timeout 10 --control "$T/nbd.sock"
 check "marsadm log-verify says OK" bash -c "'$MARSADM' log-verify r1 --root '$T/root' | grep -E '^r1: OK: .*, written back to [0-9]+$'"
