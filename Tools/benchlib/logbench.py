@@ -9,6 +9,9 @@
                       of 4k on a file in the same filesystem (median latency)
   rss-10g-burst       peak RSS (VmHWM) of marsd while fio writes 10 GiB to the   target < 256 MiB
                       logged resource (1M, qd8)
+  qemu-4k-qd32        4 KiB writes at qd32 through QEMU's NBD client (qemu-img   no target: a second
+                      bench, the block layer a KVM guest's disk goes through),   view of the first job
+                      logged resource vs plain export, scattered offsets
 
 For the 4 KiB rounds it also reports CPU per request (marsd's threads, and the whole machine with
 fio) and the machine's idle share (idle + iowait): on a small machine the client shares the CPUs,
@@ -128,6 +131,19 @@ def fio_4k(server, runtime):
                 machine_us=(busy1 - busy0) / tick * 1e6 / requests, idle=(idle1 - idle0) / ((busy1 - busy0) + (idle1 - idle0)))
 
 
+def qemu_4k(server, runtime):
+    """4 KiB writes at qd32 through QEMU's NBD client: requests per second. Each offset is 100003
+    blocks past the previous one, modulo the device, so the writes scatter like random ones."""
+    count = 60_000 * runtime
+    out = subprocess.run(["qemu-img", "bench", "-w", "-c", str(count), "-d", "32", "-s", "4k", "-S", str(4096 * 100003),
+                          "--image-opts", f"driver=nbd,server.type=unix,server.path={server.sock},export=disk"],
+                         capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0 or "Run completed in" not in out.stdout:
+        raise SystemExit(f"qemu-img bench failed:\n{out.stdout}{out.stderr}")
+    seconds = float(out.stdout.split("Run completed in")[1].split()[0])
+    return count / seconds
+
+
 def fresh(workdir, name):
     """A new, empty file (no cached pages)."""
     path = os.path.join(workdir, name)
@@ -179,7 +195,7 @@ def main():
     marsd = os.path.abspath(a.marsd)
     work = tempfile.mkdtemp(prefix="logbench.", dir=a.dir)
     size = 2 * GiB
-    results = {k: [] for k in ("plain-4k", "logged-4k", "raw-1m", "logged-1m", "bare-fua", "logged-fua")}
+    results = {k: [] for k in ("plain-4k", "logged-4k", "raw-1m", "logged-1m", "bare-fua", "logged-fua", "plain-qemu", "logged-qemu")}
     cpu = {"plain-4k": [], "logged-4k": []}
     try:
         plain = Marsd(marsd, work, "plain", False, size)
@@ -195,6 +211,8 @@ def main():
                 ("logged-1m", lambda: fio(logged.uri, "write", "1m", 8, size=f"{a.seq_gib}g", end_fsync=True)["mibs"]),
                 ("bare-fua", lambda: bare_latency_us(raw, a.fua_writes, size)),
                 ("logged-fua", lambda: fua_latency_us(logged.uri, a.fua_writes, size)),
+                ("plain-qemu", lambda: qemu_4k(plain, a.runtime)),
+                ("logged-qemu", lambda: qemu_4k(logged, a.runtime)),
             ]
             if rnd % 2 == 0:
                 order = [order[i ^ 1] for i in range(len(order))]  # alternate who goes first
@@ -229,13 +247,15 @@ def main():
                                 ratio=med["logged-1m"] / med["raw-1m"], target=">= 0.45"),
         "fua-4k-qd1": dict(logged_us=med["logged-fua"], bare_us=med["bare-fua"],
                            ratio=med["logged-fua"] / med["bare-fua"], target="<= 1.5"),
+        "qemu-4k-qd32": dict(logged_iops=med["logged-qemu"], plain_iops=med["plain-qemu"],
+                             ratio=med["logged-qemu"] / med["plain-qemu"], target="(none)"),
         "rss-10g-burst": dict(peak_rss_mib=rss_mib, burst_gib=a.burst_gib, seconds=seconds,
                               mibs=a.burst_gib * 1024 / seconds, target="< 256 MiB"),
         "rounds": a.rounds, "runtime": a.runtime, "raw": results, "cpu_4k": cpu,
     }
     print(f"{'job':<20} {'logged':>12} {'peer':>12} {'ratio':>7}  target")
     for job, peer, unit in (("randwrite-4k-qd32", "plain_iops", "logged_iops"), ("seqwrite-1m-qd8", "raw_mibs", "logged_mibs"),
-                            ("fua-4k-qd1", "bare_us", "logged_us")):
+                            ("fua-4k-qd1", "bare_us", "logged_us"), ("qemu-4k-qd32", "plain_iops", "logged_iops")):
         s = summary[job]
         print(f"{job:<20} {s[unit]:>12.1f} {s[peer]:>12.1f} {s['ratio']:>7.2f}  {s['target']}")
     for path in ("logged", "plain"):
