@@ -12,7 +12,7 @@ public enum ScanEnd: Equatable, Sendable {
     case corrupt(offset: Int, defect: RecordDefect)
 }
 
-/// Log bytes read at random: a segment file, or bytes in memory (tests, tools).
+/// Log bytes read at random: a segment file (`SegmentReader`), or bytes in memory.
 public protocol LogBytes {
     /// Bytes in all.
     var count: UInt64 { get }
