@@ -18,6 +18,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
     ],
     targets: [
         // liburing behind an opaque header: <liburing.h> redefines _GNU_SOURCE and clashes with Swift's Glibc module.
@@ -53,6 +54,25 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // The peer wire protocol as pure values: frames, messages, the authenticated handshake, join tokens.
+        .target(
+            name: "PeerProtocol",
+            dependencies: [.product(name: "Crypto", package: "swift-crypto")],
+            swiftSettings: swiftSettings
+        ),
+        // Cluster metadata as pure values: gossiped keys with owners and logical clocks, merged newest-wins.
+        .target(name: "Cluster", swiftSettings: swiftSettings),
+        // Log shipping and replay: the primary's log server, the secondary's receiver, replayer and sync.
+        .target(
+            name: "Replication",
+            dependencies: [
+                "PeerProtocol", "Cluster", "LogEngine", "TransactionLog", "BlockStore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // Requests and replies of the marsd control socket (JSON lines), shared by marsd and marsadm.
         .target(name: "ControlProtocol", swiftSettings: swiftSettings),
         // The daemon: services, control socket, configuration.
@@ -60,6 +80,7 @@ let package = Package(
             name: "Daemon",
             dependencies: [
                 "NBDServer", "NBDProtocol", "BlockStore", "ControlProtocol", "LogEngine", "TransactionLog",
+                "PeerProtocol", "Cluster", "Replication",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -71,7 +92,7 @@ let package = Package(
         .executableTarget(
             name: "marsd",
             dependencies: [
-                "Daemon", "BlockStore", "NBDServer", "ControlProtocol",
+                "Daemon", "BlockStore", "NBDServer", "ControlProtocol", "Replication",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -90,6 +111,13 @@ let package = Package(
         .testTarget(name: "LogEngineTests", dependencies: ["LogEngine", "TransactionLog", "BlockStore", "TestSupport"], swiftSettings: swiftSettings),
         .testTarget(
             name: "TransactionLogTests", dependencies: ["TransactionLog", "TestSupport"], swiftSettings: swiftSettings
+        ),
+        .testTarget(name: "PeerProtocolTests", dependencies: ["PeerProtocol", "TestSupport"], swiftSettings: swiftSettings),
+        .testTarget(name: "ClusterTests", dependencies: ["Cluster", "TestSupport"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "ReplicationTests",
+            dependencies: ["Replication", "PeerProtocol", "Cluster", "LogEngine", "TransactionLog", "BlockStore", "TestSupport"],
+            swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "BlockStoreTests",

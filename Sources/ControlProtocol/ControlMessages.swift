@@ -16,18 +16,37 @@ public struct ControlRequest: Codable, Sendable, Equatable {
         case up
         /// Takes resource `name` down: the export closes, the log is written back.
         case down
+        /// Joins the cluster of `token` through the member at `peer`, as `host`.
+        case joinCluster = "join-cluster"
+        /// Makes this host a replica of resource `name` on data device `device` (initial sync, then fetch and replay).
+        case joinResource = "join-resource"
+        case pauseFetch = "pause-fetch"
+        case resumeFetch = "resume-fetch"
+        case pauseReplay = "pause-replay"
+        case resumeReplay = "resume-replay"
+        /// Replies once this host's replica of `name` is UpToDate (`timeout` seconds at most).
+        case waitResource = "wait-resource"
     }
 
     public var command: Command
     public var name: String?
     public var device: String?
     public var host: String?
+    public var token: String?
+    public var peer: String?
+    public var timeout: Double?
 
-    public init(command: Command, name: String? = nil, device: String? = nil, host: String? = nil) {
+    public init(
+        command: Command, name: String? = nil, device: String? = nil, host: String? = nil, token: String? = nil, peer: String? = nil,
+        timeout: Double? = nil
+    ) {
         self.command = command
         self.name = name
         self.device = device
         self.host = host
+        self.token = token
+        self.peer = peer
+        self.timeout = timeout
     }
 }
 
@@ -38,11 +57,14 @@ public struct ControlResponse: Codable, Sendable, Equatable {
     public var message: String?
     /// marsd's state once the command is done: in every reply without an error.
     public var status: DaemonStatus?
+    /// create-cluster: the token other hosts join with.
+    public var token: String?
 
-    public init(error: String? = nil, message: String? = nil, status: DaemonStatus? = nil) {
+    public init(error: String? = nil, message: String? = nil, status: DaemonStatus? = nil, token: String? = nil) {
         self.error = error
         self.message = message
         self.status = status
+        self.token = token
     }
 }
 
@@ -56,13 +78,16 @@ public struct DaemonStatus: Codable, Sendable, Equatable {
     /// This host's name in the cluster; nil before create-cluster.
     public var host: String?
     public var cluster: String?
+    /// The hosts of the cluster and their peer addresses, as the gossip knows them.
+    public var members: [MemberHost]?
     public var resources: [ResourceStatus]
     public var exports: [ExportStatus]
 
     public init(
         version: String, pid: Int32, ioEngine: String, listeners: [String], root: String? = nil, host: String? = nil,
-        cluster: String? = nil, resources: [ResourceStatus] = [], exports: [ExportStatus]
+        cluster: String? = nil, members: [MemberHost]? = nil, resources: [ResourceStatus] = [], exports: [ExportStatus]
     ) {
+        self.members = members
         self.version = version
         self.pid = pid
         self.ioEngine = ioEngine
@@ -75,12 +100,83 @@ public struct DaemonStatus: Codable, Sendable, Equatable {
     }
 }
 
+public struct MemberHost: Codable, Sendable, Equatable {
+    public var host: String
+    public var address: String
+    public init(host: String, address: String) {
+        self.host = host
+        self.address = address
+    }
+}
+
+/// A resource's replication as this host sees it: its own replica, and every member's state.
+public struct ReplicationStatus: Codable, Sendable, Equatable {
+    /// UpToDate, Outdated, Inconsistent, SplitBrain, ...
+    public var disk: String
+    /// Replicating, Syncing, Replaying, PausedFetch, PausedReplay, PrimaryUnreachable, NeedsSync, ...
+    public var replication: String
+    public var primary: String?
+    public var fetchedLSN: UInt64?
+    public var replayedLSN: UInt64?
+    /// The primary's durable end as last heard, and how far this replica's replay is behind it.
+    public var primaryDurableLSN: UInt64?
+    public var lagBytes: UInt64?
+    public var lagSeconds: Double?
+    public var syncOffset: UInt64?
+    public var syncSize: UInt64?
+    public var syncBytesSent: UInt64?
+    public var problem: String?
+    public var members: [MemberStatus]
+
+    public init(
+        disk: String, replication: String, primary: String? = nil, fetchedLSN: UInt64? = nil, replayedLSN: UInt64? = nil,
+        primaryDurableLSN: UInt64? = nil, lagBytes: UInt64? = nil, lagSeconds: Double? = nil, syncOffset: UInt64? = nil,
+        syncSize: UInt64? = nil, syncBytesSent: UInt64? = nil, problem: String? = nil, members: [MemberStatus] = []
+    ) {
+        self.disk = disk
+        self.replication = replication
+        self.primary = primary
+        self.fetchedLSN = fetchedLSN
+        self.replayedLSN = replayedLSN
+        self.primaryDurableLSN = primaryDurableLSN
+        self.lagBytes = lagBytes
+        self.lagSeconds = lagSeconds
+        self.syncOffset = syncOffset
+        self.syncSize = syncSize
+        self.syncBytesSent = syncBytesSent
+        self.problem = problem
+        self.members = members
+    }
+}
+
+/// One member of a resource, from the gossip.
+public struct MemberStatus: Codable, Sendable, Equatable {
+    public var host: String
+    public var role: String
+    public var disk: String
+    public var replication: String
+    public var fetchedLSN: UInt64
+    public var replayedLSN: UInt64
+    /// Seconds since that host last said it.
+    public var age: Double
+
+    public init(host: String, role: String, disk: String, replication: String, fetchedLSN: UInt64, replayedLSN: UInt64, age: Double) {
+        self.host = host
+        self.role = role
+        self.disk = disk
+        self.replication = replication
+        self.fetchedLSN = fetchedLSN
+        self.replayedLSN = replayedLSN
+        self.age = age
+    }
+}
+
 /// One resource on this host.
 public struct ResourceStatus: Codable, Sendable, Equatable {
     public var name: String
     public var device: String
     public var size: UInt64
-    /// "primary" (this version has no secondaries yet).
+    /// "primary" or "secondary".
     public var role: String
     /// What the operator asked for: "up" or "down".
     public var wanted: String
@@ -88,8 +184,13 @@ public struct ResourceStatus: Codable, Sendable, Equatable {
     public var state: String
     public var error: String?
     public var log: LogStatus?
+    public var replication: ReplicationStatus?
 
-    public init(name: String, device: String, size: UInt64, role: String, wanted: String, state: String, error: String? = nil, log: LogStatus? = nil) {
+    public init(
+        name: String, device: String, size: UInt64, role: String, wanted: String, state: String, error: String? = nil, log: LogStatus? = nil,
+        replication: ReplicationStatus? = nil
+    ) {
+        self.replication = replication
         self.name = name
         self.device = device
         self.size = size

@@ -21,6 +21,35 @@ public enum StatusTable {
                 ])
             }
             lines += table(rows)
+            let replicated = status.resources.filter { $0.replication != nil }
+            if !replicated.isEmpty {
+                var rows = [["RESOURCE", "HOST", "ROLE", "DISK", "REPLICATION", "FETCHED", "REPLAYED", "LAG", "AGE"]]
+                for resource in replicated {
+                    let replication = resource.replication!
+                    for member in replication.members {
+                        let lag = member.role == "primary" ? "-"
+                            : replication.members.first { $0.role == "primary" }.map { primary in
+                                formatBytes(primary.fetchedLSN > member.replayedLSN ? primary.fetchedLSN - member.replayedLSN : 0)
+                            } ?? "?"
+                        rows.append([
+                            resource.name, member.host + (member.host == status.host ? "*" : ""), member.role, member.disk, member.replication,
+                            "\(member.fetchedLSN)", "\(member.replayedLSN)", lag, String(format1: member.age) + "s",
+                        ])
+                    }
+                }
+                lines.append("replication (* this host; other hosts as last gossiped):")
+                lines += table(rows)
+                for resource in replicated {
+                    let replication = resource.replication!
+                    var summary = "\(resource.name) here: \(replication.disk), \(replication.replication)"
+                    if let lag = replication.lagBytes { summary += ", \(formatBytes(lag)) behind the primary \(replication.primary ?? "?")" }
+                    if let offset = replication.syncOffset, let size = replication.syncSize, size > 0 {
+                        summary += ", sync \(Int(Double(offset) * 100 / Double(size)))% (\(formatBytes(offset))/\(formatBytes(size)), \(formatBytes(replication.syncBytesSent ?? 0)) transferred)"
+                    }
+                    lines.append(summary)
+                    if let problem = replication.problem { lines.append("\(resource.name): \(problem)") }
+                }
+            }
             for resource in status.resources {
                 if let error = resource.error { lines.append("\(resource.name): \(error)") }
                 if let failure = resource.log?.failure { lines.append("\(resource.name): \(failure)") }
@@ -68,6 +97,12 @@ public enum StatusTable {
 }
 
 extension String {
+    /// One decimal place.
+    fileprivate init(format1 value: Double) {
+        let tenths = Int((value * 10).rounded())
+        self = "\(tenths / 10).\(tenths % 10)"
+    }
+
     fileprivate func trimmingTrailingSpaces() -> String {
         var result = self
         while result.last == " " { result.removeLast() }

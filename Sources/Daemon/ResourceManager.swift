@@ -4,8 +4,12 @@ import LogEngine
 import Logging
 import NBDProtocol
 import NBDServer
+import NIOCore
 import NIOPosix
+import PeerProtocol
+import Replication
 import Synchronization
+import TransactionLog
 
 #if canImport(Glibc)
 import Glibc
@@ -18,6 +22,10 @@ public struct ResourceSettings: Sendable {
     public var segmentSize: UInt64 = 256 << 20
     public var spaceLimit: UInt64 = 64 << 30
     public var pendingCapacity = 64 << 20
+    /// Where this host listens for peers (`--peer`).
+    public var peerAddress: String?
+    /// Where other hosts reach it (`--peer-advertise`, e.g. through NAT or a proxy); `peerAddress` when nil.
+    public var advertisedPeerAddress: String?
 
     public init() {}
 
@@ -34,14 +42,15 @@ public struct ResourceSettings: Sendable {
 /// exports. Every change is persisted before it is reported, so a restart restores each resource
 /// as the operator left it.
 final class ResourceManager: Sendable {
-    private struct Resource {
+    struct Resource {
         var config: ResourceConfig
         var directory: any StorageDirectory
         var engine: LogEngine?
+        var replica: Replica?
         var error: String?
     }
 
-    private struct State {
+    struct State {
         var identity: ClusterIdentity?
         var resources: [String: Resource] = [:]
         /// Resource directories whose resource.json cannot be read, and why: shown as failed, never
@@ -50,20 +59,24 @@ final class ResourceManager: Sendable {
     }
 
     let settings: ResourceSettings
-    private let root: any StorageDirectory
+    let root: any StorageDirectory
     /// Held while marsd runs: a second marsd on the same root would recover the same logs and
     /// delete segments the first one still appends to.
     private let rootLock: FileLock
     private let exports: ExportTable
-    private let logger: Logger
-    private let state = Mutex(State())
+    let logger: Logger
+    let state = Mutex(State())
     /// Serializes commands: a resource going up or down is never raced by another command.
     private let commands = CommandQueue()
+    let cluster: ClusterService
+    /// The event loops peer links run on.
+    let peerGroup: any EventLoopGroup
 
-    init(settings: ResourceSettings, exports: ExportTable, logger: Logger) throws {
+    init(settings: ResourceSettings, exports: ExportTable, peerGroup: any EventLoopGroup, logger: Logger) throws {
         self.settings = settings
         self.exports = exports
         self.logger = logger
+        self.peerGroup = peerGroup
         do {
             root = try POSIXDirectory(path: settings.root, create: true)
         } catch {
@@ -80,6 +93,7 @@ final class ResourceManager: Sendable {
             )
         }
         let identity = try StateFile.read(ClusterIdentity.self, named: ClusterIdentity.fileName, in: root)
+        cluster = try ClusterService(root: root, logger: logger)
         var resources: [String: Resource] = [:]
         var unreadable: [String: String] = [:]
         for entry in try root.list() where entry.hasPrefix("resource-") {
@@ -130,13 +144,41 @@ final class ResourceManager: Sendable {
     }
 
     func handle(_ request: ControlRequest) async -> ControlResponse {
-        await commands.run {
+        // Waiting may take long: it must not hold up the other commands (view among them).
+        if request.command == .waitResource {
+            do {
+                let name = try existingName(request)
+                return ControlResponse(message: try await waitUpToDate(name, timeout: request.timeout ?? 300))
+            } catch {
+                return ControlResponse(error: "\(error)")
+            }
+        }
+        return await commands.run {
             do {
                 switch request.command {
                 case .view:
                     return ControlResponse()
                 case .createCluster:
-                    return ControlResponse(message: try self.createCluster(host: request.host))
+                    let token = try self.createCluster(host: request.host)
+                    return ControlResponse(
+                        message: "created cluster \(token.cluster) with this host as '\(self.identity?.host ?? "?")'; other hosts join with:\n  marsadm join-cluster --host NAME --token \(token.text) \(self.settings.advertisedPeerAddress ?? self.settings.peerAddress ?? "THIS-HOST:7777")",
+                        token: token.text
+                    )
+                case .joinCluster:
+                    guard let token = request.token, let peer = request.peer else {
+                        throw DaemonError("join-cluster needs --token and the address of a member")
+                    }
+                    return ControlResponse(message: try await self.joinCluster(host: request.host, token: token, peer: peer))
+                case .joinResource:
+                    guard let name = request.name, let device = request.device else {
+                        throw DaemonError("join-resource needs a resource name and a device path")
+                    }
+                    return ControlResponse(message: try await self.joinResource(name: name, device: device))
+                case .pauseFetch, .resumeFetch, .pauseReplay, .resumeReplay:
+                    let name = try self.existingName(request)
+                    return ControlResponse(message: try await self.setSwitch(name, request.command))
+                case .waitResource:
+                    return ControlResponse(error: "wait-resource is answered outside the command queue")
                 case .createResource:
                     guard let name = request.name, let device = request.device else {
                         throw DaemonError("create-resource needs a resource name and a device path")
@@ -159,7 +201,7 @@ final class ResourceManager: Sendable {
         }
     }
 
-    private func existingName(_ request: ControlRequest) throws -> String {
+    func existingName(_ request: ControlRequest) throws -> String {
         guard let name = request.name else { throw DaemonError("\(request.command.rawValue) needs a resource name") }
         try Names.validateResource(name)
         if let problem = state.withLock({ $0.unreadable[name] }) { throw DaemonError("resource '\(name)' cannot be used: \(problem)") }
@@ -169,17 +211,67 @@ final class ResourceManager: Sendable {
         return name
     }
 
-    private func createCluster(host: String?) throws -> String {
+    private func createCluster(host: String?) throws -> JoinToken {
         if let identity = state.withLock({ $0.identity }) {
             throw DaemonError("this host is already in cluster \(identity.cluster) as '\(identity.host)'")
         }
         let name = host ?? Self.hostname()
         try Names.validateHost(name)
-        let identity = ClusterIdentity(cluster: randomIdentifier(), host: name)
+        var generator = SystemRandomNumberGenerator()
+        let token = JoinToken.generate(cluster: randomIdentifier(), using: &generator)
+        let identity = ClusterIdentity(cluster: token.cluster, host: name, hostID: randomIdentifier(), secret: hex(token.secret))
         try StateFile.write(identity, named: ClusterIdentity.fileName, in: root)
         state.withLock { $0.identity = identity }
+        announceHost()
         logger.info("cluster created", metadata: ["cluster": "\(identity.cluster)", "host": "\(name)"])
-        return "created cluster \(identity.cluster) with this host as '\(name)'"
+        return token
+    }
+
+    /// Joins the cluster of `token` through the member at `peer`: the first gossip exchange both
+    /// authenticates this host (both ways, with the token's secret) and brings the cluster's metadata.
+    private func joinCluster(host: String?, token text: String, peer: String) async throws -> String {
+        if let identity = state.withLock({ $0.identity }) {
+            throw DaemonError("this host is already in cluster \(identity.cluster) as '\(identity.host)'")
+        }
+        guard settings.peerAddress != nil else {
+            throw DaemonError("this marsd has no peer port: start it with --peer ADDRESS:PORT so the other members can reach it")
+        }
+        let token: JoinToken
+        do { token = try JoinToken(parsing: text) } catch { throw DaemonError("\(error)") }
+        let address: PeerAddress
+        do { address = try PeerAddress(parsing: peer) } catch { throw DaemonError("\(error)") }
+        let name = host ?? Self.hostname()
+        try Names.validateHost(name)
+        let identity = ClusterIdentity(cluster: token.cluster, host: name, hostID: randomIdentifier(), secret: hex(token.secret))
+        let credentials = PeerCredentials(cluster: identity.cluster, secret: token.secret, local: PeerIdentity(host: name, hostID: identity.hostID!))
+        do {
+            try await cluster.exchange(with: address, group: peerGroup, credentials: credentials)
+        } catch {
+            throw DaemonError("cannot join through \(address): \(error). Check the address, the token, and that marsd there runs with --peer.")
+        }
+        if let taken = cluster.hosts()[name], taken.hostID != identity.hostID {
+            throw DaemonError("cluster \(token.cluster) has a host named '\(name)' already (at \(taken.address)): choose another --host")
+        }
+        try StateFile.write(identity, named: ClusterIdentity.fileName, in: root)
+        state.withLock { $0.identity = identity }
+        announceHost()
+        try? await cluster.exchange(with: address, group: peerGroup, credentials: credentials)
+        logger.info("joined cluster", metadata: ["cluster": "\(identity.cluster)", "host": "\(name)", "through": "\(address)"])
+        return "joined cluster \(identity.cluster) as '\(name)' through \(address); members: \(cluster.hosts().keys.sorted().joined(separator: ", "))"
+    }
+
+    /// This host's entry in the metadata: its peer address.
+    private func announceHost() {
+        guard let identity = state.withLock({ $0.identity }), let address = settings.advertisedPeerAddress ?? settings.peerAddress, let hostID = identity.hostID else { return }
+        cluster.set(ClusterService.hostKey(identity.host), HostEntry(address: address, hostID: hostID), by: identity.host)
+    }
+
+    /// How this host proves itself to peers; nil before it is in a cluster.
+    var credentials: PeerCredentials? {
+        guard let identity = state.withLock({ $0.identity }), let secret = identity.secret.flatMap(unhex), let hostID = identity.hostID else {
+            return nil
+        }
+        return PeerCredentials(cluster: identity.cluster, secret: secret, local: PeerIdentity(host: identity.host, hostID: hostID))
     }
 
     private func createResource(name: String, device path: String) async throws -> String {
@@ -219,12 +311,13 @@ final class ResourceManager: Sendable {
             throw DaemonError("cannot create resource '\(name)' under \(directoryPath): \(error)")
         }
         state.withLock { $0.resources[name] = Resource(config: config, directory: directory) }
+        cluster.set(ClusterService.resourceKey(name), ResourceEntry(size: device.size, primary: identity.host), by: identity.host)
         try await bringUp(name)
         return "created resource \(name) on \(path) (\(device.size) bytes); this host is its primary"
     }
 
     /// Who already uses `device` (another resource, an export, or marsd's own root), or nil.
-    private func user(of device: BlockDevice) -> String? {
+    func user(of device: BlockDevice) -> String? {
         func canonical(_ path: String) -> String {
             guard let real = realpath(path, nil) else { return path }
             defer { free(real) }
@@ -243,7 +336,7 @@ final class ResourceManager: Sendable {
         return nil
     }
 
-    private func setWanted(_ name: String, _ wanted: String) throws {
+    func setWanted(_ name: String, _ wanted: String) throws {
         guard var resource = state.withLock({ $0.resources[name] }) else { return }
         guard resource.config.wanted != wanted else { return }
         resource.config.wanted = wanted
@@ -253,13 +346,18 @@ final class ResourceManager: Sendable {
     }
 
     /// Opens the device, recovers the log (replaying it onto the device), and opens the export.
-    private func bringUp(_ name: String) async throws {
-        guard let resource = state.withLock({ $0.resources[name] }), resource.engine == nil else { return }
+    func bringUp(_ name: String) async throws {
+        guard let resource = state.withLock({ $0.resources[name] }), resource.engine == nil, resource.replica == nil else { return }
+        if resource.config.role == "secondary" {
+            return try await bringUpReplica(name)
+        }
         guard let identity = state.withLock({ $0.identity }) else {
             throw DaemonError("\(settings.root)/\(ClusterIdentity.fileName) is missing: this host's identity is lost")
         }
         let settings = self.settings
         let logger = self.logger
+        // What the other members had not fetched when this host last heard of them stays.
+        let holds = retentionHolds(of: name, except: identity.host)
         do {
             let (device, engine) = try await NIOThreadPool.singleton.runIfActive { () throws -> (BlockDevice, LogEngine) in
                 let device: BlockDevice
@@ -273,7 +371,8 @@ final class ResourceManager: Sendable {
                 }
                 let engine = try LogEngine.open(
                     directory: resource.directory, device: POSIXFile(device: device),
-                    deviceSize: resource.config.size, configuration: settings.engineConfiguration(host: identity.host)
+                    deviceSize: resource.config.size, configuration: settings.engineConfiguration(host: identity.host),
+                    retentionHolds: holds
                 ) { message in
                     logger.notice("recovery of \(name): \(message)")
                 }
@@ -302,8 +401,15 @@ final class ResourceManager: Sendable {
     }
 
     /// Closes the export, then drains the log onto the device.
-    private func takeDown(_ name: String) async {
-        guard let resource = state.withLock({ $0.resources[name] }), let engine = resource.engine else { return }
+    func takeDown(_ name: String) async {
+        guard let resource = state.withLock({ $0.resources[name] }) else { return }
+        if let replica = resource.replica {
+            await replica.stop()
+            state.withLock { $0.resources[name]?.replica = nil }
+            logger.info("resource down", metadata: ["resource": "\(name)"])
+            return
+        }
+        guard let engine = resource.engine else { return }
         exports.remove(named: name)
         try? await NIOThreadPool.singleton.runIfActive { engine.shutdown() }
         state.withLock { state in
@@ -327,7 +433,11 @@ final class ResourceManager: Sendable {
         let broken = unreadable.map { name, problem in
             ResourceStatus(name: name, device: "?", size: 0, role: "?", wanted: "?", state: "failed", error: problem)
         }
-        return (resources.map(Self.status(of:)) + broken).sorted { $0.name < $1.name }
+        return (resources.map { resource in
+            var status = Self.status(of: resource)
+            status.replication = replicationStatus(of: resource)
+            return status
+        } + broken).sorted { $0.name < $1.name }
     }
 
     private static func status(of resource: Resource) -> ResourceStatus {
@@ -341,14 +451,14 @@ final class ResourceManager: Sendable {
                 failure: status.failure
             )
         }
-        let state = resource.engine != nil ? "up" : (resource.error != nil ? "failed" : "down")
+        let state = resource.engine != nil || resource.replica != nil ? "up" : (resource.error != nil ? "failed" : "down")
         return ResourceStatus(
             name: resource.config.name, device: resource.config.device, size: resource.config.size, role: resource.config.role,
             wanted: resource.config.wanted, state: state, error: resource.error, log: log
         )
     }
 
-    private static func hostname() -> String {
+    static func hostname() -> String {
         var buffer = [CChar](repeating: 0, count: 256)
         gethostname(&buffer, buffer.count)
         let name = buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }

@@ -12,6 +12,10 @@ struct ClusterIdentity: Codable, Equatable {
     var version = 1
     var cluster: String
     var host: String
+    /// Stable across renames and re-installs of the same root: peers tell hosts apart by it.
+    var hostID: String?
+    /// The cluster secret (hex) peers prove they know; the join token carries it. 0600, like the root.
+    var secret: String?
 }
 
 /// What a resource is on this host (`<root>/resource-<name>/resource.json`). Positions live in the
@@ -26,6 +30,22 @@ struct ResourceConfig: Codable, Equatable {
     /// "up" or "down": restored at every start.
     var wanted: String
     var createdEpoch: UInt64
+    /// A replica's initial sync: where it started, how far the copy got, where it must replay to.
+    var sync: SyncRecord?
+    var fetchPaused: Bool?
+    var replayPaused: Bool?
+}
+
+/// The persisted state of a replica's initial sync (resumable after a restart of either side).
+struct SyncRecord: Codable, Equatable {
+    /// The primary's writeback position when the sync began: replay starts here.
+    var startLSN: UInt64
+    var startSegment: String
+    var epoch: UInt64
+    /// Every byte before it is copied.
+    var offset: UInt64
+    /// The primary's durable end when the copy finished: the replica is consistent once replay passes it.
+    var endLSN: UInt64?
 }
 
 enum Names {

@@ -4,6 +4,7 @@ import Logging
 import NBDServer
 import NIOCore
 import NIOPosix
+import Replication
 import ServiceLifecycle
 import UnixSignals
 import NBDProtocol
@@ -105,8 +106,18 @@ public struct StandaloneServer: Service {
         var resourceSettings = configuration.resources
         resourceSettings.cacheMode = configuration.cacheMode
         let exports = ExportTable(served)
-        let resources = try ResourceManager(settings: resourceSettings, exports: exports, logger: logger)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
+        // Peer links (gossip, log shipping, sync) on a loop of their own: their file reads never
+        // delay an NBD reply.
+        let peerGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let resources: ResourceManager
+        do {
+            resources = try ResourceManager(settings: resourceSettings, exports: exports, peerGroup: peerGroup, logger: logger)
+        } catch {
+            try? await group.shutdownGracefully()
+            try? await peerGroup.shutdownGracefully()
+            throw error
+        }
         let server: NBDServer
         do {
             server = try NBDServer(exports: exports, configuration: configuration.nbd, group: group, logger: logger)
@@ -134,20 +145,42 @@ public struct StandaloneServer: Service {
                 throw error
             }
         }
+        var peers: PeerListener?
+        if let text = resourceSettings.peerAddress {
+            do {
+                let address = try PeerAddress(parsing: text)
+                peers = try await PeerListener.start(
+                    on: address, group: peerGroup, credentials: { [resources] in resources.credentials }, logger: logger
+                ) { [resources, logger] link in
+                    PeerSession.serve(link, handler: resources, logger: logger)
+                }
+            } catch {
+                await control?.stop()
+                await server.stop()
+                try? await group.shutdownGracefully()
+                try? await peerGroup.shutdownGracefully()
+                throw DaemonError("cannot listen for peers on \(text): \(error)")
+            }
+        }
         await resources.restore()
+        let gossip = Task { await resources.runGossip() }
         logger.info("marsd ready", metadata: ["pid": "\(getpid())", "io-engine": "\(server.ioEngineName)", "root": "\(resourceSettings.root)"])
         try? await gracefulShutdown()
         logger.info("marsd shutting down")
+        gossip.cancel()
         await control?.stop()
+        await peers?.stop()
         await server.stop()
         await resources.shutdown()
         try await group.shutdownGracefully()
+        try? await peerGroup.shutdownGracefully()
     }
 
     private func listenerDescriptions(_ server: NBDServer) -> [String] {
         var result: [String] = []
         if let path = configuration.nbd.unixSocketPath { result.append("unix:\(path)") }
         if let host = configuration.nbd.tcpHost { result.append("tcp:\(host):\(server.tcpPort ?? configuration.nbd.tcpPort)") }
+        if let peer = configuration.resources.peerAddress { result.append("peer:\(peer)") }
         return result
     }
 
@@ -155,7 +188,9 @@ public struct StandaloneServer: Service {
         let identity = resources.identity
         return DaemonStatus(
             version: marsVersion, pid: getpid(), ioEngine: server.ioEngineName, listeners: listeners,
-            root: resources.settings.root, host: identity?.host, cluster: identity?.cluster, resources: resources.status(),
+            root: resources.settings.root, host: identity?.host, cluster: identity?.cluster,
+            members: identity == nil ? nil : resources.cluster.hosts().map { MemberHost(host: $0.key, address: $0.value.address) }.sorted { $0.host < $1.host },
+            resources: resources.status(),
             exports: server.exports.exports.map { export in
                 let stats = export.statistics
                 return ExportStatus(

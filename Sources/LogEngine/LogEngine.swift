@@ -117,6 +117,39 @@ public enum LogAdmission: Sendable, Equatable {
     case refused(LogEngineError)
 }
 
+/// The segments of a log and its durable end, as a peer's fetch sees them.
+public struct ShippingSnapshot: Sendable, Equatable {
+    public struct Segment: Sendable, Equatable {
+        public var name: SegmentName
+        public var firstLSN: UInt64
+        public init(name: SegmentName, firstLSN: UInt64) {
+            self.name = name
+            self.firstLSN = firstLSN
+        }
+    }
+    /// Oldest first; the last one is open.
+    public var segments: [Segment]
+    /// Every record before this LSN is durable.
+    public var durableLSN: UInt64
+    public var appendedLSN: UInt64
+    public var epoch: UInt64
+
+    public init(segments: [Segment], durableLSN: UInt64, appendedLSN: UInt64, epoch: UInt64) {
+        self.segments = segments
+        self.durableLSN = durableLSN
+        self.appendedLSN = appendedLSN
+        self.epoch = epoch
+    }
+
+    /// The bytes of segment `index` a peer may have now: its whole records when a later segment
+    /// follows, the durable ones in the open segment. File offsets, header included.
+    public func shippableEnd(of index: Int) -> UInt64 {
+        let segment = segments[index]
+        let endLSN = index + 1 < segments.count ? segments[index + 1].firstLSN : max(durableLSN, segment.firstLSN)
+        return UInt64(SegmentHeader.size) + (endLSN - segment.firstLSN)
+    }
+}
+
 /// Positions and sizes of a resource's log, for `marsadm view`.
 public struct LogEngineStatus: Sendable, Equatable {
     public var epoch: UInt64
@@ -214,6 +247,10 @@ public final class LogEngine: Sendable {
         /// When writeback last applied a batch (the checkpointer waits for a quiet second).
         var lastApplied = ContinuousClock.now
         var writebackDone = false
+        /// The oldest LSN each other member still needs from this log: no segment holding bytes at
+        /// or after the lowest is retired, whatever writeback did (docs/replication.md).
+        var retentionHolds: [String: UInt64] = [:]
+        var retentionFloor: UInt64? { retentionHolds.values.min() }
 
         var logBytes: UInt64 {
             segments.reduce(0) { $0 + $1.fileSize } + spares.reduce(0) { $0 + $1.size } + preparingBytes + queuedBytes
@@ -337,6 +374,53 @@ public final class LogEngine: Sendable {
 
     static func lay(_ pieces: [PendingPiece], over bytes: inout [UInt8], at offset: UInt64) {
         bytes.withUnsafeMutableBytes { lay(pieces, over: $0, at: offset) }
+    }
+
+    /// The log's directory: the segment files a peer fetches are read from here.
+    public var logDirectory: any StorageDirectory { directory }
+
+    /// What a peer may fetch now: the segments present and the end of the durable log. Bytes past
+    /// the durable end are never shipped: a secondary must never hold data the primary could lose.
+    public func shippingSnapshot() -> ShippingSnapshot {
+        monitor.withLock { state in
+            ShippingSnapshot(
+                segments: state.segments.map { ShippingSnapshot.Segment(name: $0.name, firstLSN: $0.firstLSN) },
+                durableLSN: state.durableLSN, appendedLSN: state.nextLSN, epoch: state.epoch
+            )
+        }
+    }
+
+    /// Keeps every segment holding bytes at or after `lsn` for `holder` (a member that has not
+    /// fetched them yet); nil releases the hold.
+    public func setRetention(_ lsn: UInt64?, for holder: String) {
+        let raised = monitor.withLock { state -> Bool in
+            let old = state.retentionHolds[holder]
+            guard old != lsn else { return false }
+            state.retentionHolds[holder] = lsn
+            return lsn == nil || (old.map { lsn! > $0 } ?? false)
+        }
+        if raised { checkpointWake.signal() }
+    }
+
+    /// The holds in force, for persisting them (a restarted primary keeps what members still need).
+    public var retentionHolds: [String: UInt64] { monitor.withLock { $0.retentionHolds } }
+
+    /// Where an initial sync for `holder` starts: the writeback position, whose segment is held from
+    /// now on in the same step (a checkpoint in between could retire it). Every record before it is
+    /// on the data device, so a copy of the device plus the log from here is complete.
+    public func beginSyncHold(for holder: String) -> (lsn: UInt64, segment: SegmentName, segmentFirstLSN: UInt64, epoch: UInt64) {
+        monitor.withLock { state in
+            let lsn = min(state.writebackLSN, state.retentionHolds[holder] ?? .max)
+            state.retentionHolds[holder] = lsn
+            let segment = state.segments.last { $0.firstLSN <= lsn } ?? state.segments[0]
+            return (lsn, segment.name, segment.firstLSN, state.epoch)
+        }
+    }
+
+    /// Reads the data device itself, without the pending changes (an initial sync copies the
+    /// device and replays the log over it).
+    public func readDataDevice(count: Int, at offset: UInt64) throws(SystemError) -> [UInt8] {
+        try device.read(count: count, at: offset)
     }
 
     public var status: LogEngineStatus {

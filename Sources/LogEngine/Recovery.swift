@@ -28,7 +28,7 @@ extension LogEngine {
     /// this history (invariant 6). Then starts a new segment and the engine's threads.
     public static func open(
         directory: any StorageDirectory, device: any StorageFile, deviceSize: UInt64, configuration: LogEngineConfiguration,
-        report: (String) -> Void = { _ in }
+        retentionHolds: [String: UInt64] = [:], report: (String) -> Void = { _ in }
     ) throws -> LogEngine {
         if let problem = configuration.problem { throw LogEngineError(errno: EINVAL, problem) }
         let position = try LogHistory.openPosition(in: directory)
@@ -75,7 +75,20 @@ extension LogEngine {
             try file.sync()
         }
         let epoch = walk.epoch
-        let kept = walk.segments.map(\.name)
+        // Segments another member still needs stay (they count towards the log space and are
+        // retired once fetched); the others are written back and go.
+        let limit = min(endLSN, retentionHolds.values.min() ?? endLSN)
+        var kept: [SegmentInfo] = []
+        var retired: [SegmentName] = []
+        for (index, segment) in walk.segments.enumerated() {
+            let segmentEnd = segment.scan.endLSN
+            if segmentEnd <= limit {
+                retired.append(segment.name)
+            } else {
+                let size = index == walk.segments.count - 1 ? UInt64(end) : segment.fileSize
+                kept.append(SegmentInfo(name: segment.name, firstLSN: segment.scan.header.firstLSN, fileSize: size))
+            }
+        }
         try device.sync()
         if replayed > 0 { report("replayed \(replayed) records from LSN \(start) to \(endLSN)") }
 
@@ -89,17 +102,18 @@ extension LogEngine {
         )
         var stored = position
         try stored.store(endLSN)
-        // Replayed segments and spares left from before are deleted: recovery starts clean.
+        // Replayed segments nobody needs and spares left from before are deleted.
         let spares = try directory.list().filter { $0.hasPrefix(sparePrefix) }
-        for old in kept.map(\.fileName) + spares { try directory.remove(old) }
+        for old in retired.map(\.fileName) + spares { try directory.remove(old) }
         try directory.sync()
 
         var state = State(
             epoch: epoch, nextLSN: endLSN, durableLSN: endLSN, writebackLSN: endLSN,
             pending: PendingWriteMap(capacity: configuration.pendingCapacity),
-            segments: [SegmentInfo(name: name, firstLSN: endLSN, fileSize: segment.fileSize)]
+            segments: kept + [SegmentInfo(name: name, firstLSN: endLSN, fileSize: segment.fileSize)]
         )
         state.appliedLSN = endLSN
+        state.retentionHolds = retentionHolds
         let engine = LogEngine(
             configuration: configuration, directory: directory, device: device, state: state,
             openSegment: segment, position: stored

@@ -358,8 +358,20 @@ extension LogEngine {
     /// Whether the checkpointer should persist now, `since` the last checkpoint: under space
     /// pressure, when the interval passed, or when writeback has been quiet a second.
     func checkpointDue(_ state: State, since: Duration) -> Bool {
+        if hasRetirableSegments(state) { return true }
         guard state.appliedLSN > state.writebackLSN else { return false }
         return checkpointUrgent(state) || since >= Self.checkpointInterval || ContinuousClock.now - state.lastApplied >= .seconds(1)
+    }
+
+    /// The LSN below which segments may go: written back, and fetched by every member that needs them.
+    func retirementLimit(_ state: State, position: UInt64) -> UInt64 {
+        min(position, state.retentionFloor ?? position)
+    }
+
+    /// Whether a segment waits to be retired that a lowered need (a member that fetched it, or left)
+    /// now allows, with no new write to start a checkpoint.
+    func hasRetirableSegments(_ state: State) -> Bool {
+        state.segments.count > 1 && state.segments[1].firstLSN <= retirementLimit(state, position: state.writebackLSN)
     }
 
     private enum CheckpointWork {
@@ -469,7 +481,8 @@ extension LogEngine {
         let (doomed, kept, dropped) = monitor.withLock { state -> ([SegmentInfo], [SegmentInfo], [Spare]) in
             state.writebackLSN = position
             var retired: [SegmentInfo] = []
-            for index in 0..<max(0, state.segments.count - 1) where state.segments[index + 1].firstLSN <= position {
+            let limit = retirementLimit(state, position: position)
+            for index in 0..<max(0, state.segments.count - 1) where state.segments[index + 1].firstLSN <= limit {
                 retired.append(state.segments[index])
             }
             // Spares only while no write waits for log space and the log stays a segment plus a record below its limit.

@@ -18,7 +18,8 @@ struct Marsadm: ParsableCommand {
             """,
         version: marsVersion,
         subcommands: [
-            CreateCluster.self, CreateResource.self, Up.self, Down.self, View.self, LogDump.self, LogVerify.self,
+            CreateCluster.self, JoinCluster.self, CreateResource.self, JoinResource.self, Up.self, Down.self, View.self,
+            WaitResource.self, PauseFetch.self, ResumeFetch.self, PauseReplay.self, ResumeReplay.self, LogDump.self, LogVerify.self,
         ]
     )
 }
@@ -63,12 +64,23 @@ struct ControlOptions: ParsableArguments {
             print(message)
         }
     }
+
+    /// A device path as marsd (running elsewhere) must see it: absolute.
+    static func absolute(_ path: String) throws -> String {
+        guard !path.hasPrefix("/") else { return path }
+        guard let directory = getcwd(nil, 0) else { throw MarsadmError("cannot resolve \(path): getcwd failed") }
+        defer { free(directory) }
+        return String(cString: directory) + "/" + path
+    }
 }
 
 struct CreateCluster: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Make this host the first member of a new cluster.",
-        discussion: "Writes the cluster identity under marsd's root. Run it once, on the first host."
+        discussion: """
+            Writes the cluster identity under marsd's root and prints a join token: it holds the cluster id \
+            and the secret every member proves it knows; keep it like a password. Run it once, on the first host.
+            """
     )
 
     @Option(help: ArgumentHelp("This host's name in the cluster and in log segment names (default: the hostname).", valueName: "name"))
@@ -100,14 +112,124 @@ struct CreateResource: ParsableCommand {
 
     func run() throws {
         // marsd runs elsewhere: a relative path means the caller's directory, so send it absolute.
-        var path = device
-        if !path.hasPrefix("/") {
-            guard let directory = getcwd(nil, 0) else { throw MarsadmError("cannot resolve \(device): getcwd failed") }
-            defer { free(directory) }
-            path = String(cString: directory) + "/" + path
-        }
-        try options.perform(ControlRequest(command: .createResource, name: name, device: path))
+        try options.perform(ControlRequest(command: .createResource, name: name, device: try ControlOptions.absolute(device)))
     }
+}
+
+struct JoinCluster: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Join an existing cluster through one of its members.",
+        discussion: """
+            TOKEN is what 'marsadm create-cluster' printed on the first host. This marsd must run with --peer, \
+            at an address the other members can reach. Both sides authenticate with the token's secret; the \
+            cluster's members and resources then spread to this host by gossip.
+            """
+    )
+
+    @Option(help: ArgumentHelp("This host's name in the cluster and in log segment names (default: the hostname).", valueName: "name"))
+    var host: String?
+
+    @Option(help: ArgumentHelp("The join token printed by create-cluster.", valueName: "token"))
+    var token: String
+
+    @Argument(help: ArgumentHelp("The peer address of any member: HOST:PORT (port 7777 when omitted).", valueName: "peer-address"))
+    var peer: String
+
+    @OptionGroup var options: ControlOptions
+
+    func run() throws {
+        try options.perform(ControlRequest(command: .joinCluster, host: host, token: token, peer: peer))
+    }
+}
+
+struct JoinResource: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Make this host a secondary of a resource: initial sync, then asynchronous replication.",
+        discussion: """
+            The resource must exist in the cluster (created on its primary). DEVICE must be at least the resource's \
+            size. The device is copied from the primary while it keeps writing (only chunks that differ cross \
+            the network; zero chunks as a length), the log is fetched and replayed from the sync's start, and \
+            the replica is UpToDate once replay passes the primary's position at the end of the copy. Until then \
+            view shows it Inconsistent. The sync resumes where it was after a restart of either host.
+            """
+    )
+
+    @Argument(help: "The resource name.")
+    var name: String
+
+    @Argument(help: "The local data device: a regular file or a block device.")
+    var device: String
+
+    @OptionGroup var options: ControlOptions
+
+    func run() throws {
+        try options.perform(ControlRequest(command: .joinResource, name: name, device: try ControlOptions.absolute(device)))
+    }
+}
+
+struct WaitResource: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Wait until this host's replica of a resource is UpToDate.",
+        discussion: """
+            Returns 0 once the replica has finished any sync and replayed everything the primary had made durable \
+            when the command started; non-zero with the positions reached when --wait-timeout passes first.
+            """
+    )
+
+    enum Target: String, ExpressibleByArgument { case uptodate }
+
+    @Argument(help: "The resource name.")
+    var name: String
+
+    @Option(help: "What to wait for: uptodate.")
+    var until: Target = .uptodate
+
+    @Option(help: ArgumentHelp("Give up after this many seconds.", valueName: "seconds"))
+    var waitTimeout: Double = 300
+
+    @OptionGroup var options: ControlOptions
+
+    func validate() throws {
+        guard waitTimeout > 0, waitTimeout <= 86400 else { throw ValidationError("--wait-timeout must be between 0 and 86400 seconds") }
+    }
+
+    func run() throws {
+        var options = options
+        options.timeout = max(options.timeout, waitTimeout + 30)
+        try options.perform(ControlRequest(command: .waitResource, name: name, timeout: waitTimeout))
+    }
+}
+
+struct PauseFetch: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Stop fetching a resource's log from its primary (the switch survives restarts).")
+    @Argument(help: "The resource name.") var name: String
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.perform(ControlRequest(command: .pauseFetch, name: name)) }
+}
+
+struct ResumeFetch: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Fetch a resource's log again, from the exact byte where it stopped.")
+    @Argument(help: "The resource name.") var name: String
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.perform(ControlRequest(command: .resumeFetch, name: name)) }
+}
+
+struct PauseReplay: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Stop replaying a resource's log onto this host's device (a time-lagged or frozen replica).",
+        discussion: "Returns once the batch in progress is applied and synced: the device is then a consistent copy (a prefix of the log) and may be copied. Fetch goes on."
+    )
+    @Argument(help: "The resource name.") var name: String
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.perform(ControlRequest(command: .pauseReplay, name: name)) }
+}
+
+struct ResumeReplay: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Replay a resource's log onto this host's device again.")
+    @Argument(help: "The resource name.") var name: String
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.perform(ControlRequest(command: .resumeReplay, name: name)) }
 }
 
 struct Up: ParsableCommand {

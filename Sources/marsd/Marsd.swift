@@ -3,6 +3,7 @@ import BlockStore
 import ControlProtocol
 import Daemon
 import Logging
+import Replication
 import NBDServer
 
 @main
@@ -80,6 +81,17 @@ struct Serve: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Answer marsadm on this Unix socket.", valueName: "path"))
     var control: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "Listen for the other hosts of the cluster (gossip, log shipping, sync) on ADDRESS:PORT ([IPV6]:PORT; the port defaults to 7777). Other hosts reach this host at this address: give one they can connect to. Peers authenticate with the cluster secret; the traffic is not encrypted yet.",
+            valueName: "address"
+        )
+    )
+    var peer: String?
+
+    @Option(help: ArgumentHelp("The peer address other hosts connect to, when it is not --peer's (NAT, a proxy).", valueName: "address"))
+    var peerAdvertise: String?
+
     @Option(help: "Requests in flight per connection before marsd stops reading from it.")
     var maxInflight = 64
 
@@ -107,6 +119,13 @@ struct Serve: AsyncParsableCommand {
         if unixSocket == nil && tcp == nil { throw ValidationError("give --unix PATH and/or --tcp HOST:PORT") }
         if let tcp, Self.parseHostPort(tcp) == nil {
             throw ValidationError("--tcp must be HOST:PORT or PORT, for example 127.0.0.1:10809")
+        }
+        if let peer {
+            do { _ = try PeerAddress(parsing: peer) } catch { throw ValidationError("--peer: \(error)") }
+        }
+        if let peerAdvertise {
+            guard peer != nil else { throw ValidationError("--peer-advertise needs --peer") }
+            do { _ = try PeerAddress(parsing: peerAdvertise) } catch { throw ValidationError("--peer-advertise: \(error)") }
         }
         if maxInflight < 1 { throw ValidationError("--max-inflight must be at least 1") }
         if maxBufferedMib < 1 { throw ValidationError("--max-buffered-mib must be at least 1") }
@@ -139,6 +158,8 @@ struct Serve: AsyncParsableCommand {
         configuration.resources.pendingCapacity = logPendingMib << 20
         configuration.cacheMode = cache
         configuration.controlSocketPath = control
+        configuration.resources.peerAddress = peer
+        configuration.resources.advertisedPeerAddress = peerAdvertise
         if let threads { configuration.eventLoopThreads = threads }
         configuration.nbd.unixSocketPath = unixSocket
         if let tcp, let (host, port) = Self.parseHostPort(tcp) {

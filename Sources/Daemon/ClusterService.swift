@@ -1,0 +1,166 @@
+import BlockStore
+import Cluster
+import FoundationEssentials
+import Logging
+import NIOCore
+import PeerProtocol
+import Replication
+import Synchronization
+
+/// A host's entry in the cluster metadata (`host/<name>`, owned by that host).
+struct HostEntry: Codable, Equatable {
+    var address: String
+    var hostID: String
+}
+
+/// A resource as the cluster knows it (`resource/<name>`, written by its designated primary).
+struct ResourceEntry: Codable, Equatable {
+    var size: UInt64
+    var primary: String
+}
+
+/// A member's state of a resource (`resource/<name>/member/<host>`, owned by that host): what view
+/// shows for other hosts, and what the primary's log retention follows.
+struct MemberEntry: Codable, Equatable {
+    var role: String
+    var disk: String
+    var replication: String
+    /// Primary: the durable end of its log. Secondary: the end of its local log.
+    var fetchedLSN: UInt64
+    var replayedLSN: UInt64
+    /// Wall-clock ms of this state.
+    var updated: UInt64
+
+    func sameState(as other: MemberEntry) -> Bool {
+        var other = other
+        other.updated = updated
+        return self == other
+    }
+}
+
+/// The cluster metadata of this host: persisted under the root, spread by gossip with every other
+/// member every couple of seconds (each key owned by one host, newer logical clock wins).
+final class ClusterService: Sendable {
+    static let fileName = "cluster-metadata.json"
+    static let gossipInterval: Duration = .seconds(2)
+
+    private let root: any StorageDirectory
+    private let logger: Logger
+    private let metadata: Mutex<ClusterMetadata>
+
+    init(root: any StorageDirectory, logger: Logger) throws {
+        self.root = root
+        self.logger = logger
+        let stored = try StateFile.read(ClusterMetadata.self, named: Self.fileName, in: root) ?? ClusterMetadata()
+        metadata = Mutex(stored)
+    }
+
+    // MARK: - Keys
+
+    static func hostKey(_ host: String) -> String { "host/" + host }
+    static func resourceKey(_ resource: String) -> String { "resource/" + resource }
+    static func memberKey(_ resource: String, _ host: String) -> String { "resource/\(resource)/member/\(host)" }
+
+    func value<T: Decodable>(_ type: T.Type, _ key: String) -> T? {
+        guard let text = metadata.withLock({ $0.value(key) }) else { return nil }
+        return try? JSONDecoder().decode(type, from: Data(text.utf8))
+    }
+
+    func hosts() -> [String: HostEntry] {
+        var result: [String: HostEntry] = [:]
+        for entry in metadata.withLock({ $0.entries(withPrefix: "host/") }) {
+            guard let value = entry.value, let host = try? JSONDecoder().decode(HostEntry.self, from: Data(value.utf8)) else { continue }
+            result[String(entry.key.dropFirst("host/".count))] = host
+        }
+        return result
+    }
+
+    func members(of resource: String) -> [String: MemberEntry] {
+        let prefix = "resource/\(resource)/member/"
+        var result: [String: MemberEntry] = [:]
+        for entry in metadata.withLock({ $0.entries(withPrefix: prefix) }) {
+            guard let value = entry.value, let member = try? JSONDecoder().decode(MemberEntry.self, from: Data(value.utf8)) else { continue }
+            result[String(entry.key.dropFirst(prefix.count))] = member
+        }
+        return result
+    }
+
+    /// Writes a key this host owns (unchanged values are not written again: no needless gossip).
+    func set<T: Encodable>(_ key: String, _ value: T?, by host: String) {
+        let text: String? = value.flatMap { value in
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            return (try? encoder.encode(value)).map { String(decoding: $0, as: UTF8.self) }
+        }
+        let changed = metadata.withLock { metadata -> Bool in
+            guard metadata.value(key) != text || (text == nil && metadata.entries[key] == nil) else { return false }
+            _ = metadata.set(key, text, by: host, now: wallClockMilliseconds())
+            return true
+        }
+        if changed { persist() }
+    }
+
+    private func persist() {
+        let snapshot = metadata.withLock { $0 }
+        do {
+            try StateFile.write(snapshot, named: Self.fileName, in: root)
+        } catch {
+            logger.error("cannot store the cluster metadata: \(error)")
+        }
+    }
+
+    // MARK: - Gossip
+
+    /// A peer's gossip: merge it, answer with ours.
+    func receiveGossip(_ bytes: [UInt8], from peer: PeerIdentity) -> [UInt8] {
+        merge(bytes, from: peer.host)
+        return (try? metadata.withLock { try $0.encoded() }) ?? []
+    }
+
+    private func merge(_ bytes: [UInt8], from peer: String) {
+        let incoming: [MetadataEntry]
+        do {
+            incoming = try ClusterMetadata.decode(bytes)
+        } catch {
+            logger.warning("gossip from \(peer) is unreadable: \(error)")
+            return
+        }
+        let result = metadata.withLock { $0.merge(incoming, now: wallClockMilliseconds()) }
+        if !result.rejected.isEmpty {
+            logger.warning("gossip from \(peer): ignored \(result.rejected.count) entries dated more than 30 days ahead (check the clocks)")
+        }
+        if !result.changed.isEmpty { persist() }
+    }
+
+    /// One exchange with the peer at `address`: our metadata there, theirs back.
+    func exchange(with address: PeerAddress, group: any EventLoopGroup, credentials: PeerCredentials) async throws {
+        let link = try await PeerLink.connect(to: address, group: group, credentials: credentials, logger: logger).get()
+        let reply = link.eventLoop.makePromise(of: [UInt8].self)
+        link.eventLoop.execute {
+            link.onMessage = { message in
+                if case .gossip(let entries) = message { reply.succeed(entries) } else { reply.fail(ReplicationError("unexpected \(message.name)")) }
+            }
+            link.onClose = { reply.fail(ReplicationError("peer \(address) closed the link before answering the gossip")) }
+        }
+        let ours = try metadata.withLock { try $0.encoded() }
+        link.send(.gossip(entries: ours))
+        let timeout = link.eventLoop.scheduleTask(in: .seconds(10)) { reply.fail(ReplicationError("peer \(address) did not answer the gossip")) }
+        defer {
+            timeout.cancel()
+            link.close()
+        }
+        merge(try await reply.futureResult.get(), from: link.remote.host)
+    }
+
+    /// Gossips with every other known host, each once.
+    func gossipRound(group: any EventLoopGroup, credentials: PeerCredentials) async {
+        for (host, entry) in hosts() where host != credentials.local.host {
+            guard let address = try? PeerAddress(parsing: entry.address) else { continue }
+            do {
+                try await exchange(with: address, group: group, credentials: credentials)
+            } catch {
+                logger.debug("gossip with \(host) at \(address): \(error)")
+            }
+        }
+    }
+}

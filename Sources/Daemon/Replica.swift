@@ -1,0 +1,47 @@
+import BlockStore
+import LogEngine
+import Logging
+import NIOCore
+import NIOPosix
+import PeerProtocol
+import Replication
+import Synchronization
+import TransactionLog
+
+/// A resource on a secondary: its local log (fetched segments, replayed in order onto the data
+/// device), the fetch from the primary, and the initial sync while it runs.
+final class Replica: Sendable {
+    let name: String
+    let device: BlockDevice
+    let log: ReplicaLog
+    let fetcher: ReplicaFetcher
+    private let sync = Mutex<SyncClient?>(nil)
+    private let syncTask = Mutex<Task<Void, Never>?>(nil)
+    /// The copy is done (and `endLSN` known): replay may run.
+    let synced = Atomic<Bool>(false)
+
+    init(name: String, device: BlockDevice, log: ReplicaLog, fetcher: ReplicaFetcher) {
+        self.name = name
+        self.device = device
+        self.log = log
+        self.fetcher = fetcher
+    }
+
+    var syncClient: SyncClient? { sync.withLock { $0 } }
+
+    func setSync(_ client: SyncClient?) { sync.withLock { $0 = client } }
+
+    func setSyncTask(_ task: Task<Void, Never>?) { syncTask.withLock { $0 = task } }
+
+    /// Stops fetch, sync and replay (after its batch): the device is then a prefix of the log.
+    func stop() async {
+        let task = syncTask.withLock { task -> Task<Void, Never>? in
+            defer { task = nil }
+            return task
+        }
+        task?.cancel()
+        try? await fetcher.stop().get()
+        await task?.value
+        log.shutdown()
+    }
+}

@@ -1,0 +1,461 @@
+import BlockStore
+import ControlProtocol
+import LogEngine
+import Logging
+import NIOCore
+import NIOPosix
+import PeerProtocol
+import Replication
+import Synchronization
+import TransactionLog
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension ResourceManager: PeerRequestHandler {
+    // MARK: - Serving peers (this host as primary)
+
+    func primaryLog(of resource: String) -> LogEngine? {
+        state.withLock { state in
+            guard let entry = state.resources[resource], entry.config.role == "primary" else { return nil }
+            return entry.engine
+        }
+    }
+
+    func size(of resource: String) -> UInt64? {
+        state.withLock { $0.resources[resource]?.config.size }
+    }
+
+    func gossip(_ entries: [UInt8], from peer: PeerIdentity) -> [UInt8] {
+        cluster.receiveGossip(entries, from: peer)
+    }
+
+    func fetched(_ resource: String, by peer: PeerIdentity, upTo lsn: UInt64) {
+        primaryLog(of: resource)?.setRetention(lsn, for: peer.host)
+    }
+
+    /// What the other members of `resource` had fetched when this host last heard of them: a
+    /// restarted primary keeps their segments (`except` is this host).
+    func retentionHolds(of resource: String, except host: String) -> [String: UInt64] {
+        var holds: [String: UInt64] = [:]
+        for (member, entry) in cluster.members(of: resource) where member != host && entry.role == "secondary" {
+            holds[member] = entry.fetchedLSN
+        }
+        return holds
+    }
+
+    // MARK: - Replicas (this host as secondary)
+
+    /// Makes this host a replica of `name`: asks the primary where a sync starts (it holds its log
+    /// from there), creates the resource directory, and brings the replica up (sync, fetch, replay).
+    func joinResource(name: String, device path: String) async throws -> String {
+        try Names.validateResource(name)
+        guard let identity = state.withLock({ $0.identity }), credentials != nil else {
+            throw DaemonError("this host is in no cluster yet: run 'marsadm join-cluster' first")
+        }
+        guard state.withLock({ $0.resources[name] == nil && $0.unreadable[name] == nil }) else {
+            throw DaemonError("resource '\(name)' exists on this host already")
+        }
+        guard let entry = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name)) else {
+            throw DaemonError(
+                "the cluster has no resource '\(name)' (yet): create it on its primary first; the gossip brings it here within seconds"
+            )
+        }
+        guard entry.primary != identity.host else { throw DaemonError("this host is the primary of '\(name)'") }
+        let device: BlockDevice
+        do {
+            device = try BlockDevice(path: path, cacheMode: settings.cacheMode)
+        } catch {
+            throw DaemonError("cannot open the data device \(path): \(error). Check the path and permissions.")
+        }
+        guard device.size >= entry.size else {
+            throw DaemonError("the data device \(path) has \(device.size) bytes; resource \(name) needs \(entry.size): give it at least that size")
+        }
+        if let user = user(of: device) { throw DaemonError("\(path) is already \(user): a device belongs to one resource or export") }
+        let start: SyncPosition
+        do {
+            start = try await ask(entry.primary, .syncBegin(resource: name)) { message in
+                if case .syncPosition(let position) = message { return position }
+                return nil
+            }
+        } catch {
+            throw DaemonError("cannot start the sync of \(name) from its primary \(entry.primary): \(error)")
+        }
+        let directoryPath = settings.root + "/" + Names.resourceDirectory(name)
+        if access(directoryPath, F_OK) == 0 {
+            throw DaemonError("\(directoryPath) exists already: remove it or choose another resource name")
+        }
+        let directory = try POSIXDirectory(path: directoryPath, create: true)
+        let config = ResourceConfig(
+            name: name, device: path, size: entry.size, role: "secondary", wanted: "up", createdEpoch: start.epoch,
+            sync: SyncRecord(startLSN: start.lsn, startSegment: start.segment, epoch: start.epoch, offset: 0, endLSN: nil)
+        )
+        do {
+            try root.sync()
+            try ReplicaLog.create(in: directory, startLSN: start.lsn, epoch: start.epoch)
+            try StateFile.write(config, named: ResourceConfig.fileName, in: directory)
+        } catch {
+            for file in (try? directory.list()) ?? [] { try? directory.remove(file) }
+            try? directory.removeDirectory()
+            throw DaemonError("cannot create resource '\(name)' under \(directoryPath): \(error)")
+        }
+        state.withLock { $0.resources[name] = Resource(config: config, directory: directory) }
+        try await bringUp(name)
+        return "joined resource \(name) as a secondary of \(entry.primary); the initial sync of \(entry.size) bytes runs "
+            + "('marsadm view' shows it, 'marsadm wait-resource \(name) --until uptodate' waits for it)"
+    }
+
+    /// Opens a replica: its log (replay paused until the sync is done or while the operator paused
+    /// it), the fetch from the primary, and the sync if it has not finished.
+    func bringUpReplica(_ name: String) async throws {
+        guard let resource = state.withLock({ $0.resources[name] }) else { return }
+        let config = resource.config
+        guard let sync = config.sync else {
+            throw DaemonError("\(resource.directory.path)/\(ResourceConfig.fileName) has no sync record: join the resource again")
+        }
+        do {
+            let cacheMode = settings.cacheMode
+            let (device, log) = try await NIOThreadPool.singleton.runIfActive { () throws -> (BlockDevice, ReplicaLog) in
+                let device: BlockDevice
+                do {
+                    device = try BlockDevice(path: config.device, cacheMode: cacheMode)
+                } catch {
+                    throw DaemonError("cannot open the data device \(config.device): \(error)")
+                }
+                guard device.size >= config.size else {
+                    throw DaemonError("the data device \(config.device) has \(device.size) bytes, the resource needs \(config.size)")
+                }
+                let log = try ReplicaLog.open(
+                    directory: resource.directory, device: POSIXFile(device: device), deviceSize: config.size,
+                    replayPaused: sync.endLSN == nil || config.replayPaused == true
+                ) { [logger = self.logger] message in logger.notice("replica log of \(name): \(message)") }
+                return (device, log)
+            }
+            let fetcher = ReplicaFetcher(
+                resource: name, log: log, firstSegment: SegmentName(fileName: sync.startSegment),
+                primary: { [cluster] in
+                    guard let entry = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name)),
+                        let host = cluster.hosts()[entry.primary], let address = try? PeerAddress(parsing: host.address)
+                    else { return nil }
+                    return (entry.primary, address)
+                },
+                group: peerGroup, pool: NIOThreadPool.singleton, credentials: { [weak self] in self?.credentials }, logger: logger
+            )
+            let replica = Replica(name: name, device: device, log: log, fetcher: fetcher)
+            state.withLock { state in
+                state.resources[name]?.replica = replica
+                state.resources[name]?.error = nil
+            }
+            if config.fetchPaused != true { fetcher.start() }
+            if sync.endLSN == nil {
+                startSync(name, replica: replica)
+            } else {
+                replica.synced.store(true, ordering: .relaxed)
+            }
+            logger.info("replica up", metadata: ["resource": "\(name)", "device": "\(config.device)"])
+        } catch let error as LogRecoveryError {
+            let failure = DaemonError("\(error). The replica stays down: 'marsadm log-verify \(name)' shows its local log.")
+            state.withLock { $0.resources[name]?.error = failure.description }
+            throw failure
+        } catch {
+            state.withLock { $0.resources[name]?.error = "\(error)" }
+            throw error
+        }
+    }
+
+    /// Runs the initial sync until it is done, reconnecting after failures; then records where the
+    /// replica becomes consistent (the primary's durable end after the copy) and lets replay run.
+    private func startSync(_ name: String, replica: Replica) {
+        let task = Task { [self] in
+            var delay: Duration = .milliseconds(200)
+            while !Task.isCancelled {
+                do {
+                    try await runSync(name, replica: replica)
+                    return
+                } catch {
+                    if Task.isCancelled { return }
+                    logger.notice("sync of \(name): \(error); retrying")
+                    try? await Task.sleep(for: delay)
+                    delay = min(delay * 2, .seconds(5))
+                }
+            }
+        }
+        replica.setSyncTask(task)
+    }
+
+    private func runSync(_ name: String, replica: Replica) async throws {
+        guard let config = state.withLock({ $0.resources[name]?.config }), let sync = config.sync, let credentials else { return }
+        guard let address = primaryAddress(of: name) else { throw DaemonError("no address is known for the primary of \(name)") }
+        let link = try await PeerLink.connect(to: address.address, group: peerGroup, credentials: credentials, logger: logger).get()
+        defer { link.close() }
+        let client = SyncClient(
+            resource: name, device: POSIXFile(device: replica.device), size: config.size, start: sync.offset, loop: link.eventLoop,
+            pool: NIOThreadPool.singleton, logger: logger
+        ) { [weak self] offset in self?.recordSyncOffset(name, offset) }
+        replica.setSync(client)
+        try await withTaskCancellationHandler {
+            try await client.run(over: link).get()
+        } onCancel: {
+            link.close()
+        }
+        let end = try await ask(address.host, .logPosition(resource: name)) { message in
+            if case .syncPosition(let position) = message { return position.lsn }
+            return nil
+        }
+        try updateConfig(name) { config in config.sync?.endLSN = end }
+        replica.synced.store(true, ordering: .relaxed)
+        let paused = state.withLock { $0.resources[name]?.config.replayPaused == true }
+        replica.log.setReplayPaused(paused)
+        logger.info("sync of \(name) done; consistent once replay reaches LSN \(end)")
+    }
+
+    private func recordSyncOffset(_ name: String, _ offset: UInt64) {
+        do {
+            try updateConfig(name) { config in
+                let reached = max(config.sync?.offset ?? 0, offset)
+                config.sync?.offset = reached
+            }
+        } catch {
+            logger.warning("sync of \(name): cannot store its progress: \(error)")
+        }
+    }
+
+    func updateConfig(_ name: String, _ change: (inout ResourceConfig) -> Void) throws {
+        guard let resource = state.withLock({ $0.resources[name] }) else { return }
+        var config = resource.config
+        change(&config)
+        guard config != resource.config else { return }
+        try StateFile.write(config, named: ResourceConfig.fileName, in: resource.directory)
+        state.withLock { $0.resources[name]?.config = config }
+    }
+
+    private func primaryAddress(of name: String) -> (host: String, address: PeerAddress)? {
+        guard let entry = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name)),
+            let host = cluster.hosts()[entry.primary], let address = try? PeerAddress(parsing: host.address)
+        else { return nil }
+        return (entry.primary, address)
+    }
+
+    /// One request to `host` over a new link, and the first reply `pick` accepts.
+    func ask<T: Sendable>(_ host: String, _ request: PeerMessage, pick: @escaping @Sendable (PeerMessage) -> T?) async throws -> T {
+        guard let credentials else { throw DaemonError("this host is in no cluster") }
+        guard let entry = cluster.hosts()[host], let address = try? PeerAddress(parsing: entry.address) else {
+            throw DaemonError("no peer address is known for host \(host)")
+        }
+        let link = try await PeerLink.connect(to: address, group: peerGroup, credentials: credentials, logger: logger).get()
+        defer { link.close() }
+        let reply = link.eventLoop.makePromise(of: T.self)
+        link.eventLoop.execute {
+            link.onMessage = { message in
+                if let value = pick(message) {
+                    reply.succeed(value)
+                } else if case .fetchError(let error) = message {
+                    reply.fail(DaemonError("\(host) said: \(error.reason)"))
+                }
+            }
+            link.onClose = { reply.fail(DaemonError("\(host) closed the link without an answer")) }
+        }
+        link.send(request)
+        let timeout = link.eventLoop.scheduleTask(in: .seconds(10)) { reply.fail(DaemonError("\(host) did not answer within 10 s")) }
+        defer { timeout.cancel() }
+        return try await reply.futureResult.get()
+    }
+
+    // MARK: - Switches and waiting
+
+    func setSwitch(_ name: String, _ command: ControlRequest.Command) async throws -> String {
+        guard let resource = state.withLock({ $0.resources[name] }), resource.config.role == "secondary" else {
+            throw DaemonError("\(name) is not a replica on this host: \(command.rawValue) applies to secondaries")
+        }
+        switch command {
+        case .pauseFetch, .resumeFetch:
+            let paused = command == .pauseFetch
+            try updateConfig(name) { $0.fetchPaused = paused }
+            if let replica = resource.replica {
+                if paused { try? await replica.fetcher.stop(.paused).get() } else { replica.fetcher.start() }
+            }
+            return "fetch of \(name) \(paused ? "paused" : "resumed")"
+        default:
+            let paused = command == .pauseReplay
+            try updateConfig(name) { $0.replayPaused = paused }
+            if let replica = resource.replica, replica.synced.load(ordering: .relaxed) {
+                let log = replica.log
+                try await NIOThreadPool.singleton.runIfActive { log.setReplayPaused(paused) }
+            }
+            return paused ? "replay of \(name) paused: its device is a consistent copy as of LSN \(resource.replica?.log.status.replayedLSN ?? 0)"
+                : "replay of \(name) resumed"
+        }
+    }
+
+    /// Waits until this host's replica has finished its sync and replayed everything the primary
+    /// had made durable when the command started.
+    func waitUpToDate(_ name: String, timeout: Double) async throws -> String {
+        guard let resource = state.withLock({ $0.resources[name] }) else { throw DaemonError("there is no resource '\(name)' on this host") }
+        if resource.config.role == "primary" { return "\(name): this host is its primary (UpToDate)" }
+        guard let entry = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name)) else {
+            throw DaemonError("the cluster metadata has no primary for \(name)")
+        }
+        let target = try await ask(entry.primary, .logPosition(resource: name)) { message in
+            if case .syncPosition(let position) = message { return position.lsn }
+            return nil
+        }
+        let deadline = ContinuousClock.now + .milliseconds(Int64(timeout * 1000))
+        while true {
+            if let replica = state.withLock({ $0.resources[name]?.replica }), let config = state.withLock({ $0.resources[name]?.config }) {
+                let log = replica.log.status
+                if let problem = log.fork ?? log.failure { throw DaemonError("\(name) cannot become UpToDate: \(problem)") }
+                if replica.fetcher.status.needsSync { throw DaemonError("\(name) needs a new sync: \(replica.fetcher.status.problem ?? "")") }
+                if let end = config.sync?.endLSN, log.consistent, log.replayedLSN >= max(end, target) {
+                    return "\(name) is UpToDate: replayed to LSN \(log.replayedLSN) (the primary's durable end was \(target))"
+                }
+                if ContinuousClock.now >= deadline {
+                    throw DaemonError(
+                        "\(name) is not UpToDate after \(timeout) s: replayed \(log.replayedLSN), fetched \(log.fetchedLSN), waiting for \(target)"
+                            + (config.sync?.endLSN == nil ? "; the initial sync is still running" : "")
+                    )
+                }
+            } else if ContinuousClock.now >= deadline {
+                throw DaemonError("\(name) is not up on this host ('marsadm up \(name)')")
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+    }
+
+    // MARK: - Status and gossip
+
+    func replicationStatus(of resource: Resource) -> ReplicationStatus? {
+        let name = resource.config.name
+        let primary = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name))?.primary
+        let now = wallClockMilliseconds()
+        let members = cluster.members(of: name).map { host, entry in
+            MemberStatus(
+                host: host, role: entry.role, disk: entry.disk, replication: entry.replication, fetchedLSN: entry.fetchedLSN,
+                replayedLSN: entry.replayedLSN, age: Double(now > entry.updated ? now - entry.updated : 0) / 1000
+            )
+        }.sorted { $0.host < $1.host }
+        guard members.count > 1 || resource.config.role == "secondary" else { return nil }
+        var status = ownState(of: resource)
+        status.primary = primary
+        status.members = members
+        return status
+    }
+
+    /// This host's disk and replication state of `resource`, as view and the gossip show it.
+    func ownState(of resource: Resource) -> ReplicationStatus {
+        let name = resource.config.name
+        if resource.config.role == "primary" {
+            let log = resource.engine?.status
+            return ReplicationStatus(
+                disk: resource.engine == nil ? "Detached" : "UpToDate", replication: resource.engine == nil ? "Down" : "Replicating",
+                fetchedLSN: log?.durableLSN, replayedLSN: log?.writebackLSN
+            )
+        }
+        guard let replica = resource.replica else {
+            return ReplicationStatus(disk: "Detached", replication: resource.error == nil ? "Down" : "Failed", problem: resource.error)
+        }
+        let log = replica.log.status
+        let fetch = replica.fetcher.status
+        let primary = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name))?.primary
+        let primaryEntry = primary.flatMap { cluster.members(of: name)[$0] }
+        let primaryDurable = primaryEntry.map { max($0.fetchedLSN, log.fetchedLSN) }
+        let sync = resource.config.sync
+        let synced = sync?.endLSN != nil
+        let disk: String
+        if log.fork != nil {
+            disk = "SplitBrain"
+        } else if !synced || !log.consistent || log.replayedLSN < (sync?.endLSN ?? 0) {
+            disk = "Inconsistent"
+        } else if let primaryDurable, log.replayedLSN >= primaryDurable {
+            disk = "UpToDate"
+        } else {
+            disk = "Outdated"
+        }
+        let replication: String
+        if fetch.needsSync {
+            replication = "NeedsSync"
+        } else if log.fork != nil {
+            replication = "SplitBrain"
+        } else if log.failure != nil {
+            replication = "Failed"
+        } else if !synced {
+            replication = "Syncing"
+        } else if resource.config.fetchPaused == true {
+            replication = "PausedFetch"
+        } else if resource.config.replayPaused == true {
+            replication = "PausedReplay"
+        } else if fetch.link == .unreachable {
+            replication = "PrimaryUnreachable"
+        } else {
+            replication = "Replicating"
+        }
+        let progress = replica.syncClient?.status
+        return ReplicationStatus(
+            disk: disk, replication: replication, fetchedLSN: log.fetchedLSN, replayedLSN: log.replayedLSN,
+            primaryDurableLSN: primaryDurable, lagBytes: primaryDurable.map { $0 > log.replayedLSN ? $0 - log.replayedLSN : 0 },
+            syncOffset: synced ? nil : (progress?.offset ?? sync?.offset), syncSize: synced ? nil : resource.config.size,
+            syncBytesSent: progress?.bytesSent, problem: log.fork ?? log.failure ?? fetch.problem
+        )
+    }
+
+    /// Publishes this host's state of every resource and gossips with every other member, every
+    /// couple of seconds, until the task is cancelled.
+    func runGossip() async {
+        while !Task.isCancelled {
+            if let credentials {
+                announceMembership(credentials.local.host)
+                await cluster.gossipRound(group: peerGroup, credentials: credentials)
+            }
+            try? await Task.sleep(for: ClusterService.gossipInterval)
+        }
+    }
+
+    private func announceMembership(_ host: String) {
+        let resources = state.withLock { Array($0.resources.values) }
+        for resource in resources {
+            let own = ownState(of: resource)
+            let entry = MemberEntry(
+                role: resource.config.role, disk: own.disk, replication: own.replication, fetchedLSN: own.fetchedLSN ?? 0,
+                replayedLSN: own.replayedLSN ?? 0, updated: wallClockMilliseconds()
+            )
+            // The timestamp alone changes nothing worth a gossip: compare without it.
+            let key = ClusterService.memberKey(resource.config.name, host)
+            if let old = cluster.value(MemberEntry.self, key), old.sameState(as: entry) { continue }
+            cluster.set(key, entry, by: host)
+        }
+    }
+}
+
+/// Lowercase hex of `bytes`.
+func hex(_ bytes: [UInt8]) -> String {
+    let digits = Array("0123456789abcdef".utf8)
+    var out: [UInt8] = []
+    out.reserveCapacity(bytes.count * 2)
+    for byte in bytes {
+        out.append(digits[Int(byte >> 4)])
+        out.append(digits[Int(byte & 0x0F)])
+    }
+    return String(decoding: out, as: UTF8.self)
+}
+
+/// The bytes of even-length hex text, or nil.
+func unhex(_ text: String) -> [UInt8]? {
+    let chars = Array(text.utf8)
+    guard chars.count % 2 == 0 else { return nil }
+    func value(_ char: UInt8) -> UInt8? {
+        switch char {
+        case 0x30...0x39: char - 0x30
+        case 0x61...0x66: char - 0x61 + 10
+        case 0x41...0x46: char - 0x41 + 10
+        default: nil
+        }
+    }
+    var out: [UInt8] = []
+    var index = 0
+    while index < chars.count {
+        guard let high = value(chars[index]), let low = value(chars[index + 1]) else { return nil }
+        out.append(high << 4 | low)
+        index += 2
+    }
+    return out
+}

@@ -1,0 +1,168 @@
+import BlockStore
+import TransactionLog
+
+extension ReplicaLog {
+    /// A batch of records to apply, read from the local segments.
+    struct ReplayBatch {
+        var records: [LogRecord] = []
+        var bytes: UInt64 = 0
+        var endLSN: UInt64
+        var endEpoch: UInt64
+        /// Segments wholly before `endLSN` that a later segment follows: deleted once it is persisted.
+        var finished: [SegmentName] = []
+    }
+
+    /// The end of the local log replay may read: durable, checked records only.
+    static func availableLSN(_ state: State) -> UInt64 {
+        guard let last = state.segments.last else { return state.replayedLSN }
+        return last.firstLSN + last.size - UInt64(SegmentHeader.size)
+    }
+
+    /// Applies the local log from the replay position on, one batch at a time: read and check the
+    /// records (up to `batchBytes`), store the batch's end as the intent, apply them in log order,
+    /// sync the device, store the new position. Pausing or stopping waits for the batch in progress.
+    func replayLoop() {
+        while true {
+            let plan = monitor.wait(
+                replayWake,
+                until: { state in
+                    state.stopping || (!state.replayPaused && state.failure == nil && state.fork == nil
+                        && Self.availableLSN(state) > state.replayedLSN)
+                },
+                then: { state -> (segments: [LocalSegment], position: UInt64, epoch: UInt64)? in
+                    if state.stopping { return nil }
+                    state.replaying = true
+                    return (state.segments, state.replayedLSN, state.epoch)
+                }
+            )
+            guard let plan else {
+                idle.broadcast()
+                return
+            }
+            do {
+                let batch = try readBatch(from: plan.segments, position: plan.position, epoch: plan.epoch)
+                try apply(batch, from: plan.position)
+            } catch let error as ReplicaLogError {
+                monitor.withLock { state in
+                    if error.kind == .fork { state.fork = error } else { state.failure = error }
+                }
+            } catch {
+                monitor.withLock { state in
+                    state.failure = ReplicaLogError(.io, segment: "-", offset: 0, "\(error)")
+                }
+            }
+            monitor.withLock { $0.replaying = false }
+            idle.broadcast()
+        }
+    }
+
+    /// Reads the records after `position` up to the batch size (at least one record), across
+    /// segments, checking each (checksum, position, epoch) as it goes.
+    private func readBatch(from segments: [LocalSegment], position: UInt64, epoch: UInt64) throws -> ReplayBatch {
+        guard var index = segments.lastIndex(where: { $0.firstLSN <= position }) else {
+            throw ReplicaLogError(
+                .misplaced, segment: segments.first?.name.fileName ?? "-", offset: 0,
+                "the replay position \(position) is before the oldest local segment"
+            )
+        }
+        var batch = ReplayBatch(endLSN: position, endEpoch: epoch)
+        while index < segments.count, batch.bytes < batchBytes || batch.records.isEmpty {
+            let segment = segments[index]
+            let segmentEnd = segment.firstLSN + segment.size - UInt64(SegmentHeader.size)
+            if batch.endLSN < segmentEnd {
+                let file: any StorageFile
+                do {
+                    file = try directory.open(segment.name.fileName, create: false)
+                } catch {
+                    throw ReplicaLogError(.io, segment: segment.name.fileName, offset: 0, "cannot open it: \(error)")
+                }
+                let start = UInt64(SegmentHeader.size) + (batch.endLSN - segment.firstLSN)
+                let bytes = BoundedFileBytes(file: file, count: segment.size)
+                let limit = batchBytes
+                let scan = try scanBatch(bytes, from: start, firstLSN: batch.endLSN) { found in
+                    guard batch.bytes < limit || batch.records.isEmpty else { throw BatchFull() }
+                    let record = found.record
+                    if record.type == .epoch {
+                        guard record.epoch > batch.endEpoch else {
+                            throw ReplicaLogError(.fork, segment: segment.name.fileName, offset: found.offset,
+                                "an epoch record for epoch \(record.epoch) where the history is at epoch \(batch.endEpoch)")
+                        }
+                        batch.endEpoch = record.epoch
+                    } else if record.epoch != batch.endEpoch {
+                        throw ReplicaLogError(.fork, segment: segment.name.fileName, offset: found.offset,
+                            "a record of epoch \(record.epoch) where the history is at epoch \(batch.endEpoch)")
+                    }
+                    if record.type.carriesRange, record.offset + record.length > deviceSize {
+                        throw ReplicaLogError(.corrupt, segment: segment.name.fileName, offset: found.offset,
+                            "a record for bytes \(record.offset)..<\(record.offset + record.length) of a \(deviceSize)-byte device")
+                    }
+                    batch.records.append(record)
+                    batch.bytes += UInt64(record.encodedSize)
+                    batch.endLSN = record.lsn + UInt64(record.encodedSize)
+                }
+                // The receiver wrote whole, checked records only: anything else is damage since.
+                switch scan?.end {
+                case .corrupt(let offset, let defect), .tornTail(let offset, let defect):
+                    throw ReplicaLogError(.corrupt, segment: segment.name.fileName, offset: UInt64(offset), "\(defect)")
+                case .end, nil:
+                    break
+                }
+                if batch.endLSN < segmentEnd { break }  // the batch is full
+            }
+            if index + 1 < segments.count, batch.endLSN == segments[index + 1].firstLSN {
+                batch.finished.append(segment.name)
+                index += 1
+            } else {
+                break
+            }
+        }
+        return batch
+    }
+
+    private func apply(_ batch: ReplayBatch, from position: UInt64) throws {
+        guard batch.endLSN > position else { return }
+        monitor.withLock { $0.applyingLSN = batch.endLSN }
+        try positionBox.value.store(position, intent: batch.endLSN)
+        for record in batch.records where record.type.carriesRange {
+            try LogEngine.replay(record, onto: device)
+        }
+        try device.sync()
+        try positionBox.value.store(batch.endLSN, intent: batch.endLSN, epoch: batch.endEpoch)
+        monitor.withLock { state in
+            state.replayedLSN = batch.endLSN
+            state.epoch = batch.endEpoch
+        }
+        // Segments wholly replayed go, except the newest: the fetch appends to it.
+        for name in batch.finished {
+            try directory.remove(name.fileName)
+            monitor.withLock { state in state.segments.removeAll { $0.name == name } }
+        }
+        if !batch.finished.isEmpty { try directory.sync() }
+    }
+}
+
+/// Thrown by a scan's visit to end a full batch; not an error.
+private struct BatchFull: Error {}
+
+/// `scanRecords`, ended early by a full batch (nil then).
+private func scanBatch(
+    _ bytes: BoundedFileBytes, from start: UInt64, firstLSN: UInt64, _ visit: (ScannedRecord) throws -> Void
+) throws -> RecordScan? {
+    do {
+        return try TransactionLog.scanRecords(bytes, from: start, firstLSN: firstLSN, visit)
+    } catch is BatchFull {
+        return nil
+    }
+}
+
+/// The first `count` bytes of a segment file: the receiver's checked records, never bytes it is
+/// still writing.
+struct BoundedFileBytes: LogBytes {
+    let file: any StorageFile
+    let count: UInt64
+
+    func read(count: Int, at offset: UInt64) throws -> [UInt8] {
+        guard offset < self.count else { return [] }
+        return try file.read(count: Int(min(UInt64(count), self.count - offset)), at: offset)
+    }
+}

@@ -1,0 +1,249 @@
+import BlockStore
+import Logging
+import LogEngine
+import NIOCore
+import PeerProtocol
+import TransactionLog
+
+/// What the peer port serves, provided by the daemon.
+public protocol PeerRequestHandler: Sendable {
+    /// The log of `resource` when this host is its primary, nil otherwise.
+    func primaryLog(of resource: String) -> LogEngine?
+    /// The size of `resource` as this host stores it.
+    func size(of resource: String) -> UInt64?
+    /// Merges a peer's gossip and returns this host's (both JSON, see Cluster).
+    func gossip(_ entries: [UInt8], from peer: PeerIdentity) -> [UInt8]
+    /// `peer` has durably fetched `resource`'s log up to `lsn`.
+    func fetched(_ resource: String, by peer: PeerIdentity, upTo lsn: UInt64)
+}
+
+/// Serves one authenticated peer link: gossip, log fetches and initial sync requests.
+public final class PeerSession: @unchecked Sendable {
+    private let link: PeerLink
+    private let handler: any PeerRequestHandler
+    private let logger: Logger
+    private var streams: [String: FetchStream] = [:]
+
+    /// Attaches to `link`; call on its event loop (the listener's accept callback is).
+    public static func serve(_ link: PeerLink, handler: any PeerRequestHandler, logger: Logger) {
+        let session = PeerSession(link: link, handler: handler, logger: logger)
+        link.onMessage = { message in session.received(message) }
+        link.onClose = { session.closed() }
+    }
+
+    private init(link: PeerLink, handler: any PeerRequestHandler, logger: Logger) {
+        self.link = link
+        self.handler = handler
+        self.logger = logger
+    }
+
+    private func received(_ message: PeerMessage) {
+        switch message {
+        case .gossip(let entries):
+            link.send(.gossip(entries: handler.gossip(entries, from: link.remote)))
+        case .ping(let value):
+            link.send(.pong(value))
+        case .fetch(let request):
+            startFetch(request)
+        case .fetchAck(let ack):
+            guard let stream = streams[ack.resource] else { return }
+            if let lsn = stream.acknowledged(ack) { handler.fetched(ack.resource, by: link.remote, upTo: lsn) }
+        case .syncBegin(let resource):
+            guard let log = handler.primaryLog(of: resource), let size = handler.size(of: resource) else {
+                link.send(.fetchError(FetchError(resource: resource, code: .notPrimary, reason: "\(link.remote.host) asked for a sync, but this host is not the primary of \(resource)")))
+                return
+            }
+            let start = log.beginSyncHold(for: link.remote.host)
+            link.send(.syncPosition(SyncPosition(
+                resource: resource, size: size, lsn: start.lsn, segment: start.segment.fileName, segmentFirstLSN: start.segmentFirstLSN,
+                epoch: start.epoch
+            )))
+        case .logPosition(let resource):
+            guard let log = handler.primaryLog(of: resource), let size = handler.size(of: resource) else {
+                link.send(.fetchError(FetchError(resource: resource, code: .notPrimary, reason: "this host is not the primary of \(resource)")))
+                return
+            }
+            let snapshot = log.shippingSnapshot()
+            let current = snapshot.segments.last!
+            link.send(.syncPosition(SyncPosition(
+                resource: resource, size: size, lsn: snapshot.durableLSN, segment: current.name.fileName, segmentFirstLSN: current.firstLSN,
+                epoch: snapshot.epoch
+            )))
+        case .syncCompare(let request):
+            compare(request)
+        default:
+            logger.warning("peer \(link.address) (\(link.remote.host)): unexpected message \(message.name); closing the link")
+            link.close()
+        }
+    }
+
+    private func closed() {
+        for stream in streams.values { stream.stop() }
+        streams = [:]
+    }
+
+    private func startFetch(_ request: FetchRequest) {
+        streams[request.resource]?.stop()
+        guard let log = handler.primaryLog(of: request.resource) else {
+            link.send(.fetchError(FetchError(resource: request.resource, code: .notPrimary, reason: "this host is not the primary of \(request.resource)")))
+            return
+        }
+        guard let segment = SegmentName(fileName: request.segment) else {
+            link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "'\(request.segment)' is no segment name")))
+            return
+        }
+        let window = min(max(request.window, 1 << 20), 256 << 20)
+        let stream = FetchStream(link: link, log: log, resource: request.resource, segment: segment, offset: request.offset, window: window, logger: logger)
+        streams[request.resource] = stream
+        stream.pump()
+    }
+
+    /// Compares the primary's device with the replica's chunk digests and sends what differs. The
+    /// device is read as it is (not the pending changes): the replica replays the log from the
+    /// sync's start over the copy.
+    private func compare(_ request: SyncCompare) {
+        guard let log = handler.primaryLog(of: request.resource), let size = handler.size(of: request.resource) else {
+            link.send(.fetchError(FetchError(resource: request.resource, code: .notPrimary, reason: "this host is not the primary of \(request.resource)")))
+            return
+        }
+        let chunk = UInt64(request.chunkSize)
+        guard chunk > 0, chunk <= 4 << 20 else {
+            link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "chunk size \(chunk) is not between 1 and 4 MiB")))
+            return
+        }
+        for (index, digest) in request.digests.enumerated() {
+            let offset = request.offset + UInt64(index) * chunk
+            guard offset < size else { break }
+            let count = Int(min(chunk, size - offset))
+            do {
+                let bytes = try log.readDataDevice(count: count, at: offset)
+                guard bytes.count == count else { throw ReplicationError("the device ended early at \(offset + UInt64(bytes.count))") }
+                if ChunkDigest.of(bytes) == digest { continue }
+                if bytes.allSatisfy({ $0 == 0 }) {
+                    link.send(.syncZero(SyncZero(resource: request.resource, offset: offset, length: UInt64(count))))
+                } else {
+                    link.send(.syncData(SyncData(resource: request.resource, offset: offset, bytes: bytes)))
+                }
+            } catch {
+                link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "cannot read the data device at \(offset): \(error)")))
+                return
+            }
+        }
+        link.send(.syncCompared(SyncCompared(resource: request.resource, offset: request.offset, count: UInt32(request.digests.count))))
+    }
+}
+
+/// The digest of a device chunk an initial sync compares: SHA-256, first 16 bytes.
+public enum ChunkDigest {
+    public static func of(_ bytes: [UInt8]) -> [UInt8] {
+        var hash = SHA256()
+        hash.update(bytes)
+        return Array(hash.finalize().prefix(16))
+    }
+}
+
+/// One resource's log streamed to one peer: the bytes of its segments from where the peer asked,
+/// up to the durable end, following the tail as it grows, never more than `window` bytes beyond
+/// what the peer acknowledged (its own durability).
+final class FetchStream {
+    private let link: PeerLink
+    private let log: LogEngine
+    private let resource: String
+    private let logger: Logger
+    private var segment: SegmentName
+    private var segmentFirstLSN: UInt64?
+    private var file: (any StorageFile)?
+    private var sent: UInt64
+    private var acknowledged: UInt64
+    private let window: UInt64
+    private var stopped = false
+    private var scheduled = false
+
+    /// Bytes of one segmentData message.
+    static let chunk: UInt64 = 1 << 20
+    /// How often a stream at the durable end looks for more.
+    static let tailPoll: TimeAmount = .milliseconds(5)
+
+    init(link: PeerLink, log: LogEngine, resource: String, segment: SegmentName, offset: UInt64, window: UInt64, logger: Logger) {
+        self.link = link
+        self.log = log
+        self.resource = resource
+        self.segment = segment
+        self.sent = offset
+        self.acknowledged = offset
+        self.window = window
+        self.logger = logger
+    }
+
+    func stop() { stopped = true }
+
+    /// Takes an acknowledgement; returns the LSN the peer now holds.
+    func acknowledged(_ ack: FetchAck) -> UInt64? {
+        guard ack.segment == segment.fileName else { return nil }
+        acknowledged = max(acknowledged, ack.offset)
+        pump()
+        guard let first = segmentFirstLSN, ack.offset >= UInt64(SegmentHeader.size) else { return nil }
+        return first + ack.offset - UInt64(SegmentHeader.size)
+    }
+
+    func pump() {
+        guard !stopped else { return }
+        while true {
+            let snapshot = log.shippingSnapshot()
+            guard let index = snapshot.segments.firstIndex(where: { $0.name == segment }) else {
+                if let oldest = snapshot.segments.first, segment.sequence < oldest.name.sequence {
+                    fail(.segmentGone, "\(segment) is no longer in the primary's log (the oldest is \(oldest.name)): this replica needs a sync")
+                } else {
+                    later()
+                }
+                return
+            }
+            segmentFirstLSN = snapshot.segments[index].firstLSN
+            let end = snapshot.shippableEnd(of: index)
+            while sent < end, sent - acknowledged < window, link.isWritable {
+                let count = min(Self.chunk, end - sent, window - (sent - acknowledged))
+                let bytes: [UInt8]
+                do {
+                    if file == nil { file = try log.logDirectory.open(segment.fileName, create: false) }
+                    bytes = try file!.read(count: Int(count), at: sent)
+                } catch {
+                    fail(.internalError, "cannot read \(segment) at byte \(sent): \(error)")
+                    return
+                }
+                guard UInt64(bytes.count) == count else {
+                    fail(.internalError, "\(segment) ended at byte \(sent + UInt64(bytes.count)), before \(end)")
+                    return
+                }
+                link.send(.segmentData(SegmentData(resource: resource, segment: segment.fileName, offset: sent, bytes: bytes)))
+                sent += count
+            }
+            guard sent == end, index + 1 < snapshot.segments.count else {
+                // At the durable end (follow the tail), or waiting for an acknowledgement or the socket.
+                if sent == end || !link.isWritable { later() }
+                return
+            }
+            let next = snapshot.segments[index + 1].name
+            link.send(.segmentEnd(SegmentEnd(resource: resource, segment: segment.fileName, size: end, next: next.fileName)))
+            segment = next
+            segmentFirstLSN = snapshot.segments[index + 1].firstLSN
+            file = nil
+            sent = 0
+            acknowledged = 0
+        }
+    }
+
+    private func later() {
+        guard !scheduled, !stopped else { return }
+        scheduled = true
+        link.eventLoop.scheduleTask(in: Self.tailPoll) { [self] in
+            scheduled = false
+            pump()
+        }
+    }
+
+    private func fail(_ code: FetchErrorCode, _ reason: String) {
+        logger.warning("fetch of \(resource) by \(link.remote.host): \(reason)")
+        link.send(.fetchError(FetchError(resource: resource, code: code, reason: reason)))
+        stopped = true
+    }
+}

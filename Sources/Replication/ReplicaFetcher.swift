@@ -1,0 +1,246 @@
+import Logging
+import LogEngine
+import NIOCore
+import NIOPosix
+import PeerProtocol
+import Synchronization
+import TransactionLog
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a replica's fetch stands, for `marsadm view`.
+public struct FetchState: Sendable, Equatable {
+    public enum Link: String, Sendable {
+        case connecting, connected, paused, unreachable, stopped
+    }
+    public var link: Link = .connecting
+    public var primary: String?
+    /// The last problem, with the peer's address.
+    public var problem: String?
+    /// The primary no longer has the segment this replica needs: only a sync brings it back.
+    public var needsSync = false
+    public var bytesFetched: UInt64 = 0
+    /// Wall-clock ms of the last message from the primary.
+    public var lastContact: UInt64?
+}
+
+/// Pulls a resource's log from its primary into the local `ReplicaLog`: one authenticated link,
+/// a fetch from the exact byte where the local log ends, bytes checked and appended in order off
+/// the event loop, acknowledged once durable (the primary keeps a window in flight, so a long fat
+/// link stays full). Reconnects with backoff forever and resumes at the exact byte.
+public final class ReplicaFetcher: @unchecked Sendable {
+    public typealias PrimaryLookup = @Sendable () -> (host: String, address: PeerAddress)?
+
+    private let resource: String
+    private let log: ReplicaLog
+    private let primary: PrimaryLookup
+    private let loop: any EventLoop
+    private let group: any EventLoopGroup
+    private let pool: NIOThreadPool
+    private let credentials: @Sendable () -> PeerCredentials?
+    private let logger: Logger
+    /// Where a replica without any segment starts (its sync's position).
+    private let firstSegment: SegmentName?
+    private let state = Mutex(FetchState())
+    /// Event-loop confined.
+    private var link: PeerLink?
+    private var work: EventLoopFuture<Void>
+    private var queued = 0
+    private var uncommitted: UInt64 = 0
+    private var backoff: TimeAmount = .milliseconds(200)
+    private var running = false
+    private var generation = 0
+
+    /// Bytes the primary may send beyond the last acknowledgement.
+    static let window: UInt64 = 64 << 20
+    static let commitBytes: UInt64 = 8 << 20
+
+    public init(
+        resource: String, log: ReplicaLog, firstSegment: SegmentName?, primary: @escaping PrimaryLookup, group: any EventLoopGroup,
+        pool: NIOThreadPool, credentials: @escaping @Sendable () -> PeerCredentials?, logger: Logger
+    ) {
+        self.resource = resource
+        self.log = log
+        self.firstSegment = firstSegment
+        self.primary = primary
+        self.group = group
+        self.loop = group.next()
+        self.pool = pool
+        self.credentials = credentials
+        self.logger = logger
+        self.work = loop.makeSucceededVoidFuture()
+    }
+
+    public var status: FetchState { state.withLock { $0 } }
+
+    public func start() {
+        loop.execute { [self] in
+            guard !running else { return }
+            running = true
+            state.withLock { $0.link = .connecting }
+            connect()
+        }
+    }
+
+    /// Stops fetching (pause-fetch, down): closes the link; what arrived stays.
+    public func stop(_ why: FetchState.Link = .stopped) -> EventLoopFuture<Void> {
+        loop.flatSubmit { [self] in
+            running = false
+            generation += 1
+            link?.close()
+            link = nil
+            state.withLock { $0.link = why }
+            return work
+        }
+    }
+
+    private func connect() {
+        guard running else { return }
+        let attempt = generation
+        guard let credentials = credentials(), let (host, address) = primary() else {
+            retry(attempt, "no primary is known for \(resource) yet")
+            return
+        }
+        state.withLock { $0.primary = host }
+        PeerLink.connect(to: address, group: loop, credentials: credentials, logger: logger).hop(to: loop).whenComplete { [self] result in
+            guard attempt == generation, running else {
+                if case .success(let link) = result { link.close() }
+                return
+            }
+            switch result {
+            case .failure(let error):
+                state.withLock { $0.link = .unreachable }
+                retry(attempt, "\(error)")
+            case .success(let link):
+                established(link, attempt: attempt)
+            }
+        }
+    }
+
+    private func established(_ link: PeerLink, attempt: Int) {
+        self.link = link
+        link.onMessage = { [self] message in received(message, attempt: attempt) }
+        link.onClose = { [self] in
+            guard attempt == generation else { return }
+            self.link = nil
+            state.withLock { $0.link = .unreachable }
+            retry(attempt, "the link to \(link.remote.host) closed")
+        }
+        // Ask once the work queued from an earlier link is done: the local log's end is then exact.
+        work.whenComplete { [self] _ in
+            guard attempt == generation else { return }
+            let position = log.fetchPosition
+            let segment = position?.segment ?? firstSegment
+            guard let segment else {
+                logger.error("fetch of \(resource): the local log has no segment and no sync position")
+                return
+            }
+            backoff = .milliseconds(200)
+            state.withLock { state in
+                state.link = .connected
+                state.problem = nil
+            }
+            link.send(.fetch(FetchRequest(resource: resource, segment: segment.fileName, offset: position?.offset ?? 0, window: Self.window)))
+        }
+    }
+
+    private func received(_ message: PeerMessage, attempt: Int) {
+        guard attempt == generation else { return }
+        state.withLock { $0.lastContact = wallClockMilliseconds() }
+        switch message {
+        case .segmentData(let data) where data.resource == resource:
+            guard let name = SegmentName(fileName: data.segment) else { return abandon(attempt, "'\(data.segment)' is no segment name") }
+            let count = UInt64(data.bytes.count)
+            enqueue(attempt) { [log] in try log.receive(segment: name, offset: data.offset, bytes: data.bytes) }
+            uncommitted += count
+            state.withLock { $0.bytesFetched += count }
+        case .segmentEnd(let end) where end.resource == resource:
+            guard let name = SegmentName(fileName: end.segment) else { return abandon(attempt, "'\(end.segment)' is no segment name") }
+            enqueue(attempt) { [log] in try log.segmentEnded(name, size: end.size) }
+        case .fetchError(let error) where error.resource == resource:
+            if error.errorCode == .segmentGone {
+                state.withLock { state in
+                    state.needsSync = true
+                    state.problem = error.reason
+                }
+                logger.error("fetch of \(resource) stopped: \(error.reason)")
+                running = false
+                link?.close()
+            } else {
+                abandon(attempt, "\(link?.remote.host ?? "the primary") said: \(error.reason)")
+            }
+        case .pong:
+            break
+        default:
+            abandon(attempt, "unexpected message \(message.name)")
+        }
+    }
+
+    /// Runs `body` off the event loop after everything queued before it; when the queue drains (or
+    /// enough arrived), commits and acknowledges.
+    private func enqueue(_ attempt: Int, _ body: @escaping @Sendable () throws -> Void) {
+        queued += 1
+        work = work.flatMap { [pool, loop] in pool.runIfActive(eventLoop: loop, body) }.hop(to: loop).flatMapError { [self] error in
+            failed(attempt, error)
+            return loop.makeSucceededVoidFuture()
+        }.map { [self] in
+            queued -= 1
+            if queued == 0 || uncommitted >= Self.commitBytes { commitAndAcknowledge(attempt) }
+        }
+    }
+
+    private func commitAndAcknowledge(_ attempt: Int) {
+        uncommitted = 0
+        work = work.flatMap { [pool, loop, log] in
+            pool.runIfActive(eventLoop: loop) { try log.commit() }
+        }.hop(to: loop).map { [self] position in
+            guard attempt == generation, let position, let link else { return }
+            link.send(.fetchAck(FetchAck(resource: resource, segment: position.segment.fileName, offset: position.offset)))
+        }.flatMapError { [self] error in
+            failed(attempt, error)
+            return loop.makeSucceededVoidFuture()
+        }
+    }
+
+    private func failed(_ attempt: Int, _ error: any Error) {
+        guard attempt == generation else { return }
+        if let error = error as? ReplicaLogError, error.kind == .fork || error.kind == .corrupt {
+            // Never retried: the operator decides (split brain, or a damaged stream).
+            logger.error("fetch of \(resource) stopped: \(error)")
+            state.withLock { $0.problem = "\(error)" }
+            running = false
+            generation += 1
+            link?.close()
+            return
+        }
+        abandon(attempt, "\(error)")
+    }
+
+    /// Drops the link and starts again from the local log's exact end.
+    private func abandon(_ attempt: Int, _ reason: String) {
+        guard attempt == generation else { return }
+        generation += 1
+        link?.close()
+        link = nil
+        retry(generation, reason)
+    }
+
+    private func retry(_ attempt: Int, _ reason: String) {
+        guard running, attempt == generation else { return }
+        state.withLock { $0.problem = reason }
+        logger.notice("fetch of \(resource): \(reason); retrying in \(backoff.nanoseconds / 1_000_000) ms")
+        let delay = backoff
+        backoff = min(backoff * 2, .seconds(5))
+        generation += 1
+        loop.scheduleTask(in: delay) { [self] in connect() }
+    }
+}
+
+/// Milliseconds since 1970, the clock gossip and lag figures use.
+public func wallClockMilliseconds() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    return UInt64(now.tv_sec) * 1000 + UInt64(now.tv_nsec) / 1_000_000
+}

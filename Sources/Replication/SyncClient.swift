@@ -1,0 +1,158 @@
+import BlockStore
+import Logging
+import NIOCore
+import NIOPosix
+import PeerProtocol
+import Synchronization
+
+/// Progress of an initial sync, for `marsadm view`.
+public struct SyncProgress: Sendable, Equatable {
+    /// Every byte before this offset equals the primary's copy at some moment of the sync.
+    public var offset: UInt64
+    public var size: UInt64
+    public var bytesSent: UInt64 = 0
+    public var problem: String?
+    public var done = false
+}
+
+/// Copies the primary's data device onto a joining replica's device: chunk digests go one way, only
+/// the chunks that differ come back (zero chunks as a length), pipelined. Resumable: `offset`
+/// persists through `checkpoint`, so a restart of either side goes on from there.
+public final class SyncClient: @unchecked Sendable {
+    public static let chunkSize = 64 << 10
+    /// Chunks per compare request, and requests in flight.
+    static let chunksPerRequest = 256
+    static let requestsInFlight = 4
+
+    private let resource: String
+    private let device: any StorageFile
+    private let size: UInt64
+    private let loop: any EventLoop
+    private let pool: NIOThreadPool
+    private let logger: Logger
+    private let progress: Mutex<SyncProgress>
+    /// Event-loop confined.
+    private var link: PeerLink?
+    private var next: UInt64
+    private var outstanding: [UInt64] = []
+    private var writes: EventLoopFuture<Void>
+    private var completion: EventLoopPromise<Void>
+    private let checkpoint: @Sendable (UInt64) -> Void
+
+    /// `start`: where a resumed sync goes on. `checkpoint` persists the offset reached.
+    public init(
+        resource: String, device: any StorageFile, size: UInt64, start: UInt64, loop: any EventLoop, pool: NIOThreadPool,
+        logger: Logger, checkpoint: @escaping @Sendable (UInt64) -> Void
+    ) {
+        self.resource = resource
+        self.device = device
+        self.size = size
+        self.next = start
+        self.loop = loop
+        self.pool = pool
+        self.logger = logger
+        self.checkpoint = checkpoint
+        self.progress = Mutex(SyncProgress(offset: start, size: size))
+        self.writes = loop.makeSucceededVoidFuture()
+        self.completion = loop.makePromise()
+    }
+
+    public var status: SyncProgress { progress.withLock { $0 } }
+
+    /// Runs the comparison over `link` until the whole device is compared; the future fails when
+    /// the link does (the caller reconnects and runs a new client from the checkpoint).
+    public func run(over link: PeerLink) -> EventLoopFuture<Void> {
+        loop.execute { [self] in
+            self.link = link
+            link.onMessage = { [self] message in received(message) }
+            link.onClose = { [self] in
+                self.link = nil
+                completion.fail(ReplicationError("the link to \(link.remote.host) closed during the sync"))
+            }
+            for _ in 0..<Self.requestsInFlight { requestNext() }
+            finishIfDone()
+        }
+        return completion.futureResult
+    }
+
+    private func requestNext() {
+        guard next < size, let link else { return }
+        let offset = next
+        let count = Int(min(UInt64(Self.chunksPerRequest), (size - offset + UInt64(Self.chunkSize) - 1) / UInt64(Self.chunkSize)))
+        next += UInt64(count * Self.chunkSize)
+        outstanding.append(offset)
+        let chunk = UInt64(Self.chunkSize)
+        let (device, size, resource) = (device, size, resource)
+        pool.runIfActive(eventLoop: loop) { () throws -> [[UInt8]] in
+            (0..<count).map { index in
+                let start = offset + UInt64(index) * chunk
+                let bytes = (try? device.read(count: Int(min(chunk, size - start)), at: start)) ?? []
+                return ChunkDigest.of(bytes)
+            }
+        }.whenComplete { [self] result in
+            switch result {
+            case .success(let digests):
+                link.send(.syncCompare(SyncCompare(resource: resource, offset: offset, chunkSize: UInt32(chunk), digests: digests)))
+            case .failure(let error):
+                fail("cannot read the local device at \(offset): \(error)")
+            }
+        }
+    }
+
+    private func received(_ message: PeerMessage) {
+        switch message {
+        case .syncData(let data) where data.resource == resource:
+            guard data.offset + UInt64(data.bytes.count) <= size else { return fail("the primary sent bytes beyond the device's end") }
+            let device = device
+            write { try device.write(data.bytes, at: data.offset) }
+            progress.withLock { $0.bytesSent += UInt64(data.bytes.count) }
+        case .syncZero(let zero) where zero.resource == resource:
+            guard zero.offset + zero.length <= size else { return fail("the primary sent a range beyond the device's end") }
+            let device = device
+            write { try device.zero(offset: zero.offset, length: zero.length, keepAllocated: false) }
+        case .syncCompared(let done) where done.resource == resource:
+            // Every write of this range is queued before this point: once they are done, the range is copied.
+            writes.whenSuccess { [self] in
+                outstanding.removeAll { $0 == done.offset }
+                let reached = outstanding.min() ?? next
+                progress.withLock { $0.offset = reached }
+                checkpoint(reached)
+                requestNext()
+                finishIfDone()
+            }
+        case .fetchError(let error) where error.resource == resource:
+            fail("the primary said: \(error.reason)")
+        default:
+            fail("unexpected message \(message.name) during the sync")
+        }
+    }
+
+    private func write(_ body: @escaping @Sendable () throws -> Void) {
+        writes = writes.flatMap { [pool, loop] in pool.runIfActive(eventLoop: loop, body) }
+        writes.whenFailure { [self] error in fail("cannot write the local device: \(error)") }
+    }
+
+    private func finishIfDone() {
+        guard next >= size, outstanding.isEmpty else { return }
+        let device = device
+        writes.flatMap { [pool, loop] in pool.runIfActive(eventLoop: loop) { try device.sync() } }.whenComplete { [self] result in
+            switch result {
+            case .success:
+                progress.withLock { state in
+                    state.offset = size
+                    state.done = true
+                }
+                completion.succeed(())
+            case .failure(let error):
+                fail("cannot sync the local device: \(error)")
+            }
+        }
+    }
+
+    private func fail(_ reason: String) {
+        progress.withLock { $0.problem = reason }
+        logger.warning("sync of \(resource): \(reason)")
+        link?.close()
+        completion.fail(ReplicationError(reason))
+    }
+}
