@@ -8,8 +8,6 @@ extension ReplicaLog {
         var bytes: UInt64 = 0
         var endLSN: UInt64
         var endEpoch: UInt64
-        /// Segments wholly before `endLSN` that a later segment follows: deleted once it is persisted.
-        var finished: [SegmentName] = []
     }
 
     /// The end of the local log replay may read: durable, checked records only.
@@ -26,8 +24,8 @@ extension ReplicaLog {
             let plan = monitor.wait(
                 replayWake,
                 until: { state in
-                    state.stopping || (!state.replayPaused && state.failure == nil && state.fork == nil
-                        && Self.availableLSN(state) > state.replayedLSN)
+                    // A fork found by the receiver stops fetch, not the replay of what came before it.
+                    state.stopping || (!state.replayPaused && state.failure == nil && Self.availableLSN(state) > state.replayedLSN)
                 },
                 then: { state -> (segments: [LocalSegment], position: UInt64, epoch: UInt64)? in
                     if state.stopping { return nil }
@@ -44,7 +42,8 @@ extension ReplicaLog {
                 try apply(batch, from: plan.position)
             } catch let error as ReplicaLogError {
                 monitor.withLock { state in
-                    if error.kind == .fork { state.fork = error } else { state.failure = error }
+                    if error.kind == .fork { state.fork = error }
+                    state.failure = error
                 }
             } catch {
                 monitor.withLock { state in
@@ -83,7 +82,7 @@ extension ReplicaLog {
                     guard batch.bytes < limit || batch.records.isEmpty else { throw BatchFull() }
                     let record = found.record
                     if record.type == .epoch {
-                        guard record.epoch > batch.endEpoch else {
+                        guard record.epoch >= batch.endEpoch else {
                             throw ReplicaLogError(.fork, segment: segment.name.fileName, offset: found.offset,
                                 "an epoch record for epoch \(record.epoch) where the history is at epoch \(batch.endEpoch)")
                         }
@@ -110,7 +109,6 @@ extension ReplicaLog {
                 if batch.endLSN < segmentEnd { break }  // the batch is full
             }
             if index + 1 < segments.count, batch.endLSN == segments[index + 1].firstLSN {
-                batch.finished.append(segment.name)
                 index += 1
             } else {
                 break
@@ -133,11 +131,14 @@ extension ReplicaLog {
             state.epoch = batch.endEpoch
         }
         // Segments wholly replayed go, except the newest: the fetch appends to it.
-        for name in batch.finished {
+        let finished = monitor.withLock { state in
+            state.segments.indices.dropLast().filter { state.segments[$0 + 1].firstLSN <= batch.endLSN }.map { state.segments[$0].name }
+        }
+        for name in finished {
             try directory.remove(name.fileName)
             monitor.withLock { state in state.segments.removeAll { $0.name == name } }
         }
-        if !batch.finished.isEmpty { try directory.sync() }
+        if !finished.isEmpty { try directory.sync() }
     }
 }
 

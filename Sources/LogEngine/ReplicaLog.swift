@@ -309,7 +309,9 @@ public final class ReplicaLog: Sendable {
                     return ReplicaLogError(.corrupt, segment: segment.fileName, offset: fileOffset, "\(defect)")
                 case .success(let record):
                     if record.type == .epoch {
-                        guard record.epoch > appending.epoch else {
+                        // A new primary's segment opens with its epoch in the header and an epoch
+                        // record of the same epoch: never lower.
+                        guard record.epoch >= appending.epoch else {
                             return ReplicaLogError(.fork, segment: segment.fileName, offset: fileOffset,
                                 "an epoch record for epoch \(record.epoch) where the history is at epoch \(appending.epoch)")
                         }
