@@ -207,7 +207,7 @@ extension ResourceManager: PeerRequestHandler {
         replica.synced.store(true, ordering: .relaxed)
         let paused = state.withLock { $0.resources[name]?.config.replayPaused == true }
         replica.log.setReplayPaused(paused)
-        logger.info("sync of \(name) done; consistent once replay reaches LSN \(end)")
+        logger.notice("sync of \(name) done; consistent once replay reaches LSN \(end)")
     }
 
     private func recordSyncOffset(_ name: String, _ offset: UInt64) {

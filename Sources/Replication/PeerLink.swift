@@ -137,7 +137,10 @@ public final class PeerListener: Sendable {
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let remote = channel.remoteAddress.map { "\($0)" } ?? "?"
+                    let remote = channel.remoteAddress.map { address in
+                        address.ipAddress.map { ip in address.protocol == .inet6 ? "[\(ip)]:\(address.port ?? 0)" : "\(ip):\(address.port ?? 0)" }
+                            ?? "\(address)"
+                    } ?? "?"
                     guard let credentials = credentials() else {
                         // Not in a cluster yet: nobody to authenticate against.
                         logger.notice("peer \(remote): refused, this host is in no cluster yet")
