@@ -26,6 +26,16 @@ public struct ControlRequest: Codable, Sendable, Equatable {
         case resumeReplay = "resume-replay"
         /// Replies once this host's replica of `name` is UpToDate (`timeout` seconds at most).
         case waitResource = "wait-resource"
+        case pauseSync = "pause-sync"
+        case resumeSync = "resume-sync"
+        /// Stops being a member of resource `name` (a secondary): its local log goes, the device stays.
+        case leaveResource = "leave-resource"
+        /// Removes resource `name` from the cluster (on its primary, once it is the last member).
+        case deleteResource = "delete-resource"
+        /// Throws this replica's state of `name` away and syncs it again from the primary (repair, NeedsSync).
+        case invalidate
+        /// Removes this host from its cluster (no resources may be left on it).
+        case leaveCluster = "leave-cluster"
     }
 
     public var command: Command

@@ -42,7 +42,11 @@ public enum StatusTable {
                 for resource in replicated {
                     let replication = resource.replication!
                     var summary = "\(resource.name) here: \(replication.disk), \(replication.replication)"
-                    if let lag = replication.lagBytes { summary += ", \(formatBytes(lag)) behind the primary \(replication.primary ?? "?")" }
+                    if let lag = replication.lagBytes {
+                        summary += ", \(formatBytes(lag))"
+                        if let seconds = replication.lagSeconds { summary += " (\(String(format1: seconds)) s)" }
+                        summary += " behind the primary \(replication.primary ?? "?")"
+                    }
                     if let offset = replication.syncOffset, let size = replication.syncSize, size > 0 {
                         summary += ", sync \(Int(Double(offset) * 100 / Double(size)))% (\(formatBytes(offset))/\(formatBytes(size)), \(formatBytes(replication.syncBytesSent ?? 0)) transferred)"
                     }

@@ -7,6 +7,10 @@ import PeerProtocol
 import Replication
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// A host's entry in the cluster metadata (`host/<name>`, owned by that host).
 struct HostEntry: Codable, Equatable {
     var address: String
@@ -60,6 +64,29 @@ final class ClusterService: Sendable {
     static func hostKey(_ host: String) -> String { "host/" + host }
     static func resourceKey(_ resource: String) -> String { "resource/" + resource }
     static func memberKey(_ resource: String, _ host: String) -> String { "resource/\(resource)/member/\(host)" }
+    /// Set by a primary that let `host` go (retention cap): only a new sync brings it back.
+    static func needsSyncKey(_ resource: String, _ host: String) -> String { "resource/\(resource)/needs-sync/\(host)" }
+
+    /// Whether `key` was deleted (a tombstone), as opposed to never known.
+    func isDeleted(_ key: String) -> Bool {
+        metadata.withLock { metadata in metadata.entries[key].map { $0.value == nil } ?? false }
+    }
+
+    /// Keys under `prefix` that hold a value.
+    func keys(withPrefix prefix: String) -> [String] {
+        metadata.withLock { $0.entries(withPrefix: prefix).filter { $0.value != nil }.map(\.key) }
+    }
+
+    /// Forgets everything (leave-cluster): the file goes too.
+    func reset() throws {
+        metadata.withLock { $0 = ClusterMetadata() }
+        do {
+            try root.remove(Self.fileName)
+        } catch {
+            if error.errno != ENOENT { throw error }
+        }
+        try root.sync()
+    }
 
     func value<T: Decodable>(_ type: T.Type, _ key: String) -> T? {
         guard let text = metadata.withLock({ $0.value(key) }) else { return nil }

@@ -33,15 +33,20 @@ final class Replica: Sendable {
 
     func setSyncTask(_ task: Task<Void, Never>?) { syncTask.withLock { $0 = task } }
 
-    /// Stops fetch, sync and replay (after its batch): the device is then a prefix of the log.
-    func stop() async {
+    /// Stops the sync where it is (its offset is persisted) and waits for it.
+    func stopSync() async {
         let task = syncTask.withLock { task -> Task<Void, Never>? in
             defer { task = nil }
             return task
         }
         task?.cancel()
-        try? await fetcher.stop().get()
         await task?.value
+    }
+
+    /// Stops fetch, sync and replay (after its batch): the device is then a prefix of the log.
+    func stop() async {
+        try? await fetcher.stop().get()
+        await stopSync()
         log.shutdown()
     }
 }

@@ -35,11 +35,19 @@ extension ResourceManager: PeerRequestHandler {
         primaryLog(of: resource)?.setRetention(lsn, for: peer.host)
     }
 
+    func syncStarting(_ resource: String, by peer: PeerIdentity) {
+        guard let host = identity?.host else { return }
+        let key = ClusterService.needsSyncKey(resource, peer.host)
+        if cluster.value(String.self, key) != nil { cluster.set(key, String?.none, by: host) }
+    }
+
     /// What the other members of `resource` had fetched when this host last heard of them: a
     /// restarted primary keeps their segments (`except` is this host).
     func retentionHolds(of resource: String, except host: String) -> [String: UInt64] {
         var holds: [String: UInt64] = [:]
         for (member, entry) in cluster.members(of: resource) where member != host && entry.role == "secondary" {
+            // A member let go (NeedsSync) holds nothing until it syncs again.
+            guard cluster.value(String.self, ClusterService.needsSyncKey(resource, member)) == nil else { continue }
             holds[member] = entry.fetchedLSN
         }
         return holds
@@ -149,7 +157,7 @@ extension ResourceManager: PeerRequestHandler {
             }
             if config.fetchPaused != true { fetcher.start() }
             if sync.endLSN == nil {
-                startSync(name, replica: replica)
+                if config.syncPaused != true { startSync(name, replica: replica) }
             } else {
                 replica.synced.store(true, ordering: .relaxed)
             }
@@ -166,7 +174,7 @@ extension ResourceManager: PeerRequestHandler {
 
     /// Runs the initial sync until it is done, reconnecting after failures; then records where the
     /// replica becomes consistent (the primary's durable end after the copy) and lets replay run.
-    private func startSync(_ name: String, replica: Replica) {
+    func startSync(_ name: String, replica: Replica) {
         let task = Task { [self] in
             var delay: Duration = .milliseconds(200)
             while !Task.isCancelled {
@@ -269,6 +277,15 @@ extension ResourceManager: PeerRequestHandler {
             throw DaemonError("\(name) is not a replica on this host: \(command.rawValue) applies to secondaries")
         }
         switch command {
+        case .pauseSync, .resumeSync:
+            guard resource.config.sync?.endLSN == nil else { return "the initial sync of \(name) is done already" }
+            let paused = command == .pauseSync
+            try updateConfig(name) { $0.syncPaused = paused }
+            if let replica = resource.replica {
+                if paused { await replica.stopSync() } else { startSync(name, replica: replica) }
+            }
+            return paused ? "sync of \(name) paused at byte \(resource.replica?.syncClient?.status.offset ?? resource.config.sync?.offset ?? 0); it goes on from there with resume-sync"
+                : "sync of \(name) resumed"
         case .pauseFetch, .resumeFetch:
             let paused = command == .pauseFetch
             try updateConfig(name) { $0.fetchPaused = paused }
@@ -371,15 +388,16 @@ extension ResourceManager: PeerRequestHandler {
         } else {
             disk = "Outdated"
         }
+        let letGo = identity.flatMap { cluster.value(String.self, ClusterService.needsSyncKey(name, $0.host)) }
         let replication: String
-        if fetch.needsSync {
+        if fetch.needsSync || letGo != nil {
             replication = "NeedsSync"
         } else if log.fork != nil {
             replication = "SplitBrain"
         } else if log.failure != nil {
             replication = "Failed"
         } else if !synced {
-            replication = "Syncing"
+            replication = resource.config.syncPaused == true ? "PausedSync" : "Syncing"
         } else if resource.config.fetchPaused == true {
             replication = "PausedFetch"
         } else if resource.config.replayPaused == true {
@@ -393,8 +411,9 @@ extension ResourceManager: PeerRequestHandler {
         return ReplicationStatus(
             disk: disk, replication: replication, fetchedLSN: log.fetchedLSN, replayedLSN: log.replayedLSN,
             primaryDurableLSN: primaryDurable, lagBytes: primaryDurable.map { $0 > log.replayedLSN ? $0 - log.replayedLSN : 0 },
+            lagSeconds: synced ? log.lagSeconds : nil,
             syncOffset: synced ? nil : (progress?.offset ?? sync?.offset), syncSize: synced ? nil : resource.config.size,
-            syncBytesSent: progress?.bytesSent, problem: log.fork ?? log.failure ?? fetch.problem
+            syncBytesSent: progress?.bytesSent, problem: log.fork ?? log.failure ?? letGo ?? fetch.problem
         )
     }
 
@@ -403,10 +422,38 @@ extension ResourceManager: PeerRequestHandler {
     func runGossip() async {
         while !Task.isCancelled {
             if let credentials {
+                enforceRetention(credentials.local.host)
                 announceMembership(credentials.local.host)
                 await cluster.gossipRound(group: peerGroup, credentials: credentials)
             }
             try? await Task.sleep(for: ClusterService.gossipInterval)
+        }
+    }
+
+    /// On each resource this host is primary of: releases the holds of members that left, and when
+    /// the log kept for members passes the retention limit, lets the most lagging one go (it is
+    /// marked NeedsSync, visibly, and only a new sync brings it back): the others and the writers
+    /// are never held up by a member that stays away.
+    private func enforceRetention(_ host: String) {
+        let primaries = state.withLock { state in
+            state.resources.values.compactMap { resource -> (String, LogEngine)? in
+                guard resource.config.role == "primary", let engine = resource.engine else { return nil }
+                return (resource.config.name, engine)
+            }
+        }
+        for (name, engine) in primaries {
+            for holder in engine.retentionHolds.keys where cluster.isDeleted(ClusterService.memberKey(name, holder)) {
+                engine.setRetention(nil, for: holder)
+                logger.notice("\(holder) left \(name): its segments are no longer kept")
+            }
+            let status = engine.status
+            let limit = settings.retentionLimit ?? status.spaceLimit / 2
+            guard status.logBytes > limit, let laggard = engine.retentionHolds.min(by: { $0.value < $1.value }) else { continue }
+            engine.setRetention(nil, for: laggard.key)
+            let reason = "\(host) let \(laggard.key) go: it had fetched \(name) only to LSN \(laggard.value) while the log kept for it "
+                + "passed \(limit) bytes; 'marsadm invalidate \(name)' on \(laggard.key) syncs it again"
+            cluster.set(ClusterService.needsSyncKey(name, laggard.key), reason, by: host)
+            logger.warning("\(reason)")
         }
     }
 

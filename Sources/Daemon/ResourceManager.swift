@@ -26,6 +26,9 @@ public struct ResourceSettings: Sendable {
     public var peerAddress: String?
     /// Where other hosts reach it (`--peer-advertise`, e.g. through NAT or a proxy); `peerAddress` when nil.
     public var advertisedPeerAddress: String?
+    /// Bytes of log a primary keeps for members that have not fetched them; beyond it the most
+    /// lagging member is let go (NeedsSync) so the others and the writers go on. nil: half the log space.
+    public var retentionLimit: UInt64?
 
     public init() {}
 
@@ -174,7 +177,15 @@ final class ResourceManager: Sendable {
                         throw DaemonError("join-resource needs a resource name and a device path")
                     }
                     return ControlResponse(message: try await self.joinResource(name: name, device: device))
-                case .pauseFetch, .resumeFetch, .pauseReplay, .resumeReplay:
+                case .leaveResource:
+                    return ControlResponse(message: try await self.leaveResource(try self.existingName(request)))
+                case .deleteResource:
+                    return ControlResponse(message: try await self.deleteResource(try self.existingName(request)))
+                case .invalidate:
+                    return ControlResponse(message: try await self.invalidate(try self.existingName(request)))
+                case .leaveCluster:
+                    return ControlResponse(message: try await self.leaveCluster())
+                case .pauseFetch, .resumeFetch, .pauseReplay, .resumeReplay, .pauseSync, .resumeSync:
                     let name = try self.existingName(request)
                     return ControlResponse(message: try await self.setSwitch(name, request.command))
                 case .waitResource:

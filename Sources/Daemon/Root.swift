@@ -34,6 +34,7 @@ struct ResourceConfig: Codable, Equatable {
     var sync: SyncRecord?
     var fetchPaused: Bool?
     var replayPaused: Bool?
+    var syncPaused: Bool?
 }
 
 /// The persisted state of a replica's initial sync (resumable after a restart of either side).

@@ -62,6 +62,8 @@ public struct ReplicaLogStatus: Sendable, Equatable {
     public var segments: Int
     public var logBytes: UInt64
     public var fetchSegment: String?
+    /// How long ago the oldest fetched byte not yet replayed arrived (0 when replay is at the fetched end).
+    public var lagSeconds: Double
     public var failure: String?
     /// The fork, when the fetched history is not this host's (split brain).
     public var fork: String?
@@ -111,6 +113,9 @@ public final class ReplicaLog: Sendable {
         var stopping = false
         var failure: ReplicaLogError?
         var fork: ReplicaLogError?
+        /// When the log's end reached which LSN (bounded: one sample per 100 ms, 256 at most), for
+        /// the lag in seconds.
+        var arrivals: [(lsn: UInt64, at: ContinuousClock.Instant)] = []
     }
 
     let directory: any StorageDirectory
@@ -234,11 +239,14 @@ public final class ReplicaLog: Sendable {
         let fetchSegment = appendingBox.value?.name.fileName
         return monitor.withLock { state in
             let last = state.segments.last
+            let lag = state.arrivals.first { $0.lsn > state.replayedLSN }.map { ContinuousClock.now - $0.at } ?? .zero
+            let (seconds, attoseconds) = lag.components
             return ReplicaLogStatus(
                 fetchedLSN: last.map { $0.firstLSN + $0.size - UInt64(SegmentHeader.size) } ?? state.replayedLSN,
                 replayedLSN: state.replayedLSN, applyingLSN: state.applyingLSN, consistentFrom: state.consistentFrom,
                 epoch: state.epoch, replayPaused: state.replayPaused, replaying: state.replaying, segments: state.segments.count,
                 logBytes: state.segments.reduce(0) { $0 + $1.size }, fetchSegment: fetchSegment,
+                lagSeconds: Double(seconds) + Double(attoseconds) / 1e18,
                 failure: state.failure?.description, fork: state.fork?.description
             )
         }
@@ -431,7 +439,17 @@ public final class ReplicaLog: Sendable {
                 throw ReplicaLogError(.io, segment: appending.name.fileName, offset: published, "cannot sync the local segment: \(error)")
             }
             monitor.withLock { state in
-                if let last = state.segments.indices.last { state.segments[last].size = appending.written }
+                guard let last = state.segments.indices.last else { return }
+                state.segments[last].size = appending.written
+                let lsn = state.segments[last].firstLSN + appending.written - UInt64(SegmentHeader.size)
+                let now = ContinuousClock.now
+                state.arrivals.removeAll { $0.lsn <= state.replayedLSN }
+                if let newest = state.arrivals.last, now - newest.at < .milliseconds(100) {
+                    state.arrivals[state.arrivals.count - 1].lsn = lsn
+                } else {
+                    state.arrivals.append((lsn, now))
+                    if state.arrivals.count > 256 { state.arrivals.removeFirst() }
+                }
             }
             replayWake.signal()
         }

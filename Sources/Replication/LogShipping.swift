@@ -15,6 +15,8 @@ public protocol PeerRequestHandler: Sendable {
     func gossip(_ entries: [UInt8], from peer: PeerIdentity) -> [UInt8]
     /// `peer` has durably fetched `resource`'s log up to `lsn`.
     func fetched(_ resource: String, by peer: PeerIdentity, upTo lsn: UInt64)
+    /// `peer` starts an initial sync of `resource` (a join, or a repair after NeedsSync).
+    func syncStarting(_ resource: String, by peer: PeerIdentity)
 }
 
 /// Serves one authenticated peer link: gossip, log fetches and initial sync requests.
@@ -53,6 +55,7 @@ public final class PeerSession: @unchecked Sendable {
                 link.send(.fetchError(FetchError(resource: resource, code: .notPrimary, reason: "\(link.remote.host) asked for a sync, but this host is not the primary of \(resource)")))
                 return
             }
+            handler.syncStarting(resource, by: link.remote)
             let start = log.beginSyncHold(for: link.remote.host)
             link.send(.syncPosition(SyncPosition(
                 resource: resource, size: size, lsn: start.lsn, segment: start.segment.fileName, segmentFirstLSN: start.segmentFirstLSN,

@@ -19,7 +19,8 @@ struct Marsadm: ParsableCommand {
         version: marsVersion,
         subcommands: [
             CreateCluster.self, JoinCluster.self, CreateResource.self, JoinResource.self, Up.self, Down.self, View.self,
-            WaitResource.self, PauseFetch.self, ResumeFetch.self, PauseReplay.self, ResumeReplay.self, LogDump.self, LogVerify.self,
+            WaitResource.self, PauseFetch.self, ResumeFetch.self, PauseReplay.self, ResumeReplay.self, PauseSync.self, ResumeSync.self,
+            Invalidate.self, LeaveResource.self, DeleteResource.self, LeaveCluster.self, LogDump.self, LogVerify.self,
         ]
     )
 }
@@ -230,6 +231,64 @@ struct ResumeReplay: ParsableCommand {
     @Argument(help: "The resource name.") var name: String
     @OptionGroup var options: ControlOptions
     func run() throws { try options.perform(ControlRequest(command: .resumeReplay, name: name)) }
+}
+
+struct PauseSync: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Pause a replica's initial sync where it is (the switch survives restarts).")
+    @Argument(help: "The resource name.") var name: String
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.perform(ControlRequest(command: .pauseSync, name: name)) }
+}
+
+struct ResumeSync: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Resume a replica's initial sync from the byte it reached.")
+    @Argument(help: "The resource name.") var name: String
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.perform(ControlRequest(command: .resumeSync, name: name)) }
+}
+
+struct Invalidate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Sync this host's replica of a resource again from its primary.",
+        discussion: """
+            For a replica marked NeedsSync (the primary let it go when it stayed away past the retention limit), \
+            a damaged local log, or this host's side of a split brain. The local log is thrown away; the device \
+            is compared chunk by chunk with the primary's and only what differs is copied. The replica is \
+            Inconsistent until the sync and its replay are done.
+            """
+    )
+    @Argument(help: "The resource name.") var name: String
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.perform(ControlRequest(command: .invalidate, name: name)) }
+}
+
+struct LeaveResource: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Stop being a secondary of a resource.",
+        discussion: "Fetch, sync and replay stop and the local log goes; the data device stays as it is (the message says whether it is a consistent copy). The primary stops keeping log for this host."
+    )
+    @Argument(help: "The resource name.") var name: String
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.perform(ControlRequest(command: .leaveResource, name: name)) }
+}
+
+struct DeleteResource: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Remove a resource from the cluster, on its primary, once it is the last member.",
+        discussion: "The log is written back first, so the data device holds every write; the device itself stays."
+    )
+    @Argument(help: "The resource name.") var name: String
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.perform(ControlRequest(command: .deleteResource, name: name)) }
+}
+
+struct LeaveCluster: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Remove this host from its cluster.",
+        discussion: "Refused while the host holds resources. The other members learn it by gossip."
+    )
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.perform(ControlRequest(command: .leaveCluster)) }
 }
 
 struct Up: ParsableCommand {

@@ -45,6 +45,11 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "MiB the log segments of one resource may take together; when they do, writes wait until writeback frees whole segments. At least twice a segment plus 66 MiB (twice the largest record).")
     var logSpaceMib = 65536
 
+    @Option(
+        help: "MiB of log one resource's primary keeps for secondaries that have not fetched it; beyond it the most lagging secondary is let go (NeedsSync: 'marsadm invalidate' syncs it again) so the log does not fill. Default: half of --log-space-mib."
+    )
+    var logRetentionMib: Int?
+
     @Option(help: "MiB of logged writes not yet written back that one resource holds in memory for reads (payloads, and 128 bytes per change); beyond it writes wait.")
     var logPendingMib = 64
 
@@ -113,6 +118,9 @@ struct Serve: AsyncParsableCommand {
     func validate() throws {
         if logSegmentMib < 1 { throw ValidationError("--log-segment-mib must be at least 1") }
         if logPendingMib < 1 { throw ValidationError("--log-pending-mib must be at least 1") }
+        if let logRetentionMib, logRetentionMib < logSegmentMib || logRetentionMib > logSpaceMib {
+            throw ValidationError("--log-retention-mib must be between a segment (\(logSegmentMib)) and --log-space-mib (\(logSpaceMib))")
+        }
         if logSpaceMib < 2 * logSegmentMib + 66 {
             throw ValidationError("--log-space-mib must be at least \(2 * logSegmentMib + 66) (twice a segment plus the largest record, twice)")
         }
@@ -156,6 +164,7 @@ struct Serve: AsyncParsableCommand {
         configuration.resources.segmentSize = UInt64(logSegmentMib) << 20
         configuration.resources.spaceLimit = UInt64(logSpaceMib) << 20
         configuration.resources.pendingCapacity = logPendingMib << 20
+        configuration.resources.retentionLimit = logRetentionMib.map { UInt64($0) << 20 }
         configuration.cacheMode = cache
         configuration.controlSocketPath = control
         configuration.resources.peerAddress = peer
