@@ -203,7 +203,11 @@ final class ResourceManager: Sendable {
                 case .down:
                     let name = try self.existingName(request)
                     try self.setWanted(name, "down")
+                    let replayed = self.state.withLock { $0.resources[name]?.replica?.log.status.replayedLSN }
                     await self.takeDown(name)
+                    if let replayed {
+                        return ControlResponse(message: "replica \(name) is down: fetch and replay stopped at LSN \(replayed) (the device is a prefix of the log)")
+                    }
                     return ControlResponse(message: "resource \(name) is down; its log is written back")
                 }
             } catch {
@@ -295,6 +299,9 @@ final class ResourceManager: Sendable {
         }
         guard exports.exports.allSatisfy({ $0.descriptor.name != name }) else {
             throw DaemonError("an export named '\(name)' is already served (marsd --export)")
+        }
+        if let existing = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name)), existing.primary != identity.host {
+            throw DaemonError("the cluster has a resource '\(name)' already, with primary \(existing.primary): join it with 'marsadm join-resource' or choose another name")
         }
         let device: BlockDevice
         do {

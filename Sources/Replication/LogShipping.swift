@@ -31,6 +31,7 @@ public final class PeerSession: @unchecked Sendable {
         let session = PeerSession(link: link, handler: handler, logger: logger)
         link.onMessage = { message in session.received(message) }
         link.onClose = { session.closed() }
+        link.onWritable = { for stream in session.streams.values { stream.pump() } }
     }
 
     private init(link: PeerLink, handler: any PeerRequestHandler, logger: Logger) {
@@ -183,10 +184,11 @@ final class FetchStream {
     /// Takes an acknowledgement; returns the LSN the peer now holds.
     func acknowledged(_ ack: FetchAck) -> UInt64? {
         guard ack.segment == segment.fileName else { return nil }
-        acknowledged = max(acknowledged, ack.offset)
+        // A peer cannot acknowledge what it was not sent (it would open the window beyond it).
+        acknowledged = min(max(acknowledged, ack.offset), sent)
         pump()
-        guard let first = segmentFirstLSN, ack.offset >= UInt64(SegmentHeader.size) else { return nil }
-        return first + ack.offset - UInt64(SegmentHeader.size)
+        guard let first = segmentFirstLSN, acknowledged >= UInt64(SegmentHeader.size) else { return nil }
+        return first + acknowledged - UInt64(SegmentHeader.size)
     }
 
     func pump() {
@@ -221,8 +223,9 @@ final class FetchStream {
                 sent += count
             }
             guard sent == end, index + 1 < snapshot.segments.count else {
-                // At the durable end (follow the tail), or waiting for an acknowledgement or the socket.
-                if sent == end || !link.isWritable { later() }
+                // At the durable end: follow the tail. (A full window waits for the next
+                // acknowledgement, a full socket for `onWritable`.)
+                if sent == end { later() }
                 return
             }
             let next = snapshot.segments[index + 1].name

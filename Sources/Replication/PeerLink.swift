@@ -69,6 +69,8 @@ public final class PeerLink: @unchecked Sendable {
     /// Set on the event loop, before the first message can arrive (in the `established` callback).
     public var onMessage: ((PeerMessage) -> Void)?
     public var onClose: (() -> Void)?
+    /// The socket took what was queued: a sender that stopped at `isWritable` goes on.
+    public var onWritable: (() -> Void)?
 
     init(remote: PeerIdentity, address: String, channel: any Channel) {
         self.remote = remote
@@ -94,6 +96,10 @@ public final class PeerLink: @unchecked Sendable {
 
     public var isWritable: Bool { channel.isWritable }
 
+    /// Bulk senders (log shipping) keep a few 1 MiB messages queued, so the socket never idles
+    /// between two of them; beyond the high mark they wait for `onWritable`.
+    static let waterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 2 << 20, high: 4 << 20)
+
     public func close() {
         channel.close(promise: nil)
     }
@@ -108,6 +114,7 @@ public final class PeerLink: @unchecked Sendable {
         ClientBootstrap(group: loop)
             .connectTimeout(timeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.writeBufferWaterMark, value: PeerLink.waterMark)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let handler = PeerLinkHandler(
@@ -135,6 +142,7 @@ public final class PeerListener: Sendable {
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: PeerLink.waterMark)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let remote = channel.remoteAddress.map { address in
@@ -269,12 +277,18 @@ final class PeerLinkHandler: ChannelInboundHandler {
         channel.close(promise: nil)
     }
 
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { link?.onWritable?() }
+        context.fireChannelWritabilityChanged()
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
         deadline?.cancel()
         if let link {
             link.onClose?()
             link.onMessage = nil
             link.onClose = nil
+            link.onWritable = nil
         } else if !finished {
             finished = true
             failed("the connection closed during the handshake")

@@ -1,0 +1,153 @@
+import BlockStore
+import Logging
+import LogEngine
+import NIOCore
+import NIOPosix
+import PeerProtocol
+import Replication
+import Synchronization
+import Testing
+import TestSupport
+import TransactionLog
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A temporary directory with a primary's log and device, and a replica's.
+final class TwoHosts: @unchecked Sendable {
+    let path: String
+    let primary: LogEngine
+    let primaryDevice: BlockDevice
+    static let size: UInt64 = 4 << 20
+
+    init() throws {
+        var template = Array("/tmp/mars-link-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else { throw ReplicationError("mkdtemp failed") }
+        path = String(cString: made)
+        for name in ["primary-log", "replica-log"] { _ = try POSIXDirectory(path: path + "/" + name, create: true) }
+        for name in ["primary.img", "replica.img"] {
+            let file = try POSIXDirectory(path: path).open(name, create: true)
+            try file.truncate(to: Self.size)
+        }
+        var configuration = LogEngineConfiguration(host: "alpha")
+        configuration.segmentSize = 256 << 10
+        configuration.spaceLimit = 128 << 20
+        let directory = try POSIXDirectory(path: path + "/primary-log")
+        try LogEngine.create(in: directory, configuration: configuration, epoch: 1)
+        primaryDevice = try BlockDevice(path: path + "/primary.img")
+        primary = try LogEngine.open(
+            directory: directory, device: POSIXFile(device: primaryDevice), deviceSize: Self.size, configuration: configuration
+        )
+    }
+
+    func openReplica(startLSN: UInt64, epoch: UInt64) throws -> ReplicaLog {
+        let directory = try POSIXDirectory(path: path + "/replica-log")
+        try ReplicaLog.create(in: directory, startLSN: startLSN, epoch: epoch)
+        let device = try BlockDevice(path: path + "/replica.img")
+        return try ReplicaLog.open(directory: directory, device: POSIXFile(device: device), deviceSize: Self.size, replayPaused: false)
+    }
+
+    func cleanUp() {
+        primary.shutdown()
+        _ = system("rm -rf '\(path)'")
+    }
+}
+
+/// Serves one resource from a primary log, as the daemon does.
+final class OneResource: PeerRequestHandler {
+    let log: LogEngine
+    let fetchedBy = Mutex<[String: UInt64]>([:])
+
+    init(log: LogEngine) { self.log = log }
+
+    func primaryLog(of resource: String) -> LogEngine? { resource == "vm1" ? log : nil }
+    func size(of resource: String) -> UInt64? { resource == "vm1" ? TwoHosts.size : nil }
+    func gossip(_ entries: [UInt8], from peer: PeerIdentity) -> [UInt8] { entries }
+    func fetched(_ resource: String, by peer: PeerIdentity, upTo lsn: UInt64) {
+        fetchedBy.withLock { $0[peer.host] = lsn }
+        log.setRetention(lsn, for: peer.host)
+    }
+    func syncStarting(_ resource: String, by peer: PeerIdentity) {}
+}
+
+final class Acks: LogCompletionTarget {
+    let done = Mutex(0)
+    func logCompleted(_ completions: [LogCompletion]) { done.withLock { $0 += completions.count } }
+}
+
+@Suite(.serialized) struct LinkTests {
+    static let secret = [UInt8](repeating: 7, count: 32)
+    static func credentials(_ host: String, secret: [UInt8] = LinkTests.secret) -> PeerCredentials {
+        PeerCredentials(cluster: "c0ffee", secret: secret, local: PeerIdentity(host: host, hostID: host + "-id"))
+    }
+
+    /// Writes on the primary reach the replica's device through a real peer link: the stream
+    /// follows the tail across segment rotations, acknowledgements hold the primary's log, and the
+    /// replica's device ends equal to the primary's.
+    @Test func writesReachTheReplicaAcrossSegments() async throws {
+        let seed = UInt64(getenv("MARS_TEST_SEED").flatMap { UInt64(String(cString: $0)) } ?? UInt64.random(in: 0...UInt64.max))
+        print("seed \(seed)")
+        var random = SplitMix64(state: seed)
+        let hosts = try TwoHosts()
+        defer { hosts.cleanUp() }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let logger = Logger(label: "test")
+        let handler = OneResource(log: hosts.primary)
+        let listener = try await PeerListener.start(
+            on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
+        ) { link in PeerSession.serve(link, handler: handler, logger: logger) }
+        let port = try #require(listener.port)
+        let start = hosts.primary.beginSyncHold(for: "beta")
+        let replica = try hosts.openReplica(startLSN: start.lsn, epoch: start.epoch)
+        let fetcher = ReplicaFetcher(
+            resource: "vm1", log: replica, firstSegment: start.segment,
+            primary: { ("alpha", PeerAddress(host: "127.0.0.1", port: port)) }, group: group, pool: NIOThreadPool.singleton,
+            credentials: { Self.credentials("beta") }, logger: logger
+        )
+        fetcher.start()
+        let acks = Acks()
+        var expected = [UInt8](repeating: 0, count: Int(TwoHosts.size))
+        for token in 0..<300 {
+            let length = Int(random.next() % 16 + 1) * 512
+            let offset = Int(random.next() % (TwoHosts.size - UInt64(length)) / 512) * 512
+            let byte = UInt8(truncatingIfNeeded: random.next() | 1)
+            let payload = [UInt8](repeating: byte, count: length)
+            expected.replaceSubrange(offset..<(offset + length), with: payload)
+            _ = hosts.primary.submit(offset: UInt64(offset), change: .write(payload), fua: false, target: acks, token: token)
+        }
+        _ = hosts.primary.flush(target: acks, token: 1000)
+        let durable = hosts.primary.status.appendedLSN
+        for _ in 0..<2000 where replica.status.replayedLSN < durable { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(replica.status.replayedLSN == durable, "seed \(seed)")
+        #expect(hosts.primary.shippingSnapshot().segments.count > 1, "the writes crossed segments")
+        try await fetcher.stop().get()
+        replica.shutdown()
+        let device = try POSIXDirectory(path: hosts.path).open("replica.img", create: false).read(count: Int(TwoHosts.size), at: 0)
+        #expect(device == expected, "seed \(seed)")
+        #expect(handler.fetchedBy.withLock { $0["beta"] } == durable)
+        await listener.stop()
+        try await group.shutdownGracefully()
+    }
+
+    /// A peer with the wrong secret never gets a fetch answered, and the listener goes on serving.
+    @Test func aWrongSecretIsRefused() async throws {
+        let hosts = try TwoHosts()
+        defer { hosts.cleanUp() }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let logger = Logger(label: "test")
+        let listener = try await PeerListener.start(
+            on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
+        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), logger: logger) }
+        let address = PeerAddress(host: "127.0.0.1", port: try #require(listener.port))
+        let wrong = Self.credentials("mallory", secret: [UInt8](repeating: 8, count: 32))
+        await #expect(throws: (any Error).self) {
+            _ = try await PeerLink.connect(to: address, group: group, credentials: wrong, logger: logger).get()
+        }
+        let link = try await PeerLink.connect(to: address, group: group, credentials: Self.credentials("beta"), logger: logger).get()
+        #expect(link.remote.host == "alpha")
+        link.close()
+        await listener.stop()
+        try await group.shutdownGracefully()
+    }
+}
