@@ -379,7 +379,7 @@ extension ResourceManager: PeerRequestHandler {
         let sync = resource.config.sync
         let synced = sync?.endLSN != nil
         let disk: String
-        if log.fork != nil {
+        if log.fork != nil || fetch.forked {
             disk = "SplitBrain"
         } else if !synced || !log.consistent || log.replayedLSN < (sync?.endLSN ?? 0) {
             disk = "Inconsistent"
@@ -392,7 +392,7 @@ extension ResourceManager: PeerRequestHandler {
         let replication: String
         if fetch.needsSync || letGo != nil {
             replication = "NeedsSync"
-        } else if log.fork != nil {
+        } else if log.fork != nil || fetch.forked {
             replication = "SplitBrain"
         } else if log.failure != nil {
             replication = "Failed"

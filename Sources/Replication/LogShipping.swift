@@ -111,6 +111,10 @@ public final class PeerSession: @unchecked Sendable {
             return
         }
         let chunk = UInt64(request.chunkSize)
+        guard request.offset <= size else {
+            link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "offset \(request.offset) is beyond the device's \(size) bytes")))
+            return
+        }
         guard chunk > 0, chunk <= 4 << 20 else {
             link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "chunk size \(chunk) is not between 1 and 4 MiB")))
             return
@@ -205,6 +209,11 @@ final class FetchStream {
             }
             segmentFirstLSN = snapshot.segments[index].firstLSN
             let end = snapshot.shippableEnd(of: index)
+            if sent > end {
+                // Only durable bytes are ever shipped, so a peer beyond them has another history.
+                fail(.forked, "\(link.remote.host) asked for \(segment) from byte \(sent), but it ends at byte \(end) here")
+                return
+            }
             while sent < end, sent - acknowledged < window, link.isWritable {
                 let count = min(Self.chunk, end - sent, window - (sent - acknowledged))
                 let bytes: [UInt8]

@@ -21,6 +21,8 @@ public struct FetchState: Sendable, Equatable {
     public var problem: String?
     /// The primary no longer has the segment this replica needs: only a sync brings it back.
     public var needsSync = false
+    /// The primary says this replica's log goes beyond its own: another history (split brain).
+    public var forked = false
     public var bytesFetched: UInt64 = 0
     /// Wall-clock ms of the last message from the primary.
     public var lastContact: UInt64?
@@ -160,7 +162,16 @@ public final class ReplicaFetcher: @unchecked Sendable {
             guard let name = SegmentName(fileName: end.segment) else { return abandon(attempt, "'\(end.segment)' is no segment name") }
             enqueue(attempt) { [log] in try log.segmentEnded(name, size: end.size) }
         case .fetchError(let error) where error.resource == resource:
-            if error.errorCode == .segmentGone {
+            if error.errorCode == .forked {
+                logger.error("fetch of \(resource) stopped: \(error.reason)")
+                state.withLock { state in
+                    state.forked = true
+                    state.problem = "split brain: \(error.reason)"
+                }
+                running = false
+                generation += 1
+                link?.close()
+            } else if error.errorCode == .segmentGone {
                 state.withLock { state in
                     state.needsSync = true
                     state.problem = error.reason

@@ -102,12 +102,12 @@ public final class SyncClient: @unchecked Sendable {
     private func received(_ message: PeerMessage) {
         switch message {
         case .syncData(let data) where data.resource == resource:
-            guard data.offset + UInt64(data.bytes.count) <= size else { return fail("the primary sent bytes beyond the device's end") }
+            guard data.offset <= size, UInt64(data.bytes.count) <= size - data.offset else { return fail("the primary sent bytes beyond the device's end") }
             let device = device
             write { try device.write(data.bytes, at: data.offset) }
             progress.withLock { $0.bytesSent += UInt64(data.bytes.count) }
         case .syncZero(let zero) where zero.resource == resource:
-            guard zero.offset + zero.length <= size else { return fail("the primary sent a range beyond the device's end") }
+            guard zero.offset <= size, zero.length <= size - zero.offset else { return fail("the primary sent a range beyond the device's end") }
             let device = device
             write { try device.zero(offset: zero.offset, length: zero.length, keepAllocated: false) }
         case .syncCompared(let done) where done.resource == resource:
