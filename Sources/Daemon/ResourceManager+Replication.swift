@@ -32,7 +32,14 @@ extension ResourceManager: PeerRequestHandler {
     }
 
     func fetched(_ resource: String, by peer: PeerIdentity, upTo lsn: UInt64) {
-        primaryLog(of: resource)?.setRetention(lsn, for: peer.host)
+        guard let log = primaryLog(of: resource) else { return }
+        log.setRetention(lsn, for: peer.host)
+        // A member let go that fetches again (its segments were still here) is back in line.
+        let key = ClusterService.needsSyncKey(resource, peer.host)
+        if let host = identity?.host, cluster.value(String.self, key) != nil {
+            cluster.set(key, String?.none, by: host)
+            logger.notice("\(peer.host) fetches \(resource) again: its segments are kept for it again")
+        }
     }
 
     func syncStarting(_ resource: String, by peer: PeerIdentity) {

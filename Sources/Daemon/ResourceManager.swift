@@ -258,7 +258,9 @@ final class ResourceManager: Sendable {
         let name = host ?? Self.hostname()
         try Names.validateHost(name)
         let identity = ClusterIdentity(cluster: token.cluster, host: name, hostID: randomIdentifier(), secret: hex(token.secret))
-        let credentials = PeerCredentials(cluster: identity.cluster, secret: token.secret, local: PeerIdentity(host: name, hostID: identity.hostID!))
+        let credentials = PeerCredentials(
+            cluster: identity.cluster, secret: token.secret, local: PeerIdentity(host: name, hostID: identity.hostID!), sourceHost: sourceHost
+        )
         do {
             try await cluster.exchange(with: address, group: peerGroup, credentials: credentials)
         } catch {
@@ -286,7 +288,16 @@ final class ResourceManager: Sendable {
         guard let identity = state.withLock({ $0.identity }), let secret = identity.secret.flatMap(unhex), let hostID = identity.hostID else {
             return nil
         }
-        return PeerCredentials(cluster: identity.cluster, secret: secret, local: PeerIdentity(host: identity.host, hostID: hostID))
+        return PeerCredentials(
+            cluster: identity.cluster, secret: secret, local: PeerIdentity(host: identity.host, hostID: hostID), sourceHost: sourceHost
+        )
+    }
+
+    /// Outgoing links start from the peer port's address, unless it listens on every address.
+    private var sourceHost: String? {
+        settings.peerAddress.flatMap { try? PeerAddress(parsing: $0) }.map(\.host).flatMap { host in
+            host == "0.0.0.0" || host == "::" ? nil : host
+        }
     }
 
     private func createResource(name: String, device path: String) async throws -> String {

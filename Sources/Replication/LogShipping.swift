@@ -25,13 +25,20 @@ public final class PeerSession: @unchecked Sendable {
     private let handler: any PeerRequestHandler
     private let logger: Logger
     private var streams: [String: FetchStream] = [:]
+    private var lastMessage = NIODeadline.now()
+    private var closed = false
+
+    /// A peer silent this long is gone (its fetcher pings every 2 s): the link is closed, so a
+    /// partition does not keep streams and sockets forever.
+    static let silenceLimit: TimeAmount = .seconds(30)
 
     /// Attaches to `link`; call on its event loop (the listener's accept callback is).
     public static func serve(_ link: PeerLink, handler: any PeerRequestHandler, logger: Logger) {
         let session = PeerSession(link: link, handler: handler, logger: logger)
         link.onMessage = { message in session.received(message) }
-        link.onClose = { session.closed() }
+        link.onClose = { session.linkClosed() }
         link.onWritable = { for stream in session.streams.values { stream.pump() } }
+        session.watchSilence()
     }
 
     private init(link: PeerLink, handler: any PeerRequestHandler, logger: Logger) {
@@ -40,7 +47,20 @@ public final class PeerSession: @unchecked Sendable {
         self.logger = logger
     }
 
+    private func watchSilence() {
+        link.eventLoop.scheduleTask(in: .seconds(5)) { [self] in
+            guard !closed else { return }
+            if NIODeadline.now() - lastMessage > Self.silenceLimit {
+                logger.notice("peer \(link.address) (\(link.remote.host)): silent for over \(Self.silenceLimit.nanoseconds / 1_000_000_000) s; closing the link")
+                link.close()
+                return
+            }
+            watchSilence()
+        }
+    }
+
     private func received(_ message: PeerMessage) {
+        lastMessage = .now()
         switch message {
         case .gossip(let entries):
             link.send(.gossip(entries: handler.gossip(entries, from: link.remote)))
@@ -81,7 +101,8 @@ public final class PeerSession: @unchecked Sendable {
         }
     }
 
-    private func closed() {
+    private func linkClosed() {
+        closed = true
         for stream in streams.values { stream.stop() }
         streams = [:]
     }

@@ -8,11 +8,15 @@ public struct PeerCredentials: Sendable {
     public var cluster: String
     public var secret: [UInt8]
     public var local: PeerIdentity
+    /// The address outgoing links start from: this host's peer address, so that the others (and
+    /// firewall rules) see the same address in both directions. nil: the kernel's choice.
+    public var sourceHost: String?
 
-    public init(cluster: String, secret: [UInt8], local: PeerIdentity) {
+    public init(cluster: String, secret: [UInt8], local: PeerIdentity, sourceHost: String? = nil) {
         self.cluster = cluster
         self.secret = secret
         self.local = local
+        self.sourceHost = sourceHost
     }
 }
 
@@ -111,7 +115,11 @@ public final class PeerLink: @unchecked Sendable {
     ) -> EventLoopFuture<PeerLink> {
         let loop = group.next()
         let promise = loop.makePromise(of: PeerLink.self)
-        ClientBootstrap(group: loop)
+        var bootstrap = ClientBootstrap(group: loop)
+        if let source = credentials.sourceHost, let local = try? SocketAddress(ipAddress: source, port: 0) {
+            bootstrap = bootstrap.bind(to: local)
+        }
+        bootstrap
             .connectTimeout(timeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelOption(.writeBufferWaterMark, value: PeerLink.waterMark)

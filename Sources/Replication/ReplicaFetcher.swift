@@ -121,8 +121,28 @@ public final class ReplicaFetcher: @unchecked Sendable {
         }
     }
 
+    /// A link that says nothing this long is dead (a partition drops packets without closing
+    /// anything): it is abandoned and a new one tried. Pings keep an idle link talking.
+    static let silenceLimit: TimeAmount = .seconds(10)
+    static let pingInterval: TimeAmount = .seconds(2)
+
+    private func heartbeat(_ link: PeerLink, attempt: Int) {
+        loop.scheduleTask(in: Self.pingInterval) { [self] in
+            guard attempt == generation, running, self.link === link else { return }
+            let silent = state.withLock { state in state.lastContact.map { wallClockMilliseconds() - $0 } ?? 0 }
+            if silent > UInt64(Self.silenceLimit.nanoseconds / 1_000_000) {
+                abandon(attempt, "no message from \(link.remote.host) for \(silent / 1000) s")
+                return
+            }
+            link.send(.ping(wallClockMilliseconds()))
+            heartbeat(link, attempt: attempt)
+        }
+    }
+
     private func established(_ link: PeerLink, attempt: Int) {
         self.link = link
+        state.withLock { $0.lastContact = wallClockMilliseconds() }
+        heartbeat(link, attempt: attempt)
         link.onMessage = { [self] message in received(message, attempt: attempt) }
         link.onClose = { [self] in
             guard attempt == generation else { return }

@@ -38,7 +38,7 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'echo "FAIL the whole run within ${LIMIT}s"; tails; exit 1' TERM
-( sleep "$LIMIT"; kill -TERM $$ ) 2>/dev/null &
+( for _ in $(seq "$LIMIT"); do sleep 1; done; kill -TERM $$ ) >/dev/null 2>&1 &
 watchdog=$!
 
 fails=0
@@ -74,12 +74,13 @@ start() {  # start HOST [extra marsd args]; a restart (start HOST again) reuses 
     done
     echo "  marsd $host did not start:"; tail -5 "$W/$host.log" | sed 's/^/    /'; return 1
 }
-stop() {  # stop HOST SIGNAL: signal marsd and wait until it is gone (at most 60 s)
+stop() { stop_ "$@" 3>&1 2>/dev/null; }  # (bash's "Killed" notice for kill -9 goes to /dev/null)
+stop_() {  # stop HOST SIGNAL: signal marsd and wait until it is gone (at most 60 s)
     local host=$1 sig=$2 pid=${PID[$1]}
     kill "-$sig" "$pid" 2>/dev/null
     for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     if kill -0 "$pid" 2>/dev/null; then
-        echo "  marsd $host still runs 60 s after SIG$sig; kill -9"; kill -9 "$pid"; wait "$pid" 2>/dev/null; return 1
+        echo "  marsd $host still runs 60 s after SIG$sig; kill -9" >&3; kill -9 "$pid"; wait "$pid" 2>/dev/null; return 1
     fi
     wait "$pid" 2>/dev/null
     rm -f "$W/$host/ctl.sock"
