@@ -111,12 +111,30 @@ final class ResourceManager: Sendable {
             state.resources = resources
             state.unreadable = unreadable
         }
+        // A client asking for a resource that is not served is told why.
+        for (name, resource) in resources where resource.config.wanted != "up" {
+            exports.setUnavailable(name, reason: Self.downReason(name))
+        }
+        for (name, problem) in unreadable {
+            exports.setUnavailable(name, reason: "resource \(name) cannot be used: \(problem)")
+        }
+    }
+
+    static func downReason(_ name: String) -> String { "resource \(name) is down ('marsadm up \(name)' brings it up)" }
+
+    /// Marks every resource that is wanted up and not up yet as pending in the export table, so a
+    /// client that connects before its recovery is done waits for it instead of hearing that it
+    /// does not exist. Call before the NBD listeners start.
+    func expectWanted() {
+        let wanted = state.withLock { state in state.resources.values.filter { $0.config.wanted == "up" && $0.engine == nil }.map(\.config.name) }
+        for name in wanted { exports.expect(name) }
     }
 
     static let lockFileName = "marsd.lock"
 
     /// Brings up every resource that was up when marsd stopped (recovering its log).
     func restore() async {
+        expectWanted()
         let wanted = state.withLock { state in state.resources.values.filter { $0.config.wanted == "up" }.map(\.config.name) }
         for name in wanted.sorted() {
             await commands.run {
@@ -255,12 +273,14 @@ final class ResourceManager: Sendable {
     /// Opens the device, recovers the log (replaying it onto the device), and opens the export.
     private func bringUp(_ name: String) async throws {
         guard let resource = state.withLock({ $0.resources[name] }), resource.engine == nil else { return }
-        guard let identity = state.withLock({ $0.identity }) else {
-            throw DaemonError("\(settings.root)/\(ClusterIdentity.fileName) is missing: this host's identity is lost")
-        }
+        // Clients asking for it from now on wait for the outcome.
+        exports.expect(name)
         let settings = self.settings
         let logger = self.logger
         do {
+            guard let identity = state.withLock({ $0.identity }) else {
+                throw DaemonError("\(settings.root)/\(ClusterIdentity.fileName) is missing: this host's identity is lost")
+            }
             let (device, engine) = try await NIOThreadPool.singleton.runIfActive { () throws -> (BlockDevice, LogEngine) in
                 let device: BlockDevice
                 do {
@@ -294,9 +314,11 @@ final class ResourceManager: Sendable {
                     + "the writeback position; README, Operations, 'When recovery stops' says how to go on."
             )
             state.withLock { $0.resources[name]?.error = failure.description }
+            exports.giveUp(name, reason: "resource \(name) failed to recover: \(error)")
             throw failure
         } catch {
             state.withLock { $0.resources[name]?.error = "\(error)" }
+            exports.giveUp(name, reason: "resource \(name) failed to come up: \(error)")
             throw error
         }
     }
@@ -304,7 +326,7 @@ final class ResourceManager: Sendable {
     /// Closes the export, then drains the log onto the device.
     private func takeDown(_ name: String) async {
         guard let resource = state.withLock({ $0.resources[name] }), let engine = resource.engine else { return }
-        exports.remove(named: name)
+        exports.remove(named: name, reason: Self.downReason(name))
         try? await NIOThreadPool.singleton.runIfActive { engine.shutdown() }
         state.withLock { state in
             state.resources[name]?.engine = nil
@@ -327,10 +349,11 @@ final class ResourceManager: Sendable {
         let broken = unreadable.map { name, problem in
             ResourceStatus(name: name, device: "?", size: 0, role: "?", wanted: "?", state: "failed", error: problem)
         }
-        return (resources.map(Self.status(of:)) + broken).sorted { $0.name < $1.name }
+        let exports = self.exports
+        return (resources.map { Self.status(of: $0, recovering: exports.isPending($0.config.name)) } + broken).sorted { $0.name < $1.name }
     }
 
-    private static func status(of resource: Resource) -> ResourceStatus {
+    private static func status(of resource: Resource, recovering: Bool) -> ResourceStatus {
         let log = resource.engine.map { engine -> LogStatus in
             let status = engine.status
             return LogStatus(
@@ -341,7 +364,7 @@ final class ResourceManager: Sendable {
                 failure: status.failure
             )
         }
-        let state = resource.engine != nil ? "up" : (resource.error != nil ? "failed" : "down")
+        let state = resource.engine != nil ? "up" : recovering ? "recovering" : (resource.error != nil ? "failed" : "down")
         return ResourceStatus(
             name: resource.config.name, device: resource.config.device, size: resource.config.size, role: resource.config.role,
             wanted: resource.config.wanted, state: state, error: resource.error, log: log

@@ -58,6 +58,11 @@ public struct ServeConfiguration: Sendable {
         get { Int(nbd.limits.handshakeTimeout.nanoseconds / 1_000_000_000) }
         set { nbd.limits.handshakeTimeout = .seconds(Int64(newValue)) }
     }
+    /// How long a client naming a recovering resource waits for it (ConnectionLimits.recoveryWait).
+    public var recoveryWaitSeconds: Int {
+        get { Int(nbd.limits.recoveryWait.nanoseconds / 1_000_000_000) }
+        set { nbd.limits.recoveryWait = .seconds(Int64(newValue)) }
+    }
 
     public init() {}
 }
@@ -106,6 +111,8 @@ public struct StandaloneServer: Service {
         resourceSettings.cacheMode = configuration.cacheMode
         let exports = ExportTable(served)
         let resources = try ResourceManager(settings: resourceSettings, exports: exports, logger: logger)
+        // Before the listeners open: a client that connects while a resource recovers waits for it.
+        resources.expectWanted()
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
         let server: NBDServer
         do {
