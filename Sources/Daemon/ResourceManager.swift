@@ -39,6 +39,9 @@ final class ResourceManager: Sendable {
         var directory: any StorageDirectory
         var engine: LogEngine?
         var error: String?
+        /// What the last `down` could not do (acknowledged writes not on the data device); shown
+        /// by view until the resource comes up again.
+        var downProblem: String?
     }
 
     private struct State {
@@ -168,7 +171,9 @@ final class ResourceManager: Sendable {
                 case .down:
                     let name = try self.existingName(request)
                     try self.setWanted(name, "down")
-                    await self.takeDown(name)
+                    if let result = await self.takeDown(name), !result.isComplete {
+                        throw DaemonError("resource \(name) is down, but the data device does not hold every acknowledged write: \(result)")
+                    }
                     return ControlResponse(message: "resource \(name) is down; its log is written back")
                 }
             } catch {
@@ -304,6 +309,7 @@ final class ResourceManager: Sendable {
             state.withLock { state in
                 state.resources[name]?.engine = engine
                 state.resources[name]?.error = nil
+                state.resources[name]?.downProblem = nil
             }
             logger.info("resource up", metadata: ["resource": "\(name)", "device": "\(resource.config.device)"])
         } catch let error as LogRecoveryError {
@@ -323,22 +329,37 @@ final class ResourceManager: Sendable {
         }
     }
 
-    /// Closes the export, then drains the log onto the device.
-    private func takeDown(_ name: String) async {
-        guard let resource = state.withLock({ $0.resources[name] }), let engine = resource.engine else { return }
+    /// Closes the export, then drains the log onto the device. Returns what the log engine
+    /// achieved (nil when the resource was not up).
+    @discardableResult
+    private func takeDown(_ name: String) async -> LogShutdownResult? {
+        guard let resource = state.withLock({ $0.resources[name] }), let engine = resource.engine else { return nil }
         exports.remove(named: name, reason: Self.downReason(name))
-        try? await NIOThreadPool.singleton.runIfActive { engine.shutdown() }
+        let result: LogShutdownResult
+        do {
+            result = try await NIOThreadPool.singleton.runIfActive { engine.shutdown() }
+        } catch {
+            // The thread pool is gone (marsd exiting): shut down here rather than not at all.
+            result = engine.shutdown()
+        }
+        let problem = result.isComplete ? nil : "down with acknowledged writes missing from the data device: \(result)"
         state.withLock { state in
             state.resources[name]?.engine = nil
+            state.resources[name]?.downProblem = problem
         }
-        logger.info("resource down", metadata: ["resource": "\(name)"])
+        if let problem {
+            logger.error("resource \(name) is \(problem)")
+        } else {
+            logger.info("resource down", metadata: ["resource": "\(name)"])
+        }
+        return result
     }
 
     /// Takes every resource down (marsd stopping); their wanted state stays as it was.
     func shutdown() async {
         let names = state.withLock { Array($0.resources.keys) }
         for name in names.sorted() {
-            await commands.run { await self.takeDown(name) }
+            _ = await commands.run { await self.takeDown(name) }
         }
     }
 
@@ -367,7 +388,7 @@ final class ResourceManager: Sendable {
         let state = resource.engine != nil ? "up" : recovering ? "recovering" : (resource.error != nil ? "failed" : "down")
         return ResourceStatus(
             name: resource.config.name, device: resource.config.device, size: resource.config.size, role: resource.config.role,
-            wanted: resource.config.wanted, state: state, error: resource.error, log: log
+            wanted: resource.config.wanted, state: state, error: resource.error ?? resource.downProblem, log: log
         )
     }
 

@@ -7,7 +7,7 @@ MARSADM=${MARSADM:-.build/release/marsadm}
 export PATH=/usr/bin:$PATH   # nbdsh needs Debian's python3 with the nbd module
 T=$(mktemp -d /tmp/marsd-daemon.XXXXXX)
 PID=
-cleanup() { [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null; rm -rf "$T"; }
+cleanup() { [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null; umount "$T/small" 2>/dev/null; rm -rf "$T"; }
 trap cleanup EXIT
 fails=0
 check() {  # check NAME COMMAND...
@@ -160,6 +160,24 @@ check "r1 serves its data again" nbdsh -u "nbd+unix:///r1?socket=$T/nbd.sock" -c
 d = open('$T/expected', 'rb').read()
 assert h.pread(1 << 20, 0) == d[:8192] + bytes(8192) + d[16384:]"
 check "down of a missing resource is refused" fails_with "no resource 'nope'" adm down nope
+# A data device that fails during writeback (a full filesystem): down says so and exits non-zero.
+mkdir -p "$T/small"
+if mount -t tmpfs -o size=8m tmpfs "$T/small" 2>"$T/mount.err"; then
+    truncate -s 64M "$T/small/full.img"
+    adm create-resource full "$T/small/full.img" >/dev/null
+    head -c 7M /dev/zero > "$T/small/filler"
+    nbdsh -u "nbd+unix:///full?socket=$T/nbd.sock" -c 'h.pwrite(b"\x5a" * (4 << 20), 0); h.flush()'
+    check "down of a resource whose device is full exits non-zero and says what the device lacks" \
+        fails_with "resource full is down, but the data device does not hold every acknowledged write: the changes at LSN .* are in the log but not on the data device" adm down full
+    check "... view shows it" bash -c "'$MARSADM' view --control '$T/ctl.sock' | tee /dev/stderr | grep -E '^full: down with acknowledged writes missing from the data device'"
+    rm "$T/small/filler"
+    check "... up replays what the log holds" adm up full
+    check "... and down then writes it all back" adm down full
+    check "... so the device holds every write" /usr/bin/python3 -c "assert open('$T/small/full.img', 'rb').read(4 << 20) == b'\x5a' * (4 << 20)"
+    umount "$T/small"
+else
+    echo "SKIP down with a failing data device: cannot mount a small tmpfs ($(cat "$T/mount.err"))"
+fi
 kill -TERM "$PID"; wait "$PID"; PID=
 "$MARSD" serve --root "$T/root" --unix "$T/nbd.sock" --control "$T/ctl.sock" --log-level notice 2>>"$T/marsd.log" &
 PID=$!
