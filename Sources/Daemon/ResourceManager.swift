@@ -276,6 +276,13 @@ final class ResourceManager: Sendable {
     }
 
     /// Opens the device, recovers the log (replaying it onto the device), and opens the export.
+    ///
+    /// The size rule, enforced here and only here: a resource's size is the `size` in its
+    /// resource.json (the device's size at create-resource, until a resize, which comes with LVM
+    /// support). Recovery accepts records within it and the export advertises it, never the
+    /// device's current size: a device that grew (an LV extended) serves the same size, so clients
+    /// cannot write where the next recovery would refuse; one that shrank below it keeps the
+    /// resource down with an error that says so.
     private func bringUp(_ name: String) async throws {
         guard let resource = state.withLock({ $0.resources[name] }), resource.engine == nil else { return }
         // Clients asking for it from now on wait for the outcome.
@@ -294,7 +301,10 @@ final class ResourceManager: Sendable {
                     throw DaemonError("cannot open the data device \(resource.config.device): \(error)")
                 }
                 guard device.size >= resource.config.size else {
-                    throw DaemonError("the data device \(resource.config.device) has \(device.size) bytes, the resource needs \(resource.config.size)")
+                    throw DaemonError(
+                        "the data device \(resource.config.device) has \(device.size) bytes, the resource needs \(resource.config.size): "
+                            + "it shrank; give it its size back"
+                    )
                 }
                 let engine = try LogEngine.open(
                     directory: resource.directory, device: POSIXFile(device: device),
@@ -304,7 +314,9 @@ final class ResourceManager: Sendable {
                 }
                 return (device, engine)
             }
-            let export = ServedExport(name: name, description: "swift-mars resource \(name)", device: device, log: engine)
+            let export = ServedExport(
+                name: name, description: "swift-mars resource \(name)", device: device, size: resource.config.size, log: engine
+            )
             exports.add(export)
             state.withLock { state in
                 state.resources[name]?.engine = engine

@@ -167,7 +167,7 @@ public struct StandaloneServer: Service {
                 let stats = export.statistics
                 return ExportStatus(
                     name: export.descriptor.name, device: export.device.path, kind: export.device.kind.rawValue,
-                    size: export.device.size, readOnly: export.device.readOnly, cacheMode: export.device.cacheMode.rawValue,
+                    size: export.descriptor.size, readOnly: export.device.readOnly, cacheMode: export.device.cacheMode.rawValue,
                     activeConnections: stats.activeConnections.load(ordering: .relaxed),
                     totalConnections: stats.totalConnections.load(ordering: .relaxed),
                     requests: stats.requests.load(ordering: .relaxed),

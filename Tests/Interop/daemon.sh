@@ -232,4 +232,41 @@ check "... and serves the device as it is" nbdsh -u "nbd+unix:///r1?socket=$T/nb
 assert h.get_size() == $(stat -c %s "$T/r.img")
 assert h.pread(4096, 2 << 20) == b'\x77' * 4096"
 kill -TERM "$PID"; wait "$PID"; PID=
+# The size rule: a resource's size is resource.json's, whatever the device's size is now.
+restart() { "$MARSD" serve --root "$T/root" --unix "$T/nbd.sock" --control "$T/ctl.sock" 2>>"$T/marsd.log" & PID=$!; wait_for_socket "$T/ctl.sock"; }
+size_rule() {  # size_rule: the export of sz is 64 MiB, writes past it fail with ENOSPC, FUA writes at its end work
+    nbdsh -u "nbd+unix:///sz?socket=$T/nbd.sock" -c '
+import errno
+assert h.get_size() == 64 << 20, h.get_size()
+h.set_strict_mode(0)
+try:
+    h.pwrite(b"\x01" * 4096, 64 << 20); raise SystemExit("a write past the resource size succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+h.pwrite(b"\x33" * 4096, (64 << 20) - 4096, nbd.CMD_FLAG_FUA)'
+}
+restart
+truncate -s 64M "$T/sz.img"
+adm create-resource sz "$T/sz.img" >/dev/null
+truncate -s 128M "$T/sz.img"
+check "a device that grows while its resource is up: the export keeps the resource's size" size_rule
+kill -TERM "$PID"; wait "$PID"; PID=
+truncate -s 192M "$T/sz.img"
+restart
+check "a device that grew while marsd was stopped: the export still has the resource's size" size_rule
+check "... and view shows the resource's size" bash -c "'$MARSADM' view --json --control '$T/ctl.sock' | /usr/bin/python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+assert [e[\"size\"] for e in s[\"exports\"] if e[\"name\"] == \"sz\"] == [64 << 20], s[\"exports\"]
+'"
+kill -9 "$PID"; wait "$PID" 2>/dev/null; rm -f "$T/ctl.sock"
+restart
+check "... and a restart after kill -9 recovers it" bash -c "'$MARSADM' view --control '$T/ctl.sock' | grep -E '^sz +primary +up +up' && nbdsh -u 'nbd+unix:///sz?socket=$T/nbd.sock' -c 'assert h.pread(4096, (64 << 20) - 4096) == b\"\\x33\" * 4096'"
+kill -TERM "$PID"; wait "$PID"; PID=
+truncate -s 32M "$T/sz.img"
+restart
+check "a device that shrank below the resource's size keeps it down and says why" bash -c "'$MARSADM' view --control '$T/ctl.sock' | tee /dev/stderr | grep -E '^sz +primary +up +failed' && '$MARSADM' view --control '$T/ctl.sock' | grep -F 'has 33554432 bytes, the resource needs 67108864: it shrank'"
+check "... up refuses it with the same message" fails_with "has 33554432 bytes, the resource needs 67108864" adm up sz
+check "... and a client is told the reason" bash -c "! qemu-io -f raw -c 'read 0 512' 'nbd+unix:///sz?socket=$T/nbd.sock' > '$T/q' 2>&1; cat '$T/q'; grep -F 'resource sz failed to come up' '$T/q'"
+kill -TERM "$PID"; wait "$PID"; PID=
 [ "$fails" -eq 0 ]
