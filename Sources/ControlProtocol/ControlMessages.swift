@@ -190,7 +190,8 @@ public struct ResourceStatus: Codable, Sendable, Equatable {
     public var role: String
     /// What the operator asked for: "up" or "down".
     public var wanted: String
-    /// What is: "up", "down", or "failed" (see `error`).
+    /// What is: "up", "recovering" (coming up: clients that connect wait for it), "down", or
+    /// "failed" (see `error`).
     public var state: String
     public var error: String?
     public var log: LogStatus?

@@ -51,6 +51,9 @@ final class ResourceManager: Sendable {
         var engine: LogEngine?
         var replica: Replica?
         var error: String?
+        /// What the last `down` could not do (acknowledged writes not on the data device); shown
+        /// by view until the resource comes up again.
+        var downProblem: String?
     }
 
     struct State {
@@ -128,12 +131,33 @@ final class ResourceManager: Sendable {
             state.resources = resources
             state.unreadable = unreadable
         }
+        // A client asking for a resource that is not served is told why.
+        for (name, resource) in resources where resource.config.wanted != "up" {
+            exports.setUnavailable(name, reason: Self.downReason(name))
+        }
+        for (name, problem) in unreadable {
+            exports.setUnavailable(name, reason: "resource \(name) cannot be used: \(problem)")
+        }
+    }
+
+    static func downReason(_ name: String) -> String { "resource \(name) is down ('marsadm up \(name)' brings it up)" }
+
+    /// Marks every resource that is wanted up and not up yet as pending in the export table, so a
+    /// client that connects before its recovery is done waits for it instead of hearing that it
+    /// does not exist. Call before the NBD listeners start.
+    func expectWanted() {
+        // Replicas have no export: nothing waits for them.
+        let wanted = state.withLock { state in
+            state.resources.values.filter { $0.config.wanted == "up" && $0.engine == nil && $0.config.role == "primary" }.map(\.config.name)
+        }
+        for name in wanted { exports.expect(name) }
     }
 
     static let lockFileName = "marsd.lock"
 
     /// Brings up every resource that was up when marsd stopped (recovering its log).
     func restore() async {
+        expectWanted()
         let wanted = state.withLock { state in state.resources.values.filter { $0.config.wanted == "up" }.map(\.config.name) }
         for name in wanted.sorted() {
             await commands.run {
@@ -204,9 +228,12 @@ final class ResourceManager: Sendable {
                     let name = try self.existingName(request)
                     try self.setWanted(name, "down")
                     let replayed = self.state.withLock { $0.resources[name]?.replica?.log.status.replayedLSN }
-                    await self.takeDown(name)
+                    let result = await self.takeDown(name)
                     if let replayed {
                         return ControlResponse(message: "replica \(name) is down: fetch and replay stopped at LSN \(replayed) (the device is a prefix of the log)")
+                    }
+                    if let result, !result.isComplete {
+                        throw DaemonError("resource \(name) is down, but the data device does not hold every acknowledged write: \(result)")
                     }
                     return ControlResponse(message: "resource \(name) is down; its log is written back")
                 }
@@ -375,19 +402,29 @@ final class ResourceManager: Sendable {
     }
 
     /// Opens the device, recovers the log (replaying it onto the device), and opens the export.
+    ///
+    /// The size rule, enforced here and only here: a resource's size is the `size` in its
+    /// resource.json (the device's size at create-resource, until a resize, which comes with LVM
+    /// support). Recovery accepts records within it and the export advertises it, never the
+    /// device's current size: a device that grew (an LV extended) serves the same size, so clients
+    /// cannot write where the next recovery would refuse; one that shrank below it keeps the
+    /// resource down with an error that says so.
     func bringUp(_ name: String) async throws {
         guard let resource = state.withLock({ $0.resources[name] }), resource.engine == nil, resource.replica == nil else { return }
         if resource.config.role == "secondary" {
             return try await bringUpReplica(name)
         }
-        guard let identity = state.withLock({ $0.identity }) else {
-            throw DaemonError("\(settings.root)/\(ClusterIdentity.fileName) is missing: this host's identity is lost")
-        }
+        // Clients asking for it from now on wait for the outcome.
+        exports.expect(name)
+        let identityHost = state.withLock { $0.identity?.host } ?? ""
         let settings = self.settings
         let logger = self.logger
         // What the other members had not fetched when this host last heard of them stays.
-        let holds = retentionHolds(of: name, except: identity.host)
+        let holds = retentionHolds(of: name, except: identityHost)
         do {
+            guard let identity = state.withLock({ $0.identity }) else {
+                throw DaemonError("\(settings.root)/\(ClusterIdentity.fileName) is missing: this host's identity is lost")
+            }
             let (device, engine) = try await NIOThreadPool.singleton.runIfActive { () throws -> (BlockDevice, LogEngine) in
                 let device: BlockDevice
                 do {
@@ -396,7 +433,10 @@ final class ResourceManager: Sendable {
                     throw DaemonError("cannot open the data device \(resource.config.device): \(error)")
                 }
                 guard device.size >= resource.config.size else {
-                    throw DaemonError("the data device \(resource.config.device) has \(device.size) bytes, the resource needs \(resource.config.size)")
+                    throw DaemonError(
+                        "the data device \(resource.config.device) has \(device.size) bytes, the resource needs \(resource.config.size): "
+                            + "it shrank; give it its size back"
+                    )
                 }
                 let engine = try LogEngine.open(
                     directory: resource.directory, device: POSIXFile(device: device),
@@ -407,11 +447,14 @@ final class ResourceManager: Sendable {
                 }
                 return (device, engine)
             }
-            let export = ServedExport(name: name, description: "swift-mars resource \(name)", device: device, log: engine)
+            let export = ServedExport(
+                name: name, description: "swift-mars resource \(name)", device: device, size: resource.config.size, log: engine
+            )
             exports.add(export)
             state.withLock { state in
                 state.resources[name]?.engine = engine
                 state.resources[name]?.error = nil
+                state.resources[name]?.downProblem = nil
             }
             logger.info("resource up", metadata: ["resource": "\(name)", "device": "\(resource.config.device)"])
         } catch let error as LogRecoveryError {
@@ -422,36 +465,53 @@ final class ResourceManager: Sendable {
                     + "the writeback position; README, Operations, 'When recovery stops' says how to go on."
             )
             state.withLock { $0.resources[name]?.error = failure.description }
+            exports.giveUp(name, reason: "resource \(name) failed to recover: \(error)")
             throw failure
         } catch {
             state.withLock { $0.resources[name]?.error = "\(error)" }
+            exports.giveUp(name, reason: "resource \(name) failed to come up: \(error)")
             throw error
         }
     }
 
-    /// Closes the export, then drains the log onto the device.
-    func takeDown(_ name: String) async {
-        guard let resource = state.withLock({ $0.resources[name] }) else { return }
+    /// Closes the export, then drains the log onto the device. Returns what the log engine
+    /// achieved (nil when the resource was not up, or is a replica: its replay stops at a batch boundary).
+    @discardableResult
+    func takeDown(_ name: String) async -> LogShutdownResult? {
+        guard let resource = state.withLock({ $0.resources[name] }) else { return nil }
         if let replica = resource.replica {
             await replica.stop()
             state.withLock { $0.resources[name]?.replica = nil }
             logger.info("resource down", metadata: ["resource": "\(name)"])
-            return
+            return nil
         }
-        guard let engine = resource.engine else { return }
-        exports.remove(named: name)
-        try? await NIOThreadPool.singleton.runIfActive { engine.shutdown() }
+        guard let engine = resource.engine else { return nil }
+        exports.remove(named: name, reason: Self.downReason(name))
+        let result: LogShutdownResult
+        do {
+            result = try await NIOThreadPool.singleton.runIfActive { engine.shutdown() }
+        } catch {
+            // The thread pool is gone (marsd exiting): shut down here rather than not at all.
+            result = engine.shutdown()
+        }
+        let problem = result.isComplete ? nil : "down with acknowledged writes missing from the data device: \(result)"
         state.withLock { state in
             state.resources[name]?.engine = nil
+            state.resources[name]?.downProblem = problem
         }
-        logger.info("resource down", metadata: ["resource": "\(name)"])
+        if let problem {
+            logger.error("resource \(name) is \(problem)")
+        } else {
+            logger.info("resource down", metadata: ["resource": "\(name)"])
+        }
+        return result
     }
 
     /// Takes every resource down (marsd stopping); their wanted state stays as it was.
     func shutdown() async {
         let names = state.withLock { Array($0.resources.keys) }
         for name in names.sorted() {
-            await commands.run { await self.takeDown(name) }
+            _ = await commands.run { await self.takeDown(name) }
         }
     }
 
@@ -462,14 +522,15 @@ final class ResourceManager: Sendable {
         let broken = unreadable.map { name, problem in
             ResourceStatus(name: name, device: "?", size: 0, role: "?", wanted: "?", state: "failed", error: problem)
         }
+        let exports = self.exports
         return (resources.map { resource in
-            var status = Self.status(of: resource)
+            var status = Self.status(of: resource, recovering: exports.isPending(resource.config.name))
             status.replication = replicationStatus(of: resource)
             return status
         } + broken).sorted { $0.name < $1.name }
     }
 
-    private static func status(of resource: Resource) -> ResourceStatus {
+    private static func status(of resource: Resource, recovering: Bool) -> ResourceStatus {
         let log = resource.engine.map { engine -> LogStatus in
             let status = engine.status
             return LogStatus(
@@ -480,10 +541,10 @@ final class ResourceManager: Sendable {
                 failure: status.failure
             )
         }
-        let state = resource.engine != nil || resource.replica != nil ? "up" : (resource.error != nil ? "failed" : "down")
+        let state = resource.engine != nil || resource.replica != nil ? "up" : recovering ? "recovering" : (resource.error != nil ? "failed" : "down")
         return ResourceStatus(
             name: resource.config.name, device: resource.config.device, size: resource.config.size, role: resource.config.role,
-            wanted: resource.config.wanted, state: state, error: resource.error, log: log
+            wanted: resource.config.wanted, state: state, error: resource.error ?? resource.downProblem, log: log
         )
     }
 

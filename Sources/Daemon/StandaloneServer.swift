@@ -59,6 +59,11 @@ public struct ServeConfiguration: Sendable {
         get { Int(nbd.limits.handshakeTimeout.nanoseconds / 1_000_000_000) }
         set { nbd.limits.handshakeTimeout = .seconds(Int64(newValue)) }
     }
+    /// How long a client naming a recovering resource waits for it (ConnectionLimits.recoveryWait).
+    public var recoveryWaitSeconds: Int {
+        get { Int(nbd.limits.recoveryWait.nanoseconds / 1_000_000_000) }
+        set { nbd.limits.recoveryWait = .seconds(Int64(newValue)) }
+    }
 
     public init() {}
 }
@@ -118,6 +123,8 @@ public struct StandaloneServer: Service {
             try? await peerGroup.shutdownGracefully()
             throw error
         }
+        // Before the listeners open: a client that connects while a resource recovers waits for it.
+        resources.expectWanted()
         let server: NBDServer
         do {
             server = try NBDServer(exports: exports, configuration: configuration.nbd, group: group, logger: logger)
@@ -195,7 +202,7 @@ public struct StandaloneServer: Service {
                 let stats = export.statistics
                 return ExportStatus(
                     name: export.descriptor.name, device: export.device.path, kind: export.device.kind.rawValue,
-                    size: export.device.size, readOnly: export.device.readOnly, cacheMode: export.device.cacheMode.rawValue,
+                    size: export.descriptor.size, readOnly: export.device.readOnly, cacheMode: export.device.cacheMode.rawValue,
                     activeConnections: stats.activeConnections.load(ordering: .relaxed),
                     totalConnections: stats.totalConnections.load(ordering: .relaxed),
                     requests: stats.requests.load(ordering: .relaxed),

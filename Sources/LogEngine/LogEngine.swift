@@ -83,6 +83,47 @@ public struct LogRecoveryError: Error, Sendable, CustomStringConvertible {
     }
 }
 
+/// What a shutdown left behind: whether the data device holds every acknowledged write, and if not,
+/// which part of the log it lacks and why.
+public struct LogShutdownResult: Sendable, Equatable, CustomStringConvertible {
+    /// LSN the next record would have got: every write acknowledged is below it.
+    public var appendedLSN: UInt64
+    /// Every record before this LSN is durable in the log.
+    public var durableLSN: UInt64
+    /// Every change before this LSN is on the data device, synced, and the position stored.
+    public var writebackLSN: UInt64
+    /// The log or device failure that stopped the rest, if any.
+    public var failure: String?
+
+    /// The data device holds every acknowledged write.
+    public var isComplete: Bool { writebackLSN >= appendedLSN }
+    /// Acknowledged writes that were never made durable and are lost: given up after
+    /// `stoppingRetryLimit` while the log could not be written (none were flushed or FUA).
+    public var givenUp: Range<UInt64>? { durableLSN < appendedLSN ? durableLSN..<appendedLSN : nil }
+    /// Changes durable in the log that the data device lacks: the next recovery replays them.
+    public var notWrittenBack: Range<UInt64>? {
+        writebackLSN < durableLSN ? writebackLSN..<durableLSN : nil
+    }
+
+    public var description: String {
+        if isComplete { return "the data device holds every acknowledged write (written back to LSN \(writebackLSN))" }
+        var parts: [String] = []
+        if let range = givenUp {
+            parts.append(
+                "the writes at LSN \(range.lowerBound)..<\(range.upperBound) were given up: the log could not be written, "
+                    + "they were never flushed, and the data device does not hold them"
+            )
+        }
+        if let range = notWrittenBack {
+            parts.append(
+                "the changes at LSN \(range.lowerBound)..<\(range.upperBound) are in the log but not on the data device: "
+                    + "'marsadm up' replays them"
+            )
+        }
+        return parts.joined(separator: "; ") + (failure.map { " (\($0))" } ?? "")
+    }
+}
+
 /// A logged change, as a client sent it.
 public enum LogChange: Sendable {
     case write([UInt8])
@@ -436,8 +477,10 @@ public final class LogEngine: Sendable {
     }
 
     /// Stops taking requests, makes everything admitted durable and writes it back, persists the
-    /// position, and stops the threads. Blocks: call it off the event loops.
-    public func shutdown() {
+    /// position, and stops the threads. Blocks: call it off the event loops. Returns what it
+    /// achieved: a log or device that kept failing leaves acknowledged writes off the device.
+    @discardableResult
+    public func shutdown() -> LogShutdownResult {
         monitor.withLock { state in state.stopping = true }
         writerWake.signal()
         writebackWake.signal()
@@ -445,6 +488,12 @@ public final class LogEngine: Sendable {
         prepareWake.signal()
         for thread in threads.withLock({ $0 }) { thread.join() }
         threads.withLock { $0 = [] }
+        return monitor.withLock { state in
+            LogShutdownResult(
+                appendedLSN: state.nextLSN, durableLSN: state.durableLSN, writebackLSN: state.writebackLSN,
+                failure: (state.logFailure ?? state.writebackFailure)?.message
+            )
+        }
     }
 
     /// Stops the threads at once without more I/O: what a power loss or kill -9 leaves behind.

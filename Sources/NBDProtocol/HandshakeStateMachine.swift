@@ -24,6 +24,10 @@ public enum HandshakeAction: Equatable {
     case close(reason: String)
     /// Send these bytes and switch to the transmission phase.
     case startTransmission(ByteBuffer, NegotiatedSession)
+    /// The option names an export that is still coming (a resource recovering): read no more input
+    /// and answer nothing until the catalog changes (`resume(catalog:)`) or the wait times out
+    /// (`stopWaiting()`).
+    case awaitExport(name: String)
 }
 
 /// Limits that stop a client from making the server buffer or loop without bound.
@@ -49,10 +53,12 @@ public struct HandshakeStateMachine {
         case awaitingOption
         /// Discarding the payload of an oversized option, then answering it with `reply`.
         case discarding(option: UInt32, remaining: UInt32)
+        /// An option naming a pending export, kept to be handled once that export is decided.
+        case awaitingExport(option: UInt32, payload: ByteBuffer, name: String)
         case finished
     }
 
-    private let catalog: ExportCatalog
+    private var catalog: ExportCatalog
     private let limits: HandshakeLimits
     private var state: State = .awaitingClientFlags
     private var noZeroes = false
@@ -137,9 +143,50 @@ public struct HandshakeStateMachine {
             let payload = input.readSlice(length: Int(header.length))!
             return handle(option: header.option, payload: payload)
 
-        case .finished:
+        case .finished, .awaitingExport:
             return .needMoreData
         }
+    }
+
+    /// Handles the option that waited for a pending export, with the exports as they are now: the
+    /// export is served, or it is not (the usual error, with the reason), or it is still pending
+    /// (`awaitExport` again).
+    public mutating func resume(catalog: ExportCatalog) -> HandshakeAction {
+        self.catalog = catalog
+        guard case .awaitingExport(let option, let payload, _) = state else { return .needMoreData }
+        state = .awaitingOption
+        return handle(option: option, payload: payload)
+    }
+
+    /// Gives up waiting for a pending export: the option fails with a message that says the export
+    /// is recovering (EXPORT_NAME cannot carry an error, so that connection closes).
+    public mutating func stopWaiting() -> HandshakeAction {
+        guard case .awaitingExport(let option, _, let name) = state else { return .needMoreData }
+        let message = "export '\(name)' is still recovering; try again"
+        if option == NBDOption.exportName.rawValue {
+            state = .finished
+            return .close(reason: "EXPORT_NAME for '\(name)': \(message)")
+        }
+        state = .awaitingOption
+        return .send(error(.errUnknown, option: option, message))
+    }
+
+    /// The export an option names, when it names one that is pending.
+    private func pendingExport(option: NBDOption, payload: ByteBuffer) -> String? {
+        guard !catalog.pending.isEmpty else { return nil }
+        var payload = payload
+        let name: String?
+        switch option {
+        case .exportName:
+            name = payload.readValidatedString(length: payload.readableBytes)
+        case .info, .go, .listMetaContext, .setMetaContext:
+            name = payload.readInteger(as: UInt32.self).flatMap { length in
+                Int(length) <= payload.readableBytes ? payload.readValidatedString(length: Int(length)) : nil
+            }
+        default:
+            name = nil
+        }
+        return name.flatMap { catalog.pendingName($0) }
     }
 
     // MARK: - Options
@@ -147,6 +194,10 @@ public struct HandshakeStateMachine {
     private mutating func handle(option code: UInt32, payload: ByteBuffer) -> HandshakeAction {
         guard let option = NBDOption(rawValue: code) else {
             return .send(error(.errUnsupported, option: code, "option \(code) is not supported"))
+        }
+        if let name = pendingExport(option: option, payload: payload) {
+            state = .awaitingExport(option: code, payload: payload, name: name)
+            return .awaitExport(name: name)
         }
         switch option {
         case .exportName:
@@ -187,7 +238,7 @@ public struct HandshakeStateMachine {
         }
         guard let export = catalog.lookup(name) else {
             // No error can be sent in reply to EXPORT_NAME: the spec requires closing.
-            return .close(reason: "EXPORT_NAME for unknown export '\(name)'")
+            return .close(reason: "EXPORT_NAME: \(catalog.missingMessage(name))")
         }
         let session = session(for: export)
         var out = allocator.buffer(capacity: 134)
@@ -231,7 +282,7 @@ public struct HandshakeStateMachine {
         for _ in 0..<count { requested.insert(payload.readInteger(as: UInt16.self)!) }
 
         guard let export = catalog.lookup(name) else {
-            return .send(error(.errUnknown, option: code, "no export named '\(name)'"))
+            return .send(error(.errUnknown, option: code, catalog.missingMessage(name)))
         }
         var session = session(for: export)
         if option == .go, let selection = allocationSelection, selection.export != name {
@@ -298,7 +349,7 @@ public struct HandshakeStateMachine {
             return .send(error(.errInvalid, option: code, "trailing bytes after the queries of \(option)"))
         }
         guard catalog.lookup(name) != nil else {
-            return .send(error(.errUnknown, option: code, "no export named '\(name)'"))
+            return .send(error(.errUnknown, option: code, catalog.missingMessage(name)))
         }
         let matches: Bool
         if isSet {

@@ -33,11 +33,14 @@ public final class ServedExport: Sendable {
 
     public var isRetired: Bool { retired.flag.load(ordering: .relaxed) }
 
-    public init(name: String, description: String? = nil, device: BlockDevice, log: LogEngine? = nil) {
+    /// `size` is what clients see (default: the device's size). A resource passes its recorded size:
+    /// a device that grew beyond it is not the resource's to hand out (see ResourceManager.bringUp).
+    public init(name: String, description: String? = nil, device: BlockDevice, size: UInt64? = nil, log: LogEngine? = nil) {
+        precondition(size.map { $0 <= device.size } ?? true, "an export cannot be larger than its device")
         self.descriptor = ExportDescriptor(
             name: name,
             description: description ?? "\(device.kind.rawValue) \(device.path)",
-            size: device.size,
+            size: size ?? device.size,
             readOnly: device.readOnly
         )
         self.device = device
@@ -48,40 +51,110 @@ public final class ServedExport: Sendable {
 }
 
 /// The exports of a server, by name. Exports come and go while the server runs (resources going
-/// up and down); a connection sees the exports that existed when it connected.
+/// up and down); a connection sees the exports that existed when it connected. Names of resources
+/// that are wanted up but still recovering are pending: a handshake naming one waits until the
+/// export is added or given up (`notifyWhenDecided`). Names that are known but not served carry the
+/// reason, which a client's error message repeats.
 public final class ExportTable: Sendable {
-    private let table: Mutex<[ServedExport]>
+    private struct Table {
+        var exports: [ServedExport]
+        var pending: Set<String> = []
+        var unavailable: [String: String] = [:]
+        var waiters: [UInt64: (name: String, notify: @Sendable () -> Void)] = [:]
+        var nextWaiter: UInt64 = 0
 
-    public init(_ exports: [ServedExport] = []) {
-        self.table = Mutex(exports)
-    }
-
-    public var exports: [ServedExport] { table.withLock { $0 } }
-
-    public var catalog: ExportCatalog { ExportCatalog(exports.map(\.descriptor)) }
-
-    /// Adds an export; false when one of that name exists.
-    @discardableResult
-    public func add(_ export: ServedExport) -> Bool {
-        table.withLock { exports in
-            guard !exports.contains(where: { $0.descriptor.name == export.descriptor.name }) else { return false }
-            exports.append(export)
-            return true
+        /// Takes the waiters for `name` out of the table.
+        mutating func decided(_ name: String) -> [@Sendable () -> Void] {
+            let matching = waiters.filter { $0.value.name == name }
+            for key in matching.keys { waiters[key] = nil }
+            return matching.values.map(\.notify)
         }
     }
 
-    /// Removes an export; its open connections close at their next request.
+    private let table: Mutex<Table>
+
+    public init(_ exports: [ServedExport] = []) {
+        self.table = Mutex(Table(exports: exports))
+    }
+
+    public var exports: [ServedExport] { table.withLock { $0.exports } }
+
+    public var catalog: ExportCatalog {
+        table.withLock { ExportCatalog($0.exports.map(\.descriptor), pending: $0.pending, unavailable: $0.unavailable) }
+    }
+
+    /// Whether `name` is pending (its resource is recovering).
+    public func isPending(_ name: String) -> Bool { table.withLock { $0.pending.contains(name) } }
+
+    /// Adds an export; false when one of that name exists. A pending entry of that name ends, and
+    /// the handshakes that waited for it go on.
     @discardableResult
-    public func remove(named name: String) -> ServedExport? {
-        table.withLock { exports in
-            guard let index = exports.firstIndex(where: { $0.descriptor.name == name }) else { return nil }
-            let export = exports.remove(at: index)
+    public func add(_ export: ServedExport) -> Bool {
+        let name = export.descriptor.name
+        let (added, waiters) = table.withLock { table -> (Bool, [@Sendable () -> Void]) in
+            guard !table.exports.contains(where: { $0.descriptor.name == name }) else { return (false, []) }
+            table.exports.append(export)
+            table.pending.remove(name)
+            table.unavailable[name] = nil
+            return (true, table.decided(name))
+        }
+        for notify in waiters { notify() }
+        return added
+    }
+
+    /// Removes an export; its open connections close at their next request. `reason`, when given,
+    /// is what later clients asking for the name are told.
+    @discardableResult
+    public func remove(named name: String, reason: String? = nil) -> ServedExport? {
+        table.withLock { table in
+            if let reason { table.unavailable[name] = reason }
+            guard let index = table.exports.firstIndex(where: { $0.descriptor.name == name }) else { return nil }
+            let export = table.exports.remove(at: index)
             export.retired.flag.store(true, ordering: .relaxed)
             return export
         }
     }
 
+    /// Marks `name` as coming: handshakes naming it wait (see `ConnectionLimits.recoveryWait`).
+    public func expect(_ name: String) {
+        table.withLock { table in
+            guard !table.exports.contains(where: { $0.descriptor.name == name }) else { return }
+            table.pending.insert(name)
+            table.unavailable[name] = nil
+        }
+    }
+
+    /// Ends the pending entry of `name` without an export: waiting handshakes get `reason`.
+    public func giveUp(_ name: String, reason: String) {
+        let waiters = table.withLock { table -> [@Sendable () -> Void] in
+            table.pending.remove(name)
+            table.unavailable[name] = reason
+            return table.decided(name)
+        }
+        for notify in waiters { notify() }
+    }
+
+    /// Says why `name`, which is not served, is not (a resource that is down or unusable).
+    public func setUnavailable(_ name: String, reason: String) {
+        table.withLock { $0.unavailable[name] = reason }
+    }
+
+    /// Calls `notify` once, from whichever thread decides it, when `name` stops being pending.
+    /// Returns nil without registering when it is not pending now.
+    public func notifyWhenDecided(_ name: String, _ notify: @escaping @Sendable () -> Void) -> UInt64? {
+        table.withLock { table in
+            guard table.pending.contains(name) else { return nil }
+            table.nextWaiter += 1
+            table.waiters[table.nextWaiter] = (name, notify)
+            return table.nextWaiter
+        }
+    }
+
+    public func cancelNotification(_ registration: UInt64) {
+        _ = table.withLock { $0.waiters.removeValue(forKey: registration) }
+    }
+
     func served(_ descriptor: ExportDescriptor) -> ServedExport? {
-        table.withLock { exports in exports.first { $0.descriptor.name == descriptor.name } }
+        table.withLock { table in table.exports.first { $0.descriptor.name == descriptor.name } }
     }
 }

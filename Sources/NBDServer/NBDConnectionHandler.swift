@@ -17,6 +17,9 @@ public struct ConnectionLimits: Sendable {
     public var maxInFlightBytes = 64 << 20
     /// A client must finish the handshake within this time.
     public var handshakeTimeout: TimeAmount = .seconds(30)
+    /// How long a handshake naming a resource that is still recovering waits for it before the
+    /// client is told to try again (the handshake timeout starts afresh after the wait).
+    public var recoveryWait: TimeAmount = .seconds(60)
     public var handshake = HandshakeLimits()
     /// WRITE payloads of at least this size are gathered from the received buffers without copying
     /// and written with one writev.
@@ -90,6 +93,8 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     private var completedSinceBatchEnd = false
     private var disconnectRequested = false
     private var handshakeTimer: Scheduled<Void>?
+    /// While the handshake waits for a pending export: the wait's timer and its registration.
+    private var exportWait: (name: String, timer: Scheduled<Void>, registration: UInt64)?
     private var structured = false
     /// The export whose active-connection count includes this connection.
     private var countedExport: ServedExport?
@@ -119,15 +124,20 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     func channelActive(context: ChannelHandlerContext) {
         guard case .handshake(let machine) = phase else { return }
         context.writeAndFlush(wrapOutboundOut(machine.greeting()), promise: nil)
+        startHandshakeTimer(context)
+        context.read()
+    }
+
+    private func startHandshakeTimer(_ context: ChannelHandlerContext) {
         let timeout = limits.handshakeTimeout
         handshakeTimer = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [weak self] in
             self?.close(reason: "handshake not finished within \(timeout.nanoseconds / 1_000_000_000) s")
         }
-        context.read()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         handshakeTimer?.cancel()
+        endExportWait()
         countedExport?.statistics.activeConnections.subtract(1, ordering: .relaxed)
         countedExport = nil
         phase = .closed
@@ -204,7 +214,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         case .closed:
             return
         case .handshake:
-            context.read()
+            if exportWait == nil { context.read() }
         case .transmission:
             if readyForRequest() || gathering != nil { context.read() }
         }
@@ -318,6 +328,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         case .close(let reason):
             close(reason: reason)
             return false
+        case .awaitExport(let name):
+            waitForExport(name, context)
+            return false
         case .startTransmission(let bytes, let session):
             handshakeTimer?.cancel()
             guard let export = exports.served(session.export) else {
@@ -334,6 +347,63 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             logger.debug("transmission started", metadata: ["export": "\(export.descriptor.name)", "structured": "\(structured)"])
             return true
         }
+    }
+
+    // MARK: - Waiting for a recovering export
+
+    /// Holds the handshake until the pending export `name` is served or given up, or the recovery
+    /// wait passes. Reads stop meanwhile; the handshake timeout starts afresh afterwards.
+    private func waitForExport(_ name: String, _ context: ChannelHandlerContext) {
+        handshakeTimer?.cancel()
+        handshakeTimer = nil
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let registration = exports.notifyWhenDecided(name) {
+            bound.eventLoop.execute { bound.value.exportDecided() }
+        }
+        guard let registration else {
+            // Decided between the catalog the handshake used and now.
+            context.eventLoop.assumeIsolated().execute { self.exportDecided() }
+            return
+        }
+        let wait = limits.recoveryWait
+        let timer = context.eventLoop.assumeIsolated().scheduleTask(in: wait) { [weak self] () -> Void in
+            self?.exportWaitTimedOut()
+        }
+        exportWait = (name, timer, registration)
+        logger.debug("handshake waits for a recovering export", metadata: ["export": "\(name)"])
+    }
+
+    private func endExportWait() {
+        guard let wait = exportWait else { return }
+        exportWait = nil
+        wait.timer.cancel()
+        exports.cancelNotification(wait.registration)
+    }
+
+    private func exportDecided() {
+        endExportWait()
+        let catalog = exports.catalog
+        continueHandshake { $0.resume(catalog: catalog) }
+    }
+
+    private func exportWaitTimedOut() {
+        guard let wait = exportWait else { return }
+        logger.notice("export still recovering after the recovery wait", metadata: ["export": "\(wait.name)"])
+        endExportWait()
+        continueHandshake { $0.stopWaiting() }
+    }
+
+    /// Carries out what the handshake says after a wait, then goes on with any input that arrived.
+    private func continueHandshake(_ step: (inout HandshakeStateMachine) -> HandshakeAction) {
+        guard let context, case .handshake(var machine) = phase else { return }
+        let action = step(&machine)
+        phase = .handshake(machine)
+        if case .awaitExport = action {} else if handshakeTimer == nil, case .handshake = phase {
+            startHandshakeTimer(context)
+        }
+        if handle(action) { processInbound() }
+        flushIfNeeded()
+        readIfReady()
     }
 
     /// Makes room for the whole WRITE payload at the head of `buffer`, so it arrives without regrowing.

@@ -310,7 +310,13 @@ struct Up: ParsableCommand {
 struct Down: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Take a resource down: close its export and write its log back to the data device.",
-        discussion: "Returns when the data device holds every acknowledged write. The resource stays down across restarts until 'marsadm up'."
+        discussion: """
+            Returns when the data device holds every acknowledged write. When it cannot (the data device \
+            fails, or the log could not be written for 10 s and writes that were never flushed were given \
+            up), the resource is down all the same, and marsadm says what the device lacks and exits with \
+            status 1; view shows it until the resource is up again ('marsadm up' replays what the log \
+            holds). The resource stays down across restarts until 'marsadm up'.
+            """
     )
 
     @Argument(help: "The resource name.")

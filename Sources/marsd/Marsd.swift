@@ -109,6 +109,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Seconds a client has to finish the NBD handshake.")
     var handshakeTimeout = 30
 
+    @Option(help: "Seconds a client asking for a resource that is still recovering (after a restart, or during 'marsadm up') waits for it; then it is told the export is still recovering and to try again. A resource that is down or failed is refused at once, with the reason.")
+    var recoveryWait = 60
+
     @Option(help: "Event loop threads (default: one per core).")
     var threads: Int?
 
@@ -138,6 +141,7 @@ struct Serve: AsyncParsableCommand {
         if maxInflight < 1 { throw ValidationError("--max-inflight must be at least 1") }
         if maxBufferedMib < 1 { throw ValidationError("--max-buffered-mib must be at least 1") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
+        if recoveryWait < 0 { throw ValidationError("--recovery-wait must be 0 or more seconds") }
     }
 
     static func parseHostPort(_ text: String) -> (String, Int)? {
@@ -181,6 +185,7 @@ struct Serve: AsyncParsableCommand {
         configuration.nbd.bufferBudgetPerLoop = maxBufferedMib << 20
         configuration.nbd.limits.maxInFlight = maxInflight
         configuration.handshakeTimeoutSeconds = handshakeTimeout
+        configuration.recoveryWaitSeconds = recoveryWait
         do {
             try await StandaloneServer.runUntilSignalled(configuration, logger: logger)
         } catch let error as DaemonError {

@@ -7,7 +7,7 @@ MARSADM=${MARSADM:-.build/release/marsadm}
 export PATH=/usr/bin:$PATH   # nbdsh needs Debian's python3 with the nbd module
 T=$(mktemp -d /tmp/marsd-daemon.XXXXXX)
 PID=
-cleanup() { [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null; rm -rf "$T"; }
+cleanup() { [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null; umount "$T/small" 2>/dev/null; rm -rf "$T"; }
 trap cleanup EXIT
 fails=0
 check() {  # check NAME COMMAND...
@@ -160,6 +160,24 @@ check "r1 serves its data again" nbdsh -u "nbd+unix:///r1?socket=$T/nbd.sock" -c
 d = open('$T/expected', 'rb').read()
 assert h.pread(1 << 20, 0) == d[:8192] + bytes(8192) + d[16384:]"
 check "down of a missing resource is refused" fails_with "no resource 'nope'" adm down nope
+# A data device that fails during writeback (a full filesystem): down says so and exits non-zero.
+mkdir -p "$T/small"
+if mount -t tmpfs -o size=8m tmpfs "$T/small" 2>"$T/mount.err"; then
+    truncate -s 64M "$T/small/full.img"
+    adm create-resource full "$T/small/full.img" >/dev/null
+    head -c 7M /dev/zero > "$T/small/filler"
+    nbdsh -u "nbd+unix:///full?socket=$T/nbd.sock" -c 'h.pwrite(b"\x5a" * (4 << 20), 0); h.flush()'
+    check "down of a resource whose device is full exits non-zero and says what the device lacks" \
+        fails_with "resource full is down, but the data device does not hold every acknowledged write: the changes at LSN .* are in the log but not on the data device" adm down full
+    check "... view shows it" bash -c "'$MARSADM' view --control '$T/ctl.sock' | tee /dev/stderr | grep -E '^full: down with acknowledged writes missing from the data device'"
+    rm "$T/small/filler"
+    check "... up replays what the log holds" adm up full
+    check "... and down then writes it all back" adm down full
+    check "... so the device holds every write" /usr/bin/python3 -c "assert open('$T/small/full.img', 'rb').read(4 << 20) == b'\x5a' * (4 << 20)"
+    umount "$T/small"
+else
+    echo "SKIP down with a failing data device: cannot mount a small tmpfs ($(cat "$T/mount.err"))"
+fi
 kill -TERM "$PID"; wait "$PID"; PID=
 "$MARSD" serve --root "$T/root" --unix "$T/nbd.sock" --control "$T/ctl.sock" --log-level notice 2>>"$T/marsd.log" &
 PID=$!
@@ -213,5 +231,42 @@ check "a resource whose log was damaged is created again on its device" adm crea
 check "... and serves the device as it is" nbdsh -u "nbd+unix:///r1?socket=$T/nbd.sock" -c "
 assert h.get_size() == $(stat -c %s "$T/r.img")
 assert h.pread(4096, 2 << 20) == b'\x77' * 4096"
+kill -TERM "$PID"; wait "$PID"; PID=
+# The size rule: a resource's size is resource.json's, whatever the device's size is now.
+restart() { "$MARSD" serve --root "$T/root" --unix "$T/nbd.sock" --control "$T/ctl.sock" 2>>"$T/marsd.log" & PID=$!; wait_for_socket "$T/ctl.sock"; }
+size_rule() {  # size_rule: the export of sz is 64 MiB, writes past it fail with ENOSPC, FUA writes at its end work
+    nbdsh -u "nbd+unix:///sz?socket=$T/nbd.sock" -c '
+import errno
+assert h.get_size() == 64 << 20, h.get_size()
+h.set_strict_mode(0)
+try:
+    h.pwrite(b"\x01" * 4096, 64 << 20); raise SystemExit("a write past the resource size succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+h.pwrite(b"\x33" * 4096, (64 << 20) - 4096, nbd.CMD_FLAG_FUA)'
+}
+restart
+truncate -s 64M "$T/sz.img"
+adm create-resource sz "$T/sz.img" >/dev/null
+truncate -s 128M "$T/sz.img"
+check "a device that grows while its resource is up: the export keeps the resource's size" size_rule
+kill -TERM "$PID"; wait "$PID"; PID=
+truncate -s 192M "$T/sz.img"
+restart
+check "a device that grew while marsd was stopped: the export still has the resource's size" size_rule
+check "... and view shows the resource's size" bash -c "'$MARSADM' view --json --control '$T/ctl.sock' | /usr/bin/python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+assert [e[\"size\"] for e in s[\"exports\"] if e[\"name\"] == \"sz\"] == [64 << 20], s[\"exports\"]
+'"
+kill -9 "$PID"; wait "$PID" 2>/dev/null; rm -f "$T/ctl.sock"
+restart
+check "... and a restart after kill -9 recovers it" bash -c "'$MARSADM' view --control '$T/ctl.sock' | grep -E '^sz +primary +up +up' && nbdsh -u 'nbd+unix:///sz?socket=$T/nbd.sock' -c 'assert h.pread(4096, (64 << 20) - 4096) == b\"\\x33\" * 4096'"
+kill -TERM "$PID"; wait "$PID"; PID=
+truncate -s 32M "$T/sz.img"
+restart
+check "a device that shrank below the resource's size keeps it down and says why" bash -c "'$MARSADM' view --control '$T/ctl.sock' | tee /dev/stderr | grep -E '^sz +primary +up +failed' && '$MARSADM' view --control '$T/ctl.sock' | grep -F 'has 33554432 bytes, the resource needs 67108864: it shrank'"
+check "... up refuses it with the same message" fails_with "has 33554432 bytes, the resource needs 67108864" adm up sz
+check "... and a client is told the reason" bash -c "! qemu-io -f raw -c 'read 0 512' 'nbd+unix:///sz?socket=$T/nbd.sock' > '$T/q' 2>&1; cat '$T/q'; grep -F 'resource sz failed to come up' '$T/q'"
 kill -TERM "$PID"; wait "$PID"; PID=
 [ "$fails" -eq 0 ]

@@ -116,13 +116,14 @@ struct PendingWriteMapTests {
     /// changes and reads arrive, a reader always sees the device with every change applied in LSN
     /// order, and after draining the device itself equals that. Small extent chunks (2-4) make
     /// nearly every insert, read and removal cross chunk boundaries.
-    @Test(arguments: 1...40)
-    func modelProperty(seed: Int) {
-        var rng = SplitMix64(state: UInt64(seed))
+    @Test(arguments: TestSeed.list(1...40))
+    func modelProperty(seed: UInt64) {
+        TestSeed.announce("modelProperty", seed)
+        var rng = SplitMix64(state: seed)
         let size = 4096
         var device = (0..<size).map { _ in UInt8.random(in: 0...255, using: &rng) }
         var logical = device
-        var map = PendingWriteMap(capacity: 1 << 20, extentsPerChunk: [2, 3, 4, 256][seed % 4])
+        var map = PendingWriteMap(capacity: 1 << 20, extentsPerChunk: [2, 3, 4, 256][Int(seed % 4)])
         var inFlight: WritebackBatch?
         var lsn: UInt64 = 0
         for _ in 0..<800 {

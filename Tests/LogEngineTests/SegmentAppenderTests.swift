@@ -13,7 +13,8 @@ import Glibc
     /// Random pieces, flushed at random moments, through a file that rejects misaligned writes (as
     /// O_DIRECT does): the file holds exactly the appended bytes, then zeroes to a block boundary,
     /// and every flush reports that boundary. Pieces cross the staging buffer's end.
-    @Test(arguments: 0..<8) func appendsThroughAlignedWritesOnly(seed: UInt64) throws {
+    @Test(arguments: TestSeed.list(0..<8)) func appendsThroughAlignedWritesOnly(seed: UInt64) throws {
+        TestSeed.announce("appendsThroughAlignedWritesOnly", seed)
         var random = SplitMix64(state: seed)
         let disk = SimulatedDisk()
         let file = try disk.directory("mars").open("segment", create: true, direct: true)

@@ -64,7 +64,10 @@ struct ServerTests {
         (.posix, .buffered, .engine), (.auto, .direct, .inline),
     ])
     func roundTrip(engine: IOEngine, cache: CacheMode, pageCacheWrites: PageCacheWritePolicy) async throws {
-        if engine == .uring, (try? URingIOQueue()) == nil { return }
+        if engine == .uring, (try? URingIOQueue()) == nil {
+            print("SKIP roundTrip(\(engine), \(cache), \(pageCacheWrites)): io_uring is not available here")
+            return
+        }
         let harness = try await ServerHarness(engine: engine, cache: cache) { $0.pageCacheWrites = pageCacheWrites }
         let client = try TestClient.connected(harness.socketPath)
         let data = pattern(65536, seed: 3)

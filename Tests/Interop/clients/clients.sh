@@ -303,11 +303,21 @@ rc2=$?
 if fio_ok $rc1 "$LOG/fio-seq.log" && fio_ok $rc2 "$LOG/fio-seq-reverify.log"; then
     pass fio_reverify_new_connection
 else fail fio_reverify_new_connection "rc=$rc1/$rc2 $(grep -m2 -iE 'verify|error' "$LOG/fio-seq-reverify.log" | tr '\n' '|')"; fi
-qio qio_corrupt "write -P 0x42 $((FIO_BASE + 384 * MiB + 2 * MiB)) 4k" || true
-timeout 60 fio "${FIO_SEQ[@]}" --verify_only >"$LOG/fio-seq-corrupt.log" 2>&1
-rc=$?
-if [ $rc != 0 ]; then pass fio_detects_corruption "rc=$rc"
-else fail fio_detects_corruption "fio verify did not notice a corrupted block"; fi
+# The corruption must really happen (and be read back), and fio must fail because verification
+# found it: not a timeout, not a connection or option error.
+CORRUPT=$((FIO_BASE + 384 * MiB + 2 * MiB))
+if ! qio qio_corrupt "write -P 0x42 $CORRUPT 4k" "read -P 0x42 $CORRUPT 4k"; then
+    fail fio_detects_corruption "could not corrupt the block behind fio's back: $(tailof "$LOG/qio_corrupt.log")"
+else
+    timeout 60 fio "${FIO_SEQ[@]}" --verify_only >"$LOG/fio-seq-corrupt.log" 2>&1
+    rc=$?
+    if [ $rc != 0 ] && [ $rc != 124 ] && grep -qE "verify: bad (magic header|header|crc32c)" "$LOG/fio-seq-corrupt.log" \
+        && grep -qE "offset $CORRUPT|at file .* offset $CORRUPT" "$LOG/fio-seq-corrupt.log"; then
+        pass fio_detects_corruption "rc=$rc, $(grep -m1 -oE 'verify: bad [a-z0-9 ]+' "$LOG/fio-seq-corrupt.log")"
+    else
+        fail fio_detects_corruption "fio verify did not report the corrupted block at $CORRUPT (rc=$rc): $(grep -m3 -iE 'verify|error' "$LOG/fio-seq-corrupt.log" | tr '\n' '|')"
+    fi
+fi
 
 rm -f "$SRC" "$SPARSE"
 echo "$PASSED passed, $FAILED failed ($(( $(date +%s) - T0 ))s)"
