@@ -135,14 +135,18 @@ public struct ReplicationStatus: Codable, Sendable, Equatable {
     public var syncOffset: UInt64?
     public var syncSize: UInt64?
     public var syncBytesSent: UInt64?
+    /// The host this replica fetches from: the primary, or another member that has the bytes.
+    public var fetchSource: String?
     public var problem: String?
     public var members: [MemberStatus]
 
     public init(
         disk: String, replication: String, primary: String? = nil, fetchedLSN: UInt64? = nil, replayedLSN: UInt64? = nil,
         primaryDurableLSN: UInt64? = nil, lagBytes: UInt64? = nil, lagSeconds: Double? = nil, syncOffset: UInt64? = nil,
-        syncSize: UInt64? = nil, syncBytesSent: UInt64? = nil, problem: String? = nil, members: [MemberStatus] = []
+        syncSize: UInt64? = nil, syncBytesSent: UInt64? = nil, fetchSource: String? = nil, problem: String? = nil,
+        members: [MemberStatus] = []
     ) {
+        self.fetchSource = fetchSource
         self.disk = disk
         self.replication = replication
         self.primary = primary

@@ -47,6 +47,7 @@ public enum StatusTable {
                         if let seconds = replication.lagSeconds { summary += " (\(String(format1: seconds)) s)" }
                         summary += " behind the primary \(replication.primary ?? "?")"
                     }
+                    if let source = replication.fetchSource, source != replication.primary { summary += ", fetching from \(source)" }
                     if let offset = replication.syncOffset, let size = replication.syncSize, size > 0 {
                         summary += ", sync \(Int(Double(offset) * 100 / Double(size)))% (\(formatBytes(offset))/\(formatBytes(size)), \(formatBytes(replication.syncBytesSent ?? 0)) transferred)"
                     }

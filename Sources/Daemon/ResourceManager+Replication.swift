@@ -23,6 +23,15 @@ extension ResourceManager: PeerRequestHandler {
         }
     }
 
+    func fetchSource(of resource: String) -> (any ShippingSource)? {
+        state.withLock { state -> (any ShippingSource)? in
+            guard let entry = state.resources[resource] else { return nil }
+            if let engine = entry.engine, entry.config.role == "primary" { return engine }
+            guard let replica = entry.replica, replica.log.status.fork == nil else { return nil }
+            return replica.log
+        }
+    }
+
     func size(of resource: String) -> UInt64? {
         state.withLock { $0.resources[resource]?.config.size }
     }
@@ -131,6 +140,7 @@ extension ResourceManager: PeerRequestHandler {
         }
         do {
             let cacheMode = settings.cacheMode
+            let spaceLimit = settings.spaceLimit
             let (device, log) = try await NIOThreadPool.singleton.runIfActive { () throws -> (BlockDevice, ReplicaLog) in
                 let device: BlockDevice
                 do {
@@ -143,17 +153,21 @@ extension ResourceManager: PeerRequestHandler {
                 }
                 let log = try ReplicaLog.open(
                     directory: resource.directory, device: POSIXFile(device: device), deviceSize: config.size,
-                    replayPaused: sync.endLSN == nil || config.replayPaused == true
+                    replayPaused: sync.endLSN == nil || config.replayPaused == true, spaceLimit: spaceLimit
                 ) { [logger = self.logger] message in logger.notice("replica log of \(name): \(message)") }
                 return (device, log)
             }
             let fetcher = ReplicaFetcher(
                 resource: name, log: log, firstSegment: SegmentName(fileName: sync.startSegment),
-                primary: { [cluster] in
-                    guard let entry = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name)),
-                        let host = cluster.hosts()[entry.primary], let address = try? PeerAddress(parsing: host.address)
-                    else { return nil }
-                    return (entry.primary, address)
+                sources: { [cluster, identity] in
+                    // The primary first, then the other secondaries, furthest ahead first.
+                    guard let entry = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name)) else { return [] }
+                    let hosts = cluster.hosts()
+                    let others = cluster.members(of: name).filter { $0.key != entry.primary && $0.key != identity?.host && $0.value.role == "secondary" }
+                        .sorted { $0.value.fetchedLSN > $1.value.fetchedLSN }.map(\.key)
+                    return ([entry.primary] + others).compactMap { host in
+                        hosts[host].flatMap { try? PeerAddress(parsing: $0.address) }.map { (host, $0) }
+                    }
                 },
                 group: peerGroup, pool: NIOThreadPool.singleton, credentials: { [weak self] in self?.credentials }, logger: logger
             )
@@ -409,6 +423,8 @@ extension ResourceManager: PeerRequestHandler {
             replication = "PausedFetch"
         } else if resource.config.replayPaused == true {
             replication = "PausedReplay"
+        } else if fetch.logFull {
+            replication = "LogFull"
         } else if fetch.link == .unreachable {
             replication = "PrimaryUnreachable"
         } else {
@@ -420,7 +436,7 @@ extension ResourceManager: PeerRequestHandler {
             primaryDurableLSN: primaryDurable, lagBytes: primaryDurable.map { $0 > log.replayedLSN ? $0 - log.replayedLSN : 0 },
             lagSeconds: synced ? log.lagSeconds : nil,
             syncOffset: synced ? nil : (progress?.offset ?? sync?.offset), syncSize: synced ? nil : resource.config.size,
-            syncBytesSent: progress?.bytesSent, problem: log.fork ?? log.failure ?? letGo ?? fetch.problem
+            syncBytesSent: progress?.bytesSent, fetchSource: fetch.source, problem: log.fork ?? log.failure ?? letGo ?? fetch.problem
         )
     }
 
@@ -430,6 +446,7 @@ extension ResourceManager: PeerRequestHandler {
         while !Task.isCancelled {
             if let credentials {
                 enforceRetention(credentials.local.host)
+                holdForOtherMembers(credentials.local.host)
                 announceMembership(credentials.local.host)
                 await cluster.gossipRound(group: peerGroup, credentials: credentials)
             }
@@ -441,6 +458,25 @@ extension ResourceManager: PeerRequestHandler {
     /// the log kept for members passes the retention limit, lets the most lagging one go (it is
     /// marked NeedsSync, visibly, and only a new sync brings it back): the others and the writers
     /// are never held up by a member that stays away.
+    /// On each replica: keeps the replayed segments other secondaries have not fetched yet (they may
+    /// fetch from here when the primary is out of reach).
+    private func holdForOtherMembers(_ host: String) {
+        let replicas = state.withLock { state in
+            state.resources.values.compactMap { resource -> (String, ReplicaLog)? in
+                guard let replica = resource.replica else { return nil }
+                return (resource.config.name, replica.log)
+            }
+        }
+        for (name, log) in replicas {
+            let primary = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name))?.primary
+            var holds: [String: UInt64] = [:]
+            for (member, entry) in cluster.members(of: name) where member != host && member != primary && entry.role == "secondary" {
+                holds[member] = entry.fetchedLSN
+            }
+            log.setRetentionHolds(holds)
+        }
+    }
+
     private func enforceRetention(_ host: String) {
         let primaries = state.withLock { state in
             state.resources.values.compactMap { resource -> (String, LogEngine)? in
@@ -452,6 +488,12 @@ extension ResourceManager: PeerRequestHandler {
             for holder in engine.retentionHolds.keys where cluster.isDeleted(ClusterService.memberKey(name, holder)) {
                 engine.setRetention(nil, for: holder)
                 logger.notice("\(holder) left \(name): its segments are no longer kept")
+            }
+            // A member fetching from another member (transitive fetch) acknowledges nothing here:
+            // what it has, as gossiped, is not needed from this log any more.
+            let members = cluster.members(of: name)
+            for (holder, lsn) in engine.retentionHolds {
+                if let member = members[holder], member.fetchedLSN > lsn { engine.setRetention(member.fetchedLSN, for: holder) }
             }
             let status = engine.status
             let limit = settings.retentionLimit ?? status.spaceLimit / 2

@@ -158,6 +158,15 @@ public enum LogAdmission: Sendable, Equatable {
     case refused(LogEngineError)
 }
 
+/// A log a peer may fetch from: a primary's (`LogEngine`), or a secondary's (`ReplicaLog`) for the
+/// members behind it.
+public protocol ShippingSource: AnyObject, Sendable {
+    func shippingSnapshot() -> ShippingSnapshot
+    var logDirectory: any StorageDirectory { get }
+}
+
+extension LogEngine: ShippingSource {}
+
 /// The segments of a log and its durable end, as a peer's fetch sees them.
 public struct ShippingSnapshot: Sendable, Equatable {
     public struct Segment: Sendable, Equatable {

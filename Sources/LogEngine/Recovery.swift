@@ -77,12 +77,10 @@ extension LogEngine {
         let epoch = walk.epoch
         // Segments another member still needs stay (they count towards the log space and are
         // retired once fetched); the others are written back and go.
-        let limit = min(endLSN, retentionHolds.values.min() ?? endLSN)
         var kept: [SegmentInfo] = []
         var retired: [SegmentName] = []
         for (index, segment) in walk.segments.enumerated() {
-            let segmentEnd = segment.scan.endLSN
-            if segmentEnd <= limit {
+            if retirable(nextFirstLSN: segment.scan.endLSN, position: endLSN, holds: retentionHolds) {
                 retired.append(segment.name)
             } else {
                 let size = index == walk.segments.count - 1 ? UInt64(end) : segment.fileSize

@@ -132,7 +132,11 @@ extension ReplicaLog {
         }
         // Segments wholly replayed go, except the newest: the fetch appends to it.
         let finished = monitor.withLock { state in
-            state.segments.indices.dropLast().filter { state.segments[$0 + 1].firstLSN <= batch.endLSN }.map { state.segments[$0].name }
+            let crowded = state.segments.reduce(0) { $0 + $1.size } > spaceLimit / 2
+            let holds = crowded ? [:] : state.retentionHolds
+            return state.segments.indices.dropLast().filter {
+                LogEngine.retirable(nextFirstLSN: state.segments[$0 + 1].firstLSN, position: batch.endLSN, holds: holds)
+            }.map { state.segments[$0].name }
         }
         for name in finished {
             try directory.remove(name.fileName)

@@ -77,7 +77,7 @@ public struct ReplicaLogStatus: Sendable, Equatable {
 /// of each batch stored before it starts, so the device equals a prefix of the log whenever replay
 /// stops, and a crash inside a batch says so (Inconsistent) until replay passes that end
 /// (invariant 3). Nothing that fails a check is written or applied (invariants 4 and 6).
-public final class ReplicaLog: Sendable {
+public final class ReplicaLog: ShippingSource {
     struct LocalSegment {
         var name: SegmentName
         var firstLSN: UInt64
@@ -113,6 +113,9 @@ public final class ReplicaLog: Sendable {
         var stopping = false
         var failure: ReplicaLogError?
         var fork: ReplicaLogError?
+        /// The oldest LSN each other member still fetches from this log (transitive fetch): replayed
+        /// segments holding bytes at or after the lowest stay.
+        var retentionHolds: [String: UInt64] = [:]
         /// When the log's end reached which LSN (bounded: one sample per 100 ms, 256 at most), for
         /// the lag in seconds.
         var arrivals: [(lsn: UInt64, at: ContinuousClock.Instant)] = []
@@ -128,6 +131,8 @@ public final class ReplicaLog: Sendable {
     let positionBox: PositionBox
     private let thread = Mutex<WorkerThread?>(nil)
     let batchBytes: UInt64
+    /// Bytes the local segments may take; beyond it fetch waits for replay (`hasRoom`).
+    let spaceLimit: UInt64
 
     /// Creates the log directory of a new replica: no segments yet, the replay position at
     /// `startLSN` of epoch `epoch` (where its initial sync began).
@@ -142,7 +147,7 @@ public final class ReplicaLog: Sendable {
     /// and starts replaying (unless `replayPaused`).
     public static func open(
         directory: any StorageDirectory, device: any StorageFile, deviceSize: UInt64, replayPaused: Bool,
-        batchBytes: UInt64 = 64 << 20, report: (String) -> Void = { _ in }
+        batchBytes: UInt64 = 64 << 20, spaceLimit: UInt64 = 64 << 30, report: (String) -> Void = { _ in }
     ) throws -> ReplicaLog {
         let position = try LogHistory.openPosition(in: directory)
         var segments: [LocalSegment] = []
@@ -201,15 +206,19 @@ public final class ReplicaLog: Sendable {
             segments: segments, replayedLSN: position.writebackLSN, applyingLSN: position.writebackLSN,
             consistentFrom: max(position.intentLSN, position.writebackLSN), epoch: position.epoch, replayPaused: replayPaused
         )
-        let log = ReplicaLog(directory: directory, device: device, deviceSize: deviceSize, state: state, position: position, appending: appending, batchBytes: batchBytes)
+        let log = ReplicaLog(
+            directory: directory, device: device, deviceSize: deviceSize, state: state, position: position, appending: appending,
+            batchBytes: batchBytes, spaceLimit: spaceLimit
+        )
         log.start()
         return log
     }
 
     private init(
         directory: any StorageDirectory, device: any StorageFile, deviceSize: UInt64, state: State, position: PositionFile,
-        appending: Appending?, batchBytes: UInt64
+        appending: Appending?, batchBytes: UInt64, spaceLimit: UInt64
     ) {
+        self.spaceLimit = spaceLimit
         self.directory = directory
         self.device = device
         self.deviceSize = deviceSize
@@ -259,6 +268,36 @@ public final class ReplicaLog: Sendable {
         replayWake.broadcast()
         if paused {
             monitor.wait(idle, until: { !$0.replaying || $0.stopping }, then: { _ in })
+        }
+    }
+
+    /// Whether the local log is below its space limit: fetch acknowledges (and so receives) more
+    /// only then, so a replica whose replay is paused or slow stops its primary's stream instead
+    /// of filling its filesystem (the primary keeps the log meanwhile).
+    public var hasRoom: Bool {
+        monitor.withLock { state in state.segments.reduce(0) { $0 + $1.size } < spaceLimit }
+    }
+
+    /// Keeps replayed segments holding bytes at or after each LSN, for the other members that may
+    /// fetch from this replica (replacing the holds before). Only while the log is below half its
+    /// space: beyond, replayed segments go anyway, and such a member asks the primary.
+    public func setRetentionHolds(_ holds: [String: UInt64]) {
+        monitor.withLock { $0.retentionHolds = holds }
+    }
+
+    // MARK: - Serving other members (transitive fetch)
+
+    public var logDirectory: any StorageDirectory { directory }
+
+    /// The local segments and the end of the checked, durable bytes: what another member may fetch
+    /// from this replica (replayed segments are gone; that member then asks the primary).
+    public func shippingSnapshot() -> ShippingSnapshot {
+        monitor.withLock { state in
+            let end = Self.availableLSN(state)
+            return ShippingSnapshot(
+                segments: state.segments.map { ShippingSnapshot.Segment(name: $0.name, firstLSN: $0.firstLSN) },
+                durableLSN: end, appendedLSN: end, epoch: state.epoch
+            )
         }
     }
 

@@ -363,15 +363,18 @@ extension LogEngine {
         return checkpointUrgent(state) || since >= Self.checkpointInterval || ContinuousClock.now - state.lastApplied >= .seconds(1)
     }
 
-    /// The LSN below which segments may go: written back, and fetched by every member that needs them.
-    func retirementLimit(_ state: State, position: UInt64) -> UInt64 {
-        min(position, state.retentionFloor ?? position)
+    /// Whether the segment followed by one starting at `nextFirstLSN` may go: written back up to
+    /// `position`, and wholly fetched by every member with a hold, strictly, because a member that
+    /// has all of a segment still names it when it asks again after a reconnect (at its end).
+    static func retirable(nextFirstLSN: UInt64, position: UInt64, holds: [String: UInt64]) -> Bool {
+        nextFirstLSN <= position && holds.values.allSatisfy { nextFirstLSN < $0 }
     }
 
     /// Whether a segment waits to be retired that a lowered need (a member that fetched it, or left)
     /// now allows, with no new write to start a checkpoint.
     func hasRetirableSegments(_ state: State) -> Bool {
-        state.segments.count > 1 && state.segments[1].firstLSN <= retirementLimit(state, position: state.writebackLSN)
+        state.segments.count > 1
+            && Self.retirable(nextFirstLSN: state.segments[1].firstLSN, position: state.writebackLSN, holds: state.retentionHolds)
     }
 
     private enum CheckpointWork {
@@ -481,8 +484,8 @@ extension LogEngine {
         let (doomed, kept, dropped) = monitor.withLock { state -> ([SegmentInfo], [SegmentInfo], [Spare]) in
             state.writebackLSN = position
             var retired: [SegmentInfo] = []
-            let limit = retirementLimit(state, position: position)
-            for index in 0..<max(0, state.segments.count - 1) where state.segments[index + 1].firstLSN <= limit {
+            for index in 0..<max(0, state.segments.count - 1)
+            where Self.retirable(nextFirstLSN: state.segments[index + 1].firstLSN, position: position, holds: state.retentionHolds) {
                 retired.append(state.segments[index])
             }
             // Spares only while no write waits for log space and the log stays a segment plus a record below its limit.

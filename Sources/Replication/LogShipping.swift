@@ -9,6 +9,8 @@ import TransactionLog
 public protocol PeerRequestHandler: Sendable {
     /// The log of `resource` when this host is its primary, nil otherwise.
     func primaryLog(of resource: String) -> LogEngine?
+    /// The log another member may fetch `resource` from here: the primary's, or this secondary's.
+    func fetchSource(of resource: String) -> (any ShippingSource)?
     /// The size of `resource` as this host stores it.
     func size(of resource: String) -> UInt64?
     /// Merges a peer's gossip and returns this host's (both JSON, see Cluster).
@@ -109,8 +111,8 @@ public final class PeerSession: @unchecked Sendable {
 
     private func startFetch(_ request: FetchRequest) {
         streams[request.resource]?.stop()
-        guard let log = handler.primaryLog(of: request.resource) else {
-            link.send(.fetchError(FetchError(resource: request.resource, code: .notPrimary, reason: "this host is not the primary of \(request.resource)")))
+        guard let log = handler.fetchSource(of: request.resource) else {
+            link.send(.fetchError(FetchError(resource: request.resource, code: .noSuchResource, reason: "this host has no log of \(request.resource) to fetch from")))
             return
         }
         guard let segment = SegmentName(fileName: request.segment) else {
@@ -176,7 +178,7 @@ public enum ChunkDigest {
 /// what the peer acknowledged (its own durability).
 final class FetchStream {
     private let link: PeerLink
-    private let log: LogEngine
+    private let log: any ShippingSource
     private let resource: String
     private let logger: Logger
     private var segment: SegmentName
@@ -193,7 +195,7 @@ final class FetchStream {
     /// How often a stream at the durable end looks for more.
     static let tailPoll: TimeAmount = .milliseconds(5)
 
-    init(link: PeerLink, log: LogEngine, resource: String, segment: SegmentName, offset: UInt64, window: UInt64, logger: Logger) {
+    init(link: PeerLink, log: any ShippingSource, resource: String, segment: SegmentName, offset: UInt64, window: UInt64, logger: Logger) {
         self.link = link
         self.log = log
         self.resource = resource
@@ -222,7 +224,7 @@ final class FetchStream {
             let snapshot = log.shippingSnapshot()
             guard let index = snapshot.segments.firstIndex(where: { $0.name == segment }) else {
                 if let oldest = snapshot.segments.first, segment.sequence < oldest.name.sequence {
-                    fail(.segmentGone, "\(segment) is no longer in the primary's log (the oldest is \(oldest.name)): this replica needs a sync")
+                    fail(.segmentGone, "\(segment) is no longer in this host's log (the oldest is \(oldest.name))")
                 } else {
                     later()
                 }
@@ -231,8 +233,13 @@ final class FetchStream {
             segmentFirstLSN = snapshot.segments[index].firstLSN
             let end = snapshot.shippableEnd(of: index)
             if sent > end {
-                // Only durable bytes are ever shipped, so a peer beyond them has another history.
-                fail(.forked, "\(link.remote.host) asked for \(segment) from byte \(sent), but it ends at byte \(end) here")
+                // A primary ships durable bytes only, so a peer beyond them has another history; a
+                // secondary serving others may just be behind that peer: it waits to catch up.
+                if log is LogEngine {
+                    fail(.forked, "\(link.remote.host) asked for \(segment) from byte \(sent), but it ends at byte \(end) here")
+                } else {
+                    later()
+                }
                 return
             }
             while sent < end, sent - acknowledged < window, link.isWritable {

@@ -17,12 +17,16 @@ public struct FetchState: Sendable, Equatable {
     }
     public var link: Link = .connecting
     public var primary: String?
+    /// The host the log comes from now: the primary, or another member that has the bytes.
+    public var source: String?
     /// The last problem, with the peer's address.
     public var problem: String?
     /// The primary no longer has the segment this replica needs: only a sync brings it back.
     public var needsSync = false
     /// The primary says this replica's log goes beyond its own: another history (split brain).
     public var forked = false
+    /// The local log is at its space limit: fetch waits for replay to free segments.
+    public var logFull = false
     public var bytesFetched: UInt64 = 0
     /// Wall-clock ms of the last message from the primary.
     public var lastContact: UInt64?
@@ -33,11 +37,14 @@ public struct FetchState: Sendable, Equatable {
 /// the event loop, acknowledged once durable (the primary keeps a window in flight, so a long fat
 /// link stays full). Reconnects with backoff forever and resumes at the exact byte.
 public final class ReplicaFetcher: @unchecked Sendable {
-    public typealias PrimaryLookup = @Sendable () -> (host: String, address: PeerAddress)?
+    /// Where the log can come from: the primary first, then other members that may have it.
+    public typealias SourceLookup = @Sendable () -> [(host: String, address: PeerAddress)]
 
     private let resource: String
     private let log: ReplicaLog
-    private let primary: PrimaryLookup
+    private let sources: SourceLookup
+    /// Which of `sources` the next connection tries: 0 is the primary; a failed source moves it on.
+    private var sourceIndex = 0
     private let loop: any EventLoop
     private let group: any EventLoopGroup
     private let pool: NIOThreadPool
@@ -60,13 +67,13 @@ public final class ReplicaFetcher: @unchecked Sendable {
     static let commitBytes: UInt64 = 8 << 20
 
     public init(
-        resource: String, log: ReplicaLog, firstSegment: SegmentName?, primary: @escaping PrimaryLookup, group: any EventLoopGroup,
+        resource: String, log: ReplicaLog, firstSegment: SegmentName?, sources: @escaping SourceLookup, group: any EventLoopGroup,
         pool: NIOThreadPool, credentials: @escaping @Sendable () -> PeerCredentials?, logger: Logger
     ) {
         self.resource = resource
         self.log = log
         self.firstSegment = firstSegment
-        self.primary = primary
+        self.sources = sources
         self.group = group
         self.loop = group.next()
         self.pool = pool
@@ -101,11 +108,16 @@ public final class ReplicaFetcher: @unchecked Sendable {
     private func connect() {
         guard running else { return }
         let attempt = generation
-        guard let credentials = credentials(), let (host, address) = primary() else {
+        let candidates = sources()
+        guard let credentials = credentials(), !candidates.isEmpty else {
             retry(attempt, "no primary is known for \(resource) yet")
             return
         }
-        state.withLock { $0.primary = host }
+        let (host, address) = candidates[sourceIndex % candidates.count]
+        state.withLock { state in
+            state.primary = candidates[0].host
+            state.source = host
+        }
         PeerLink.connect(to: address, group: loop, credentials: credentials, logger: logger).hop(to: loop).whenComplete { [self] result in
             guard attempt == generation, running else {
                 if case .success(let link) = result { link.close() }
@@ -114,6 +126,7 @@ public final class ReplicaFetcher: @unchecked Sendable {
             switch result {
             case .failure(let error):
                 state.withLock { $0.link = .unreachable }
+                sourceIndex += 1  // the next member that may have the bytes
                 retry(attempt, "\(error)")
             case .success(let link):
                 established(link, attempt: attempt)
@@ -131,6 +144,7 @@ public final class ReplicaFetcher: @unchecked Sendable {
             guard attempt == generation, running, self.link === link else { return }
             let silent = state.withLock { state in state.lastContact.map { wallClockMilliseconds() - $0 } ?? 0 }
             if silent > UInt64(Self.silenceLimit.nanoseconds / 1_000_000) {
+                sourceIndex += 1
                 abandon(attempt, "no message from \(link.remote.host) for \(silent / 1000) s")
                 return
             }
@@ -191,6 +205,10 @@ public final class ReplicaFetcher: @unchecked Sendable {
                 running = false
                 generation += 1
                 link?.close()
+            } else if error.errorCode == .segmentGone, sourceIndex % max(1, sources().count) != 0 {
+                // Another member replayed and removed what this one needs: the primary keeps it.
+                sourceIndex = 0
+                abandon(attempt, "\(link?.remote.host ?? "that member") no longer has it: \(error.reason)")
             } else if error.errorCode == .segmentGone {
                 state.withLock { state in
                     state.needsSync = true
@@ -227,12 +245,25 @@ public final class ReplicaFetcher: @unchecked Sendable {
         work = work.flatMap { [pool, loop, log] in
             pool.runIfActive(eventLoop: loop) { try log.commit() }
         }.hop(to: loop).map { [self] position in
-            guard attempt == generation, let position, let link else { return }
-            link.send(.fetchAck(FetchAck(resource: resource, segment: position.segment.fileName, offset: position.offset)))
+            guard let position else { return }
+            acknowledge(position, attempt: attempt)
         }.flatMapError { [self] error in
             failed(attempt, error)
             return loop.makeSucceededVoidFuture()
         }
+    }
+
+    /// Acknowledges `position` once the local log has room: until then the primary's window stays
+    /// closed and nothing more arrives.
+    private func acknowledge(_ position: FetchPosition, attempt: Int) {
+        guard attempt == generation, let link else { return }
+        guard log.hasRoom else {
+            state.withLock { $0.logFull = true }
+            loop.scheduleTask(in: .milliseconds(200)) { [self] in acknowledge(position, attempt: attempt) }
+            return
+        }
+        state.withLock { $0.logFull = false }
+        link.send(.fetchAck(FetchAck(resource: resource, segment: position.segment.fileName, offset: position.offset)))
     }
 
     private func failed(_ attempt: Int, _ error: any Error) {

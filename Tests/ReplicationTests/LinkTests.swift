@@ -62,6 +62,7 @@ final class OneResource: PeerRequestHandler {
     init(log: LogEngine) { self.log = log }
 
     func primaryLog(of resource: String) -> LogEngine? { resource == "vm1" ? log : nil }
+    func fetchSource(of resource: String) -> (any ShippingSource)? { primaryLog(of: resource) }
     func size(of resource: String) -> UInt64? { resource == "vm1" ? TwoHosts.size : nil }
     func gossip(_ entries: [UInt8], from peer: PeerIdentity) -> [UInt8] { entries }
     func fetched(_ resource: String, by peer: PeerIdentity, upTo lsn: UInt64) {
@@ -102,7 +103,7 @@ final class Acks: LogCompletionTarget {
         let replica = try hosts.openReplica(startLSN: start.lsn, epoch: start.epoch)
         let fetcher = ReplicaFetcher(
             resource: "vm1", log: replica, firstSegment: start.segment,
-            primary: { ("alpha", PeerAddress(host: "127.0.0.1", port: port)) }, group: group, pool: NIOThreadPool.singleton,
+            sources: { [("alpha", PeerAddress(host: "127.0.0.1", port: port))] }, group: group, pool: NIOThreadPool.singleton,
             credentials: { Self.credentials("beta") }, logger: logger
         )
         fetcher.start()

@@ -151,12 +151,15 @@ class Host:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICK
 
-    def hwm_mib(self):
+    def hwm_mib(self, key="VmHWM:"):
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1]) / 1024
         return 0.0
+
+    def rss_mib(self):
+        return self.hwm_mib("VmRSS:")
 
     def stop(self):
         if self.proc.poll() is None:
@@ -266,8 +269,9 @@ class Sampler(threading.Thread):
         nxt = time.monotonic()
         while not self.stopping.is_set():
             try:
-                t = time.monotonic()
-                self.samples.append((t, self.probe()))
+                t0 = time.monotonic()
+                value = self.probe()
+                self.samples.append(((t0 + time.monotonic()) / 2, value))
             except Exception as e:  # keep sampling; report the first error
                 self.error = self.error or e
             nxt += self.interval
@@ -351,9 +355,17 @@ def settle_fetch(alpha, beta, name, timeout=300):
 def job_fetch_cpu(a, alpha, beta, rnd):
     out = {}
 
-    def run(name):
+    def run(name, rated=False):
         ca0, cb0, (busy0, idle0) = alpha.cpu(), beta.cpu(), machine_ticks()
-        r = fio(alpha.uri(name), "randwrite", "4k", 32, runtime=a.runtime)
+        r = fio(alpha.uri(name), "randwrite", "4k", 32, runtime=a.runtime, rate_iops=a.cpu_iops if rated else None)
+        if rated:
+            durable = settle_fetch(alpha, beta, "repl") if name == "repl" else None
+            out[f"{name}_rated_iops"] = r["iops"]
+            out[f"{name}_rated_alpha_us"] = (alpha.cpu() - ca0) * 1e6 / r["ios"]
+            if durable:
+                wait_until("beta to replay", lambda: lsn(beta, "repl", "replayedLSN") >= durable, 600, 0.02)
+                out["repl_rated_beta_us"] = (beta.cpu() - cb0) * 1e6 / r["ios"]
+            return
         if name == "repl":
             settle_t0 = time.monotonic()
             durable = settle_fetch(alpha, beta, "repl")
@@ -373,6 +385,9 @@ def job_fetch_cpu(a, alpha, beta, rnd):
 
     for name in (["solo", "repl"] if rnd % 2 else ["repl", "solo"]):
         run(name)
+    if a.cpu_iops:
+        for name in (["repl", "solo"] if rnd % 2 else ["solo", "repl"]):
+            run(name, rated=True)
     return out
 
 
@@ -404,9 +419,17 @@ def lag_run(primary, secondary, name, seconds, iops, prim_interval=0.02):
         while pi + 1 < len(ps) and ps[pi + 1][0] <= t:
             pi += 1
         true_bytes.append(max(0, ps[pi][1] - replayed))
-        # Age of the oldest durable write not replayed: first primary sample with durable > replayed.
-        first = next((pt for pt, d in ps if d > replayed), None)
-        true_secs.append(max(0.0, t - first) if first is not None and first <= t else 0.0)
+        # Age of the oldest durable write not replayed: when the primary's durable end passed
+        # `replayed`, interpolated between the two primary samples around that moment.
+        i = next((k for k, (_, d) in enumerate(ps) if d > replayed), None)
+        if i is None or ps[i][0] > t:
+            true_secs.append(0.0)
+        elif i == 0:
+            true_secs.append(t - ps[0][0])
+        else:
+            (ta, da), (tb, db) = ps[i - 1], ps[i]
+            passed = ta + (replayed - da) / (db - da) * (tb - ta)
+            true_secs.append(max(0.0, t - passed))
     return dict(iops=r["iops"], view_bytes=view_bytes, view_secs=view_secs, true_bytes=true_bytes, true_secs=true_secs)
 
 
@@ -584,6 +607,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="1 round, small sizes: a smoke run of about 3 minutes")
     p.add_argument("--seq-gib", type=float, default=2.0, help="backlog and solo write size for replay-1m (GiB)")
     p.add_argument("--runtime", type=int, default=8, help="seconds of each 4 KiB qd32 run of fetch-cpu")
+    p.add_argument("--cpu-iops", type=int, default=10000,
+                   help="fetch-cpu also runs both at this fixed rate (fio --rate_iops), so batching is alike; 0: skip")
     p.add_argument("--lag-iops", type=int, default=5000)
     p.add_argument("--lag-seconds", type=int, default=10)
     p.add_argument("--wan-mib", type=int, default=300)
@@ -620,7 +645,8 @@ def main():
 
     def note_rss(phase):
         rss[phase] = {h.name: round(h.hwm_mib(), 1) for h in hosts}
-        log(f"VmHWM after {phase}: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss[phase].items()))
+        now = {h.name: h.rss_mib() for h in hosts}
+        log(f"VmHWM (VmRSS) after {phase}: " + ", ".join(f"{k} {v:.0f} ({now[k]:.0f}) MiB" for k, v in rss[phase].items()))
 
     try:
         # Loopback addresses and ports of our own, away from the test suite's 127.0.0.2x/3x:17777.
@@ -669,7 +695,9 @@ def main():
                 results["fetch-cpu"].append(r)
                 log(f"round {rnd}: fetch-cpu-4k: alpha µs/request solo {r['solo_alpha_us']:.2f} ({r['solo_iops'] / 1000:.1f}k IOPS), "
                     f"with beta {r['repl_alpha_us']:.2f} ({r['repl_iops'] / 1000:.1f}k IOPS), ratio {r['repl_alpha_us'] / r['solo_alpha_us']:.2f}; "
-                    f"beta {r['repl_beta_us']:.2f} µs/request; machine {r['solo_machine_us']:.2f} / {r['repl_machine_us']:.2f}")
+                    f"beta {r['repl_beta_us']:.2f} µs/request; machine {r['solo_machine_us']:.2f} / {r['repl_machine_us']:.2f}"
+                    + (f"; at {a.cpu_iops}/s: solo {r['solo_rated_alpha_us']:.2f}, with beta {r['repl_rated_alpha_us']:.2f} "
+                       f"(ratio {r['repl_rated_alpha_us'] / r['solo_rated_alpha_us']:.2f}), beta {r['repl_rated_beta_us']:.2f}" if a.cpu_iops else ""))
                 note_rss(f"fetch-cpu round {rnd}")
             if "lag" in jobs:
                 r = job_lag(a, alpha, beta, rnd)
@@ -745,6 +773,12 @@ def summarize(a, results, rss):
                                  repl_idle=med([r["repl_idle"] for r in fc]), solo_idle=med([r["solo_idle"] for r in fc]),
                                  settle_s=med([r["repl_settle_s"] for r in fc]), replay_tail_s=med([r["repl_replay_tail_s"] for r in fc]),
                                  target="<= 1.15")
+        if "repl_rated_alpha_us" in fc[0]:
+            s["fetch-cpu-4k-rated"] = dict(iops=a.cpu_iops, repl_alpha_us=med([r["repl_rated_alpha_us"] for r in fc]),
+                                           solo_alpha_us=med([r["solo_rated_alpha_us"] for r in fc]),
+                                           ratio=med([r["repl_rated_alpha_us"] / r["solo_rated_alpha_us"] for r in fc]),
+                                           per_round=[(round(r["repl_rated_alpha_us"], 2), round(r["solo_rated_alpha_us"], 2)) for r in fc],
+                                           repl_beta_us=med([r["repl_rated_beta_us"] for r in fc]), target="<= 1.15")
     lg = results["lag"]
     if lg:
         def agg(key, rs):
@@ -805,6 +839,10 @@ def print_summary(s):
         print(f"    IOPS with beta {r['repl_iops'] / 1000:.1f}k, solo {r['solo_iops'] / 1000:.1f}k; beta {r['repl_beta_us']:.2f} µs/rq; machine "
               f"{r['repl_machine_us']:.2f} / {r['solo_machine_us']:.2f} µs/rq, idle {100 * r['repl_idle']:.0f}% / {100 * r['solo_idle']:.0f}%; "
               f"fetch settled {r['settle_s']:.2f} s, replay {r['replay_tail_s']:.2f} s after fio")
+    if "fetch-cpu-4k-rated" in s:
+        r = s["fetch-cpu-4k-rated"]
+        print(f"{'  at ' + str(r['iops']) + '/s':<14} {r['repl_alpha_us']:>9.2f} µs/rq {r['solo_alpha_us']:>9.2f} µs/rq {r['ratio']:>7.2f}  {r['target']}   "
+              f"per round (with beta, solo) {r['per_round']}; beta {r['repl_beta_us']:.2f} µs/rq")
     for key, title in (("lag-4k", "lag-4k"), ("wan-lag", "wan-lag")):
         if key in s:
             r = s[key]

@@ -12,7 +12,8 @@
 #      identical, and no new sync.
 #   4. a re-join of an identical device (a copy of case 1's primary device) sends < 1% of it.
 #
-#   MARSD=... MARSADM=... MARS_TEST_SEED=... JOIN_CASES="1 2a 2b 3 4" Tests/Interop/replication/join.sh
+#   MARSD=... MARSADM=... MARS_TEST_SEED=... JOIN_CASES="1 2a 2b 3 4" JOIN_NET=127.73 \
+#       Tests/Interop/replication/join.sh
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../../.." && pwd)
@@ -24,6 +25,7 @@ WATCH="$PYTHON $HERE/joinwatch.py"
 SEED=${MARS_TEST_SEED:-$RANDOM}
 CASES=${JOIN_CASES:-1 2a 2b 3 4}
 LIMIT=${JOIN_TEST_LIMIT_S:-420}
+NET=${JOIN_NET:-127.73}   # hosts listen on $NET.CASE.N:17777 (other tests use 127.0.0.x)
 echo "seed $SEED (MARS_TEST_SEED=$SEED to repeat); cases: $CASES"
 W=$(mktemp -d /tmp/mars-join.XXXXXX)
 T0=$(date +%s)
@@ -130,7 +132,7 @@ GIB=$((1 << 30))
 # =============================================================================================
 case1() {
     echo "# case 1: join of a 4 GiB device while the primary writes"
-    ADDR[p1]=127.0.0.41:17777; ADDR[s1]=127.0.0.42:17777; ADDR[s4]=127.0.0.43:17777
+    ADDR[p1]=$NET.1.1:17777; ADDR[s1]=$NET.1.2:17777; ADDR[s4]=$NET.1.3:17777
     local size=$((4 * GIB)) blocks=$((4 * GIB / 4096))
     truncate -s $size "$W/p1.img" "$W/s1.img"
     # 30 extents of 10 MiB of random data spread over the device (300 MiB), the rest sparse, and
@@ -143,7 +145,7 @@ case1() {
     dd if=/dev/zero of="$W/p1.img" bs=1M count=32 seek=2000 conv=notrunc status=none
     rnd s1 24 >"$W/s1.data"
     dd if="$W/s1.data" of="$W/s1.img" bs=1M count=8 skip=0 seek=2010 conv=notrunc status=none   # over written zeros
-    dd if="$W/s1.data" of="$W/s1.img" bs=1M count=8 skip=8 seek=3000 conv=notrunc status=none   # over a hole
+    dd if="$W/s1.data" of="$W/s1.img" bs=1M count=8 skip=8 seek=3100 conv=notrunc status=none   # over a hole
     dd if="$W/s1.data" of="$W/s1.img" bs=1M count=8 skip=16 seek=139 conv=notrunc status=none   # over data
     rm -f "$W/s1.data"
     start p1 && start s1 || { fail "case 1: marsd p1 and s1 start"; return; }
@@ -156,8 +158,8 @@ case1() {
     check "case 1: 4000 tagged writes on p1 before the join" \
         $CHECK write --uri "$uri" --blocks $blocks --count 4000 --seed "$SEED" --log "$W/c1-pre.log" --flush-every 100 --qd 4 --run-id 11 >/dev/null
     note "p1's device: $(du -m "$W/p1.img" | cut -f1) MiB allocated of 4096"
-    # A writer runs for the whole join.
-    $CHECK write --uri "$uri" --blocks $blocks --count 100000000 --duration-s 30 --seed $((SEED + 1)) --log "$W/c1-during.log" \
+    # A writer runs during the join, on the first GiB (the rest keeps its holes and zero regions).
+    $CHECK write --uri "$uri" --blocks $((blocks / 4)) --count 100000000 --duration-s 30 --seed $((SEED + 1)) --log "$W/c1-during.log" \
         --flush-every 50 --qd 4 --run-id 12 >"$W/c1-writer.out" 2>&1 &
     local writer=$! t=$SECONDS
     sleep 1
@@ -215,9 +217,9 @@ case2() {  # case2 a|b
     local v=$1 p=p2$1 s=s2$1 px=px2$1 res=r2$1
     local who; [ "$v" = a ] && who="secondary" || who="primary"
     echo "# case 2$v: kill -9 of the $who's marsd mid-sync, the sync resumes"
-    local n; [ "$v" = a ] && n=5 || n=6
-    ADDR[$p]=127.0.0.${n}1:17777; ADDR[$s]=127.0.0.${n}2:17777
-    local padv=127.0.0.${n}0:17001
+    local n; [ "$v" = a ] && n=2 || n=3
+    ADDR[$p]=$NET.$n.1:17777; ADDR[$s]=$NET.$n.2:17777
+    local padv=$NET.$n.10:17001
     local mib=256 size=$((256 * MIB)) blocks=$((256 * MIB / 4096))
     rnd "$p" $mib >"$W/$p.img"                                  # every chunk differs and travels
     dd if=/dev/zero of="$W/$p.img" bs=1M count=16 seek=100 conv=notrunc status=none   # and one zero region
@@ -249,23 +251,25 @@ case2() {  # case2 a|b
     check "case 2$v: $s's resource.json holds a sync offset > 0 ($pers)" bash -c "[[ '$pers' =~ ^[0-9]+$ ]] && [ '$pers' -gt 0 ]"
     is_num "$pers" || pers=0
     local followout="$W/c2$v-follow.out"
+    local follower
     if [ "$v" = a ]; then
         check "case 2$v: restart $s with the same arguments" start "$s"
-        $WATCH follow --marsadm "$MARSADM" --control "$W/$s/ctl.sock" --resource "$res" --timeout 90 --interval 0.05 \
+        $WATCH follow --marsadm "$MARSADM" --control "$W/$s/ctl.sock" --resource "$res" --timeout 60 --interval 0.05 \
             --samples "$W/c2$v-samples.txt" >"$followout" &
+        follower=$!
     else
-        $WATCH follow --marsadm "$MARSADM" --control "$W/$s/ctl.sock" --resource "$res" --timeout 90 --interval 0.05 \
+        $WATCH follow --marsadm "$MARSADM" --control "$W/$s/ctl.sock" --resource "$res" --timeout 60 --interval 0.05 \
             --samples "$W/c2$v-samples.txt" >"$followout" &
+        follower=$!
         sleep 2   # the secondary sees its primary gone
         note "$s while $p is down: $(state "$s" "$res")"
         check "case 2$v: restart $p with the same arguments" start "$p"
     fi
-    local follower=$!
     wait $follower
     rc=$?
     local out; out=$(cat "$followout")
     note "$s after the restart: $out ($((SECONDS - t)) s since the join)"
-    check "case 2$v: $s ends UpToDate" test $rc -eq 0
+    check "case 2$v: $s ends UpToDate and Replicating" test $rc -eq 0
     local first low
     first=$(sed -n 's/.*first=\([0-9-]*\).*/\1/p' <<<"$out"); low=$(sed -n 's/.* min=\([0-9-]*\).*/\1/p' <<<"$out")
     if is_num "$first"; then
@@ -279,7 +283,7 @@ case2() {  # case2 a|b
     check "case 2$v: 1500 writes on $p after the restart" $CHECK write --uri "$uri" --blocks $blocks --count 1500 \
         --seed $((SEED + 21)) --log "$W/c2$v-w2.log" --flush-every 50 --qd 2 --run-id 22 >/dev/null
     proxy "$px" throttle 0
-    check "case 2$v: wait-resource on $s" adm "$s" wait-resource "$res" --until uptodate --wait-timeout 60
+    check "case 2$v: wait-resource on $s" adm "$s" wait-resource "$res" --until uptodate --wait-timeout 30
     adm "$s" pause-replay "$res" >/dev/null
     adm "$p" down "$res" >/dev/null
     check "case 2$v: $p and $s devices are byte-identical" $CHECK compare --a "$W/$p.img" --b "$W/$s.img"
@@ -290,12 +294,16 @@ case2() {  # case2 a|b
 # =============================================================================================
 # Case 3: restart in any order (p3 primary, s3a and s3b secondaries)
 # =============================================================================================
-roles() {  # roles HOST RESOURCE: "role primary"
-    local st; st=$(state "$1" "$2"); set -- $st; echo "$1 $7"
+roles() {  # roles HOST RESOURCE: "primary" or "secondary of PRIMARY" (from view --json)
+    local st; st=$(state "$1" "$2"); set -- $st
+    if [ "$1" = secondary ]; then echo "secondary of $7"; else echo "$1"; fi
+}
+segments() {  # segments HOST RESOURCE: the log segments under HOST's root, with their LSN ranges
+    "$MARSADM" log-dump "$2" --root "$W/$1/root" 2>&1 | sed -n 's/^\(log-[^:]*\): LSN \([^,]*\),.*/\1 [\2)/p' | tr '\n' ' '
 }
 case3() {
     echo "# case 3: restart in any order"
-    ADDR[p3]=127.0.0.71:17777; ADDR[s3a]=127.0.0.72:17777; ADDR[s3b]=127.0.0.73:17777
+    ADDR[p3]=$NET.4.1:17777; ADDR[s3a]=$NET.4.2:17777; ADDR[s3b]=$NET.4.3:17777
     local size=$((64 * MIB)) blocks=$((64 * MIB / 4096)) res=r3
     truncate -s $size "$W/p3.img" "$W/s3a.img" "$W/s3b.img"
     start p3 && start s3a && start s3b || { fail "case 3: three marsd start"; return; }
@@ -314,7 +322,7 @@ case3() {
     for h in p3 s3a s3b; do before[$h]=$(roles $h $res); done
     note "roles: p3=${before[p3]} s3a=${before[s3a]} s3b=${before[s3b]}"
     check "case 3: roles before the restarts (p3 primary, s3a/s3b secondaries of p3)" \
-        test "${before[p3]} ${before[s3a]} ${before[s3b]}" = "primary p3 secondary p3 secondary p3"
+        test "${before[p3]}, ${before[s3a]}, ${before[s3b]}" = "primary, secondary of p3, secondary of p3"
     local round order
     for round in 1 2; do
         if [ $round = 1 ]; then
@@ -325,6 +333,7 @@ case3() {
             check "case 3 round 2: kill -9 p3, then SIGTERM stops s3a and s3b" stop_all TERM s3a s3b
             order="s3b p3 s3a"
         fi
+        note "p3's log when stopped: $(segments p3 $res); s3a's: $(segments s3a $res); s3b's: $(segments s3b $res)"
         local ok=1
         for h in $order; do start $h || ok=0; sleep 0.5; done
         check "case 3 round $round: marsd started again in the order $order" test $ok -eq 1
@@ -333,11 +342,11 @@ case3() {
         for h in p3 s3a s3b; do
             local r=""
             for _ in $(seq 30); do r=$(roles $h $res); [ "$r" = "${before[$h]}" ] && break; sleep 0.2; done
-            got+="$h=$r "
+            got+="$h=$r, "
         done
-        note "roles after restart: $got"
-        check "case 3 round $round: roles unchanged ($got)" \
-            test "$got" = "p3=${before[p3]} s3a=${before[s3a]} s3b=${before[s3b]} "
+        note "roles after restart: $got; p3's log now: $(segments p3 $res)"
+        local want="p3=${before[p3]}, s3a=${before[s3a]}, s3b=${before[s3b]}, "
+        check "case 3 round $round: roles unchanged (got '$got', want '$want')" test "$got" = "$want"
         check "case 3 round $round: writes on p3 after the restart" $CHECK write --uri "$uri" --blocks $blocks --count 3000 \
             --seed $((SEED + 30 + round)) --log "$W/c3-$round.log" --flush-every 50 --qd 2 --run-id $((30 + round)) >/dev/null
         check "case 3 round $round: s3a UpToDate (wait-resource)" adm s3a wait-resource $res --until uptodate --wait-timeout 60

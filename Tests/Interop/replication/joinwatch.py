@@ -7,10 +7,12 @@
         polls until syncOffset/syncSize is within [lo, hi]; prints "offset size"; exit 0.
         Exit 1 (with the last state) if the sync ends or the time passes first.
     joinwatch.py follow --marsadm M --control C --resource R [--timeout T] [--samples FILE]
-        polls until the replica is UpToDate and Replicating (no sync running); prints
+        polls until the replica is UpToDate and Replicating with no sync running (or 5 s after its
+        fetch stopped with NeedsSync or Failed and no sync runs); prints
         "first=F min=M last=L maxsent=B samples=N disk=D replication=R" where F, M, L are the first,
-        smallest and last syncOffset seen while a sync ran ("-" if none was seen) and B the
-        largest syncBytesSent seen (also after the sync); exit 0 once UpToDate, 1 on timeout.
+        smallest and last syncOffset seen ("-" if none was seen) and B the largest syncBytesSent
+        seen (also after the sync), and when (seconds after the start) no sync was seen any more;
+        exit 0 once UpToDate and Replicating, 1 otherwise.
 """
 
 import argparse
@@ -79,6 +81,9 @@ def cmd_follow(a):
     maxsent = None
     n = 0
     f = {}
+    stuck = None
+    t0 = time.monotonic()
+    synced_at = None
     samples = open(a.samples, "a") if a.samples else None
     while time.monotonic() < deadline:
         f = fields(view(a))
@@ -90,17 +95,28 @@ def cmd_follow(a):
         if sent is not None:
             maxsent = sent if maxsent is None else max(maxsent, sent)
         off = f.get("syncOffset")
-        if off is not None and f.get("replication") == "Syncing":
+        if off is not None:
+            synced_at = None
             first = off if first is None else first
             low = off if low is None else min(low, off)
             last = off
-        if f.get("disk") == "UpToDate" and f.get("replication") == "Replicating" and off is None:
+        if off is None and f and synced_at is None:
+            synced_at = time.monotonic() - t0
+        if off is None and f.get("disk") == "UpToDate" and f.get("replication") == "Replicating":
             break
+        # A stopped fetch (NeedsSync, Failed) after the sync needs the operator: give up after 5 s.
+        if off is None and f.get("replication") in ("NeedsSync", "Failed"):
+            stuck = stuck or time.monotonic()
+            if time.monotonic() - stuck > 5:
+                break
+        else:
+            stuck = None
         time.sleep(a.interval)
-    ok = f.get("disk") == "UpToDate"
-    print("first=%s min=%s last=%s maxsent=%s samples=%d disk=%s replication=%s" % (
+    ok = f.get("disk") == "UpToDate" and f.get("replication") == "Replicating"
+    print("first=%s min=%s last=%s maxsent=%s samples=%d disk=%s replication=%s sync_ended_after=%s" % (
         "-" if first is None else first, "-" if low is None else low, "-" if last is None else last,
-        "-" if maxsent is None else maxsent, n, f.get("disk"), f.get("replication")))
+        "-" if maxsent is None else maxsent, n, f.get("disk"), f.get("replication"),
+        "-" if synced_at is None else "%.1fs" % synced_at))
     return 0 if ok else 1
 
 

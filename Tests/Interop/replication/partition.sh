@@ -2,7 +2,9 @@
 # A true partition (nftables drops every packet between two loopback addresses: nothing is closed,
 # nothing answers) between a primary and its secondary while the primary writes: the secondary
 # notices the silence, says PrimaryUnreachable, retries with backoff, and after the partition heals
-# catches up from the exact byte, with no new sync, ending byte-identical. Prints PASS/FAIL lines.
+# catches up from the exact byte, with no new sync, ending byte-identical. Then a third host cut
+# off from the primary alone fetches from the other secondary (transitive fetch) and stays
+# UpToDate. Prints PASS/FAIL lines.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../../.." && pwd)
@@ -29,6 +31,7 @@ eventually() { local until=$((SECONDS + $1)); shift; while [ $SECONDS -lt $until
 
 A=127.0.0.41
 B=127.0.0.42
+C=127.0.0.43
 start() {
     local host=$1 ip=$2
     mkdir -p "$W/$host"
@@ -40,6 +43,16 @@ start() {
 }
 adm() { local host=$1; shift; "$MARSADM" "$@" --control "$W/$host/ctl.sock"; }
 state_is() { adm beta view --json | grep -q "\"replication\" : \"$1\""; }
+json() {  # json HOST EXPRESSION over vm1's status (r)
+    adm "$1" view --json | "$PYTHON" -c "
+import json, sys
+r = [r for r in json.load(sys.stdin)['resources'] if r['name'] == 'vm1'][0]
+print($2)"
+}
+partition() {  # partition X Y: drop every packet between the two addresses
+    nft add rule inet "$TABLE" out ip saddr "$1" ip daddr "$2" drop
+    nft add rule inet "$TABLE" out ip saddr "$2" ip daddr "$1" drop
+}
 write() {  # write MIB: 64 KiB writes at random places, flushed (less than the retention limit)
     "$PYTHON" - "$W/alpha/nbd.sock" "$1" <<'PY'
 import nbd, os, random, sys
@@ -61,8 +74,7 @@ check "beta is UpToDate" adm beta wait-resource vm1 --wait-timeout 60
 
 nft add table inet "$TABLE"
 nft add chain inet "$TABLE" out "{ type filter hook output priority 0 ; }"
-nft add rule inet "$TABLE" out ip saddr $A ip daddr $B drop
-nft add rule inet "$TABLE" out ip saddr $B ip daddr $A drop
+partition $A $B
 write 40
 check "the partitioned secondary says PrimaryUnreachable" eventually 40 state_is PrimaryUnreachable
 check "beta logged the silence" grep -q "no message from alpha" "$W/beta.log"
@@ -72,8 +84,28 @@ check "after the partition heals beta is UpToDate" adm beta wait-resource vm1 --
 syncs=$(grep -c "sync of vm1 done" "$W/beta.log")
 check "no new sync after the partition ($syncs)" test "$syncs" -eq 1
 check "the primary never let beta go" bash -c "! grep -q 'let beta go' '$W/alpha.log'"
+
+# gamma joins, then loses the primary alone: it fetches from beta.
+start gamma $C || echo "FAIL gamma starts"
+adm gamma join-cluster --host gamma --token "$TOKEN" "$A:17777" >/dev/null
+truncate -s 64M "$W/gamma.img"
+check "gamma joins vm1" eventually 20 adm gamma join-resource vm1 "$W/gamma.img"
+check "gamma is UpToDate" adm gamma wait-resource vm1 --wait-timeout 60
+sleep 5  # gossip tells beta how far gamma is: beta keeps what gamma may still fetch from it
+nft add table inet "$TABLE"
+nft add chain inet "$TABLE" out "{ type filter hook output priority 0 ; }"
+partition $A $C
+write 30
+durable=$(json alpha "r['log']['durableLSN']")
+via_beta() { [ "$(json gamma "r['replication'].get('fetchSource'), r['replication']['replayedLSN'] >= $durable")" = "beta True" ]; }
+check "gamma, cut off from the primary, fetches from beta" eventually 60 via_beta || adm gamma view
+nft delete table inet "$TABLE"
+check "the primary never let gamma go" bash -c "! grep -q 'let gamma go' '$W/alpha.log'"
 adm beta pause-replay vm1 >/dev/null
+adm gamma wait-resource vm1 --wait-timeout 60 >/dev/null
+adm gamma pause-replay vm1 >/dev/null
 adm alpha down vm1 >/dev/null
 check "the devices are byte-identical" cmp "$W/alpha.img" "$W/beta.img"
-[ "$fails" -gt 0 ] && { echo "--- alpha"; tail -15 "$W/alpha.log"; echo "--- beta"; tail -15 "$W/beta.log"; }
+check "gamma's device is byte-identical" cmp "$W/alpha.img" "$W/gamma.img"
+[ "$fails" -gt 0 ] && for host in alpha beta gamma; do echo "--- $host"; tail -15 "$W/$host.log"; done
 exit $((fails > 0))
