@@ -160,11 +160,14 @@ extension ResourceManager: PeerRequestHandler {
             let fetcher = ReplicaFetcher(
                 resource: name, log: log, firstSegment: SegmentName(fileName: sync.startSegment),
                 sources: { [cluster, identity] in
-                    // The primary first, then the other secondaries, furthest ahead first.
+                    // The primary first, then the other secondaries that are ahead of this one,
+                    // furthest ahead first (one behind could only stall this one).
                     guard let entry = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name)) else { return [] }
                     let hosts = cluster.hosts()
-                    let others = cluster.members(of: name).filter { $0.key != entry.primary && $0.key != identity?.host && $0.value.role == "secondary" }
-                        .sorted { $0.value.fetchedLSN > $1.value.fetchedLSN }.map(\.key)
+                    let own = identity.flatMap { cluster.members(of: name)[$0.host]?.fetchedLSN } ?? 0
+                    let others = cluster.members(of: name).filter {
+                        $0.key != entry.primary && $0.key != identity?.host && $0.value.role == "secondary" && $0.value.fetchedLSN > own
+                    }.sorted { $0.value.fetchedLSN > $1.value.fetchedLSN }.map(\.key)
                     return ([entry.primary] + others).compactMap { host in
                         hosts[host].flatMap { try? PeerAddress(parsing: $0.address) }.map { (host, $0) }
                     }
@@ -495,12 +498,16 @@ extension ResourceManager: PeerRequestHandler {
             for (holder, lsn) in engine.retentionHolds {
                 if let member = members[holder], member.fetchedLSN > lsn { engine.setRetention(member.fetchedLSN, for: holder) }
             }
+            // The log kept for a member is what it has not fetched (the primary's own writeback
+            // backlog is not the member's doing).
             let status = engine.status
             let limit = settings.retentionLimit ?? status.spaceLimit / 2
-            guard status.logBytes > limit, let laggard = engine.retentionHolds.min(by: { $0.value < $1.value }) else { continue }
+            guard let laggard = engine.retentionHolds.min(by: { $0.value < $1.value }), status.durableLSN > laggard.value,
+                status.durableLSN - laggard.value > limit
+            else { continue }
             engine.setRetention(nil, for: laggard.key)
-            let reason = "\(host) let \(laggard.key) go: it had fetched \(name) only to LSN \(laggard.value) while the log kept for it "
-                + "passed \(limit) bytes; 'marsadm invalidate \(name)' on \(laggard.key) syncs it again"
+            let reason = "\(host) let \(laggard.key) go: it had fetched \(name) only to LSN \(laggard.value), \(status.durableLSN - laggard.value) "
+                + "bytes behind, past the retention limit of \(limit); 'marsadm invalidate \(name)' on \(laggard.key) syncs it again"
             cluster.set(ClusterService.needsSyncKey(name, laggard.key), reason, by: host)
             logger.warning("\(reason)")
         }

@@ -139,9 +139,18 @@ public final class ReplicaFetcher: @unchecked Sendable {
     static let silenceLimit: TimeAmount = .seconds(10)
     static let pingInterval: TimeAmount = .seconds(2)
 
-    private func heartbeat(_ link: PeerLink, attempt: Int) {
+    /// How long a link to another member (not the primary) is kept before the primary is tried
+    /// again: members fetching from each other must never keep each other from the primary.
+    static let detourLimit: TimeAmount = .seconds(10)
+
+    private func heartbeat(_ link: PeerLink, attempt: Int, since: NIODeadline = .now()) {
         loop.scheduleTask(in: Self.pingInterval) { [self] in
             guard attempt == generation, running, self.link === link else { return }
+            if sourceIndex % max(1, sources().count) != 0, NIODeadline.now() - since > Self.detourLimit {
+                sourceIndex = 0
+                abandon(attempt, "trying the primary again after \(Self.detourLimit.nanoseconds / 1_000_000_000) s from \(link.remote.host)")
+                return
+            }
             let silent = state.withLock { state in state.lastContact.map { wallClockMilliseconds() - $0 } ?? 0 }
             if silent > UInt64(Self.silenceLimit.nanoseconds / 1_000_000) {
                 sourceIndex += 1
@@ -149,7 +158,7 @@ public final class ReplicaFetcher: @unchecked Sendable {
                 return
             }
             link.send(.ping(wallClockMilliseconds()))
-            heartbeat(link, attempt: attempt)
+            heartbeat(link, attempt: attempt, since: since)
         }
     }
 

@@ -351,7 +351,7 @@ case3() {
             --seed $((SEED + 30 + round)) --log "$W/c3-$round.log" --flush-every 50 --qd 2 --run-id $((30 + round)) >/dev/null
         check "case 3 round $round: s3a UpToDate (wait-resource)" adm s3a wait-resource $res --until uptodate --wait-timeout 60
         check "case 3 round $round: s3b UpToDate (wait-resource)" adm s3b wait-resource $res --until uptodate --wait-timeout 60
-        note "s3a: $(state s3a $res); s3b: $(state s3b $res)"
+        note "s3a: $(state s3a $res); s3b: $(state s3b $res)  (role disk replication syncOffset syncSize syncBytesSent primary state fetchSource)"
     done
     adm s3a pause-replay $res >/dev/null
     adm s3b pause-replay $res >/dev/null

@@ -2,7 +2,8 @@
 """Watch one resource's replication state on one marsd (through `marsadm view --json`), for join.sh.
 
     joinwatch.py state  --marsadm M --control C --resource R
-        one line: role disk replication syncOffset syncSize syncBytesSent primary state ("-" if absent)
+        one line: role disk replication syncOffset syncSize syncBytesSent primary state fetchSource
+        ("-" for a field view does not show)
     joinwatch.py mid    --marsadm M --control C --resource R [--lo 0.2] [--hi 0.8] [--timeout T]
         polls until syncOffset/syncSize is within [lo, hi]; prints "offset size"; exit 0.
         Exit 1 (with the last state) if the sync ends or the time passes first.
@@ -42,11 +43,11 @@ def fields(r):
     return {"role": r.get("role"), "state": r.get("state"), "disk": p.get("disk"),
             "replication": p.get("replication"), "syncOffset": p.get("syncOffset"),
             "syncSize": p.get("syncSize"), "syncBytesSent": p.get("syncBytesSent"),
-            "primary": p.get("primary")}
+            "primary": p.get("primary"), "fetchSource": p.get("fetchSource")}
 
 
 def line(f):
-    keys = ["role", "disk", "replication", "syncOffset", "syncSize", "syncBytesSent", "primary", "state"]
+    keys = ["role", "disk", "replication", "syncOffset", "syncSize", "syncBytesSent", "primary", "state", "fetchSource"]
     return " ".join("-" if f.get(k) is None else str(f[k]) for k in keys)
 
 
