@@ -334,11 +334,22 @@ struct View: ParsableCommand {
         abstract: "Show the daemon, every resource with its log positions, and every export with its traffic."
     )
 
+    @Argument(help: ArgumentHelp("Show only this resource.", valueName: "name"))
+    var name: String?
+
     @OptionGroup var options: ControlOptions
 
     func run() throws {
         let response = try options.send(ControlRequest(command: .view))
-        guard let status = response.status else { throw MarsadmError("marsd sent no status") }
+        guard var status = response.status else { throw MarsadmError("marsd sent no status") }
+        if let name {
+            status.resources = status.resources.filter { $0.name == name }
+            status.exports = status.exports.filter { $0.name == name }
+            guard !status.resources.isEmpty else {
+                if options.json { print((try? ControlCodec.prettyJSON(ControlResponse(error: "there is no resource '\(name)' on this host"))) ?? "") }
+                throw MarsadmError("there is no resource '\(name)' on this host (marsadm view lists them)")
+            }
+        }
         if options.json {
             print(try ControlCodec.prettyJSON(status))
         } else {
