@@ -67,6 +67,7 @@ let package = Package(
             name: "Replication",
             dependencies: [
                 "PeerProtocol", "Cluster", "LogEngine", "TransactionLog", "BlockStore",
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -19,6 +19,25 @@ final class Replica: Sendable {
     private let syncTask = Mutex<Task<Void, Never>?>(nil)
     /// The copy is done (and `endLSN` known): replay may run.
     let synced = Atomic<Bool>(false)
+    /// When this host first heard (by gossip) that the primary's durable end had passed which LSN:
+    /// the lag in seconds of data not even fetched yet. Local times: no clock skew. At most 64.
+    private let primarySamples = Mutex<[(lsn: UInt64, heard: UInt64)]>([])
+
+    func observePrimary(durable: UInt64, now: UInt64) {
+        primarySamples.withLock { samples in
+            guard durable > (samples.last?.lsn ?? 0) else { return }
+            samples.append((durable, now))
+            if samples.count > 64 { samples.removeFirst() }
+        }
+    }
+
+    /// Seconds since the primary was first heard to have durable data beyond `replayed`.
+    func secondsBehind(replayed: UInt64, now: UInt64) -> Double {
+        primarySamples.withLock { samples in
+            samples.removeAll { $0.lsn <= replayed }
+            return samples.first.map { Double(now > $0.heard ? now - $0.heard : 0) / 1000 } ?? 0
+        }
+    }
 
     init(name: String, device: BlockDevice, log: ReplicaLog, fetcher: ReplicaFetcher) {
         self.name = name

@@ -2,6 +2,8 @@ import BlockStore
 import ControlProtocol
 import LogEngine
 import Logging
+import NBDProtocol
+import NBDServer
 import NIOCore
 import NIOPosix
 import PeerProtocol
@@ -30,6 +32,11 @@ extension ResourceManager: PeerRequestHandler {
             guard let replica = entry.replica, replica.log.status.fork == nil else { return nil }
             return replica.log
         }
+    }
+
+    func dataDevice(of resource: String) -> BlockDevice? {
+        guard primaryLog(of: resource) != nil else { return nil }
+        return exports.exports.first { $0.descriptor.name == resource }?.device
     }
 
     func size(of resource: String) -> UInt64? {
@@ -222,7 +229,7 @@ extension ResourceManager: PeerRequestHandler {
         let link = try await PeerLink.connect(to: address.address, group: peerGroup, credentials: credentials, logger: logger).get()
         defer { link.close() }
         let client = SyncClient(
-            resource: name, device: POSIXFile(device: replica.device), size: config.size, start: sync.offset, loop: link.eventLoop,
+            resource: name, device: replica.device, size: config.size, start: sync.offset, loop: link.eventLoop,
             pool: NIOThreadPool.singleton, logger: logger
         ) { [weak self] offset in self?.recordSyncOffset(name, offset) }
         replica.setSync(client)
@@ -437,7 +444,7 @@ extension ResourceManager: PeerRequestHandler {
         return ReplicationStatus(
             disk: disk, replication: replication, fetchedLSN: log.fetchedLSN, replayedLSN: log.replayedLSN,
             primaryDurableLSN: primaryDurable, lagBytes: primaryDurable.map { $0 > log.replayedLSN ? $0 - log.replayedLSN : 0 },
-            lagSeconds: synced ? log.lagSeconds : nil,
+            lagSeconds: synced ? max(log.lagSeconds, replica.secondsBehind(replayed: log.replayedLSN, now: wallClockMilliseconds())) : nil,
             syncOffset: synced ? nil : (progress?.offset ?? sync?.offset), syncSize: synced ? nil : resource.config.size,
             syncBytesSent: progress?.bytesSent, fetchSource: fetch.source, problem: log.fork ?? log.failure ?? letGo ?? fetch.problem
         )
@@ -450,6 +457,7 @@ extension ResourceManager: PeerRequestHandler {
             if let credentials {
                 enforceRetention(credentials.local.host)
                 holdForOtherMembers(credentials.local.host)
+                observePrimaries()
                 announceMembership(credentials.local.host)
                 await cluster.gossipRound(group: peerGroup, credentials: credentials)
             }
@@ -477,6 +485,18 @@ extension ResourceManager: PeerRequestHandler {
                 holds[member] = entry.fetchedLSN
             }
             log.setRetentionHolds(holds)
+        }
+    }
+
+    /// Notes the primaries' durable ends as gossiped, for the lag in seconds of what is not fetched yet.
+    private func observePrimaries() {
+        let replicas = state.withLock { state in state.resources.values.compactMap { resource in resource.replica } }
+        let now = wallClockMilliseconds()
+        for replica in replicas {
+            guard let primary = cluster.value(ResourceEntry.self, ClusterService.resourceKey(replica.name))?.primary,
+                let entry = cluster.members(of: replica.name)[primary]
+            else { continue }
+            replica.observePrimary(durable: entry.fetchedLSN, now: now)
         }
     }
 

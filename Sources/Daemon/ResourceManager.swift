@@ -69,7 +69,7 @@ final class ResourceManager: Sendable {
     /// Held while marsd runs: a second marsd on the same root would recover the same logs and
     /// delete segments the first one still appends to.
     private let rootLock: FileLock
-    private let exports: ExportTable
+    let exports: ExportTable
     let logger: Logger
     let state = Mutex(State())
     /// Serializes commands: a resource going up or down is never raced by another command.

@@ -38,8 +38,7 @@ extension ReplicaLog {
                 return
             }
             do {
-                let batch = try readBatch(from: plan.segments, position: plan.position, epoch: plan.epoch)
-                try apply(batch, from: plan.position)
+                try replay(from: plan.position, epoch: plan.epoch, segments: plan.segments)
             } catch let error as ReplicaLogError {
                 monitor.withLock { state in
                     if error.kind == .fork { state.fork = error }
@@ -117,25 +116,45 @@ extension ReplicaLog {
         return batch
     }
 
-    private func apply(_ batch: ReplayBatch, from position: UInt64) throws {
-        guard batch.endLSN > position else { return }
+    /// Applies batches back to back while more is available (and replay is neither paused nor
+    /// stopping): store the intent, apply, sync the device; the position store after a batch also
+    /// carries the next batch's intent, so each batch costs one device sync and one position sync.
+    private func replay(from start: UInt64, epoch: UInt64, segments: [LocalSegment]) throws {
+        var batch = try readBatch(from: segments, position: start, epoch: epoch)
+        guard batch.endLSN > start else { return }
         monitor.withLock { $0.applyingLSN = batch.endLSN }
-        try positionBox.value.store(position, intent: batch.endLSN)
-        for record in batch.records where record.type.carriesRange {
-            try LogEngine.replay(record, onto: device)
+        try positionBox.value.store(start, intent: batch.endLSN)
+        while true {
+            for record in batch.records where record.type.carriesRange {
+                try LogEngine.replay(record, onto: device)
+            }
+            try device.sync()
+            let more = monitor.withLock { state -> [LocalSegment]? in
+                guard !state.stopping, !state.replayPaused, Self.availableLSN(state) > batch.endLSN else { return nil }
+                return state.segments
+            }
+            let next = try more.map { try readBatch(from: $0, position: batch.endLSN, epoch: batch.endEpoch) }
+            let intent = next?.endLSN ?? batch.endLSN
+            try positionBox.value.store(batch.endLSN, intent: intent, epoch: batch.endEpoch)
+            monitor.withLock { state in
+                state.replayedLSN = batch.endLSN
+                state.epoch = batch.endEpoch
+                state.applyingLSN = intent
+            }
+            try removeReplayedSegments(upTo: batch.endLSN)
+            guard let next, next.endLSN > batch.endLSN else { return }
+            batch = next
         }
-        try device.sync()
-        try positionBox.value.store(batch.endLSN, intent: batch.endLSN, epoch: batch.endEpoch)
-        monitor.withLock { state in
-            state.replayedLSN = batch.endLSN
-            state.epoch = batch.endEpoch
-        }
-        // Segments wholly replayed go, except the newest: the fetch appends to it.
+    }
+
+    /// Segments wholly replayed go, except the newest (the fetch appends to it) and those another
+    /// member may still fetch from here.
+    private func removeReplayedSegments(upTo position: UInt64) throws {
         let finished = monitor.withLock { state in
             let crowded = state.segments.reduce(0) { $0 + $1.size } > spaceLimit / 2
             let holds = crowded ? [:] : state.retentionHolds
             return state.segments.indices.dropLast().filter {
-                LogEngine.retirable(nextFirstLSN: state.segments[$0 + 1].firstLSN, position: batch.endLSN, holds: holds)
+                LogEngine.retirable(nextFirstLSN: state.segments[$0 + 1].firstLSN, position: position, holds: holds)
             }.map { state.segments[$0].name }
         }
         for name in finished {

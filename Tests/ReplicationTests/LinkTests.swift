@@ -64,6 +64,7 @@ final class OneResource: PeerRequestHandler {
     func primaryLog(of resource: String) -> LogEngine? { resource == "vm1" ? log : nil }
     func fetchSource(of resource: String) -> (any ShippingSource)? { primaryLog(of: resource) }
     func size(of resource: String) -> UInt64? { resource == "vm1" ? TwoHosts.size : nil }
+    func dataDevice(of resource: String) -> BlockDevice? { nil }
     func gossip(_ entries: [UInt8], from peer: PeerIdentity) -> [UInt8] { entries }
     func fetched(_ resource: String, by peer: PeerIdentity, upTo lsn: UInt64) {
         fetchedBy.withLock { $0[peer.host] = lsn }
