@@ -146,31 +146,77 @@ public final class PeerSession: @unchecked Sendable {
             return
         }
         let device = handler.dataDevice(of: request.resource)
+        // Adjacent differing chunks travel together (up to 1 MiB of data, any length of zeroes).
+        var run = DifferingRun(resource: request.resource, link: link)
         for (index, digest) in request.digests.enumerated() {
             let offset = request.offset + UInt64(index) * chunk
             guard offset < size else { break }
             let count = Int(min(chunk, size - offset))
+            let replicaIsZero = digest == ChunkDigest.zero(count: count)
             if let device, device.isHole(offset: offset, length: UInt64(count)) {
-                if digest != ChunkDigest.zero(count: count) {
-                    link.send(.syncZero(SyncZero(resource: request.resource, offset: offset, length: UInt64(count))))
-                }
+                if replicaIsZero { run.flush() } else { run.addZeroes(at: offset, count: count) }
                 continue
             }
             do {
                 let bytes = try log.readDataDevice(count: count, at: offset)
                 guard bytes.count == count else { throw ReplicationError("the device ended early at \(offset + UInt64(bytes.count))") }
-                if ChunkDigest.of(bytes) == digest { continue }
-                if bytes.allSatisfy({ $0 == 0 }) {
-                    link.send(.syncZero(SyncZero(resource: request.resource, offset: offset, length: UInt64(count))))
+                let isZero = bytes.allSatisfy { $0 == 0 }
+                // Hashed only where the replica has data: against an empty replica a chunk differs
+                // exactly when it is not zero.
+                if isZero ? replicaIsZero : !replicaIsZero && ChunkDigest.of(bytes) == digest {
+                    run.flush()
+                } else if isZero {
+                    run.addZeroes(at: offset, count: count)
                 } else {
-                    link.send(.syncData(SyncData(resource: request.resource, offset: offset, bytes: bytes)))
+                    run.addData(bytes, at: offset)
                 }
             } catch {
+                run.flush()
                 link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "cannot read the data device at \(offset): \(error)")))
                 return
             }
         }
+        run.flush()
         link.send(.syncCompared(SyncCompared(resource: request.resource, offset: request.offset, count: UInt32(request.digests.count))))
+    }
+}
+
+/// Consecutive chunks an initial sync sends, gathered into as few messages as possible.
+struct DifferingRun {
+    let resource: String
+    let link: PeerLink
+    private var start: UInt64 = 0
+    private var data: [UInt8] = []
+    private var zeroes: UInt64 = 0
+
+    static let maxData = 1 << 20
+
+    init(resource: String, link: PeerLink) {
+        self.resource = resource
+        self.link = link
+    }
+
+    mutating func addData(_ bytes: [UInt8], at offset: UInt64) {
+        if zeroes > 0 || (!data.isEmpty && (start + UInt64(data.count) != offset || data.count + bytes.count > Self.maxData)) { flush() }
+        if data.isEmpty { start = offset }
+        data += bytes
+    }
+
+    mutating func addZeroes(at offset: UInt64, count: Int) {
+        if !data.isEmpty || (zeroes > 0 && start + zeroes != offset) { flush() }
+        if zeroes == 0 { start = offset }
+        zeroes += UInt64(count)
+    }
+
+    mutating func flush() {
+        if !data.isEmpty {
+            link.send(.syncData(SyncData(resource: resource, offset: start, bytes: data)))
+            data = []
+        }
+        if zeroes > 0 {
+            link.send(.syncZero(SyncZero(resource: resource, offset: start, length: zeroes)))
+            zeroes = 0
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 #      throttled, so the sync of random data takes long enough to be caught in the middle.
 #   3. restart in any order: one primary, two secondaries; all stopped (SIGTERM; then kill -9 of
 #      the primary) and started again in mixed orders: roles unchanged, fetch resumes, UpToDate,
-#      identical, and no new sync.
+#      identical, and no new sync; then a secondary that joined just before a restart of the primary.
 #   4. a re-join of an identical device (a copy of case 1's primary device) sends < 1% of it.
 #
 #   MARSD=... MARSADM=... MARS_TEST_SEED=... JOIN_CASES="1 2a 2b 3 4" JOIN_NET=127.73 \
@@ -318,6 +318,19 @@ roles() {  # roles HOST RESOURCE: "primary" or "secondary of PRIMARY" (from view
     local st; st=$(state "$1" "$2"); set -- $st
     if [ "$1" = secondary ]; then echo "secondary of $7"; else echo "$1"; fi
 }
+members() {  # members HOST RESOURCE: what HOST's stored cluster metadata says of the resource's members
+    "$PYTHON" -c 'import json, sys
+d = json.load(open(sys.argv[1]))["entries"]
+pre = "resource/%s/" % sys.argv[2]
+out = []
+for k, e in sorted(d.items()):
+    if not k.startswith(pre): continue
+    v = e.get("value")
+    try: v = json.loads(v); v = "%s %s fetched %s" % (v.get("role"), v.get("replication"), v.get("fetchedLSN"))
+    except Exception: pass
+    out.append("%s: %s" % (k[len(pre):], v))
+print("; ".join(out))' "$W/$1/root/cluster-metadata.json" "$2" 2>&1
+}
 segments() {  # segments HOST RESOURCE: the log segments under HOST's root, with their LSN ranges
     "$MARSADM" log-dump "$2" --root "$W/$1/root" 2>&1 | sed -n 's/^\(log-[^:]*\): LSN \([^,]*\),.*/\1 [\2)/p' | tr '\n' ' '
 }
@@ -337,6 +350,15 @@ case3() {
     check "case 3: s3b joins r3" joined s3b $res "$W/s3b.img"
     check "case 3: s3a UpToDate" adm s3a wait-resource $res --until uptodate --wait-timeout 60
     check "case 3: s3b UpToDate" adm s3b wait-resource $res --until uptodate --wait-timeout 60
+    # The primary keeps a member's segments across its restart only once gossip brought it the
+    # member's position (see round 3): the rounds start when p3 lists both secondaries.
+    local heard=""
+    for _ in $(seq 50); do
+        heard=$($WATCH members --marsadm "$MARSADM" --control "$W/p3/ctl.sock" --resource $res)
+        [[ "$heard" == *s3a=secondary/*s3b=secondary/* ]] && break
+        sleep 0.2
+    done
+    check "case 3: p3 hears of both secondaries by gossip ($heard)" eval '[[ "$heard" == *s3a=secondary/*s3b=secondary/* ]]'
     declare -A before
     local h
     for h in p3 s3a s3b; do before[$h]=$(roles $h $res); done
@@ -354,6 +376,7 @@ case3() {
             order="s3b p3 s3a"
         fi
         note "p3's log when stopped: $(segments p3 $res); s3a's: $(segments s3a $res); s3b's: $(segments s3b $res)"
+        note "p3's stored view of the members: $(members p3 $res)"
         local ok=1
         for h in $order; do start $h || ok=0; sleep 0.5; done
         check "case 3 round $round: marsd started again in the order $order" test $ok -eq 1
@@ -380,7 +403,32 @@ case3() {
     check "case 3: p3 and s3b devices are byte-identical" compare "$W/p3.img" "$W/s3b.img"
     check "case 3: no sync after the initial ones (s3a $(syncs_done s3a $res), s3b $(syncs_done s3b $res))" \
         test "$(syncs_done s3a $res)" -eq 1 -a "$(syncs_done s3b $res)" -eq 1
-    stop p3 TERM; stop s3a TERM; stop s3b TERM
+    # Round 3: a secondary that joined a new resource just before its primary restarts (before a
+    # gossip round brought its position to the primary) must not lose its place either.
+    stop_all TERM s3a s3b
+    local r3c=r3c
+    ADDR[s3c]=$NET.4.4:17777
+    truncate -s $size "$W/p3c.img" "$W/s3c.img"
+    check "case 3 round 3: create-resource r3c on p3" adm p3 create-resource $r3c "$W/p3c.img"
+    local uric="nbd+unix:///$r3c?socket=$W/p3/nbd.sock"
+    $CHECK write --uri "$uric" --blocks $blocks --count 500 --seed $((SEED + 33)) --log "$W/c3-3a.log" --run-id 33 >/dev/null
+    start s3c && adm s3c join-cluster --host s3c --token "$tok" "${ADDR[p3]}" >/dev/null \
+        && joined s3c $r3c "$W/s3c.img" && adm s3c wait-resource $r3c --until uptodate --wait-timeout 30 >/dev/null
+    check "case 3 round 3: s3c joins r3c and is UpToDate" test $? -eq 0
+    note "p3 knows of: $($WATCH members --marsadm "$MARSADM" --control "$W/p3/ctl.sock" --resource $r3c); p3's log: $(segments p3 $r3c); s3c's: $(segments s3c $r3c)"
+    stop p3 TERM
+    note "p3's stored view of r3c's members: $(members p3 $r3c)"
+    start p3
+    note "p3's log after the restart: $(segments p3 $r3c)"
+    check "case 3 round 3: writes on p3 after its restart" $CHECK write --uri "$uric" --blocks $blocks --count 500 \
+        --seed $((SEED + 34)) --log "$W/c3-3b.log" --run-id 34 >/dev/null
+    check "case 3 round 3: s3c, joined just before p3's restart, UpToDate after it (wait-resource)" \
+        adm s3c wait-resource $r3c --until uptodate --wait-timeout 20
+    note "s3c: $(state s3c $r3c)"
+    adm s3c pause-replay $r3c >/dev/null
+    adm p3 down $r3c >/dev/null
+    check "case 3 round 3: p3 and s3c devices are byte-identical" compare "$W/p3c.img" "$W/s3c.img"
+    stop p3 TERM; stop s3c TERM
 }
 
 for c in $CASES; do

@@ -4,6 +4,8 @@
     joinwatch.py state  --marsadm M --control C --resource R
         one line: role disk replication syncOffset syncSize syncBytesSent primary state fetchSource
         ("-" for a field view does not show)
+    joinwatch.py members --marsadm M --control C --resource R
+        one line: HOST=role/replication/fetchedLSN for every member in view (what gossip brought)
     joinwatch.py mid    --marsadm M --control C --resource R [--lo 0.2] [--hi 0.8] [--timeout T]
         polls until syncOffset/syncSize is within [lo, hi]; prints "offset size"; exit 0.
         Exit 1 (with the last state) if the sync ends or the time passes first.
@@ -53,6 +55,13 @@ def line(f):
 
 def cmd_state(a):
     print(line(fields(view(a))))
+
+
+def cmd_members(a):
+    r = view(a)
+    ms = ((r or {}).get("replication") or {}).get("members") or []
+    print(" ".join("%s=%s/%s/%s" % (m.get("host"), m.get("role"), m.get("replication"), m.get("fetchedLSN"))
+                   for m in sorted(ms, key=lambda m: m.get("host", ""))) or "-")
 
 
 def cmd_mid(a):
@@ -123,7 +132,7 @@ def cmd_follow(a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["state", "mid", "follow"])
+    ap.add_argument("cmd", choices=["state", "members", "mid", "follow"])
     ap.add_argument("--marsadm", required=True)
     ap.add_argument("--control", required=True)
     ap.add_argument("--resource", required=True)
@@ -133,7 +142,7 @@ def main():
     ap.add_argument("--interval", type=float, default=0.05)
     ap.add_argument("--samples")
     a = ap.parse_args()
-    sys.exit({"state": cmd_state, "mid": cmd_mid, "follow": cmd_follow}[a.cmd](a) or 0)
+    sys.exit({"state": cmd_state, "members": cmd_members, "mid": cmd_mid, "follow": cmd_follow}[a.cmd](a) or 0)
 
 
 if __name__ == "__main__":
