@@ -130,7 +130,7 @@ final class Acks: LogCompletionTarget {
         try await fetcher.stop().get()
         replica.shutdown()
         let device = try POSIXDirectory(path: hosts.path).open("replica.img", create: false).read(count: Int(TwoHosts.size), at: 0)
-        let firstDifference = zip(device, expected).firstIndex { $0 != $1 }
+        let firstDifference = device.indices.first { device[$0] != expected[$0] }
         #expect(firstDifference == nil, "first difference at byte \(firstDifference ?? 0) (seed \(seed))")
         #expect(handler.fetchedBy.withLock { $0["beta"] } == durable)
         await listener.stop()
@@ -187,7 +187,7 @@ final class Acks: LogCompletionTarget {
         let primary = try primaryFile.read(count: Int(TwoHosts.size), at: 0)
         let replica = try replicaFile.read(count: Int(TwoHosts.size), at: 0)
         // (A failing comparison of two 4 MiB arrays would make Swift Testing print them.)
-        let firstDifference = zip(primary, replica).firstIndex { $0 != $1 }
+        let firstDifference = primary.indices.first { primary[$0] != replica[$0] }
         #expect(firstDifference == nil, "first difference at byte \(firstDifference ?? 0) (seed \(seed))")
         link.close()
         await listener.stop()
