@@ -59,6 +59,10 @@ void clinux_keep_large_allocations_in_heap(void) {
     mallopt(M_TRIM_THRESHOLD, 128 << 20);
 }
 
+void clinux_release_free_memory(void) {
+    malloc_trim(0);
+}
+
 void clinux_set_thread_name(const char *name) {
     char truncated[16];
     strncpy(truncated, name, sizeof truncated - 1);

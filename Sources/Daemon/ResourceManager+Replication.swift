@@ -450,10 +450,14 @@ extension ResourceManager: PeerRequestHandler {
         )
     }
 
-    /// Publishes this host's state of every resource and gossips with every other member, every
-    /// couple of seconds, until the task is cancelled.
+    /// Every couple of seconds until the task is cancelled: retention on primaries and replicas,
+    /// this host's state of every resource published and gossiped with every other member; every
+    /// tenth second, free heap memory handed back to the kernel.
     func runGossip() async {
+        var round = 0
         while !Task.isCancelled {
+            round += 1
+            if round % 5 == 0 { releaseFreeMemory() }
             if let credentials {
                 enforceRetention(credentials.local.host)
                 holdForOtherMembers(credentials.local.host)

@@ -33,6 +33,8 @@ int clinux_eventfd(void);
 /// Keeps large request buffers (up to 64 MiB) in the heap instead of fresh mmaps, so a buffer
 /// freed after one request is reused by the next without page faults.
 void clinux_keep_large_allocations_in_heap(void);
+/// malloc_trim(0): hands free heap memory of every arena back to the kernel.
+void clinux_release_free_memory(void);
 
 /// Names the calling thread (shown by top -H and perf); at most 15 bytes are kept.
 void clinux_set_thread_name(const char *name);

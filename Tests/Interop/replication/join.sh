@@ -239,7 +239,7 @@ case2() {  # case2 a|b
     local n; [ "$v" = a ] && n=2 || n=3
     ADDR[$p]=$NET.$n.1:17777; ADDR[$s]=$NET.$n.2:17777
     local padv=$NET.$n.10:17001
-    local mib=256 size=$((256 * MIB)) blocks=$((256 * MIB / 4096))
+    local mib=320 size=$((320 * MIB)) blocks=$((320 * MIB / 4096))
     rnd "$p" $mib >"$W/$p.img"                                  # every chunk differs and travels
     dd if=/dev/zero of="$W/$p.img" bs=1M count=16 seek=100 conv=notrunc status=none   # and one zero region
     truncate -s $size "$W/$s.img"
@@ -257,9 +257,12 @@ case2() {  # case2 a|b
         --flush-every 50 --qd 2 --run-id 21 >/dev/null 2>&1 &
     local writer=$!
     local mid
-    mid=$($WATCH mid --marsadm "$MARSADM" --control "$W/$s/ctl.sock" --resource "$res" --lo 0.2 --hi 0.8 --timeout 60)
+    # The kill comes once the sync is between 20% and 80% and the replica has checkpointed an
+    # offset (marsd stores one after a device sync, every 5 s or 256 MiB).
+    mid=$($WATCH mid --marsadm "$MARSADM" --control "$W/$s/ctl.sock" --resource "$res" --lo 0.2 --hi 0.8 --timeout 60 \
+        --persisted "$W/$s/root/resource-$res/resource.json")
     local rc=$?
-    check "case 2$v: syncOffset on $s reaches 20-80% ($mid, $((SECONDS - t)) s)" test $rc -eq 0
+    check "case 2$v: syncOffset on $s reaches 20-80% with a checkpoint stored (offset size persisted: $mid, $((SECONDS - t)) s)" test $rc -eq 0
     wait $writer
     local victim; [ "$v" = a ] && victim=$s || victim=$p
     check "case 2$v: kill -9 $victim's marsd mid-sync" stop "$victim" 9

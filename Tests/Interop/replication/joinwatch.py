@@ -7,7 +7,10 @@
     joinwatch.py members --marsadm M --control C --resource R
         one line: HOST=role/replication/fetchedLSN for every member in view (what gossip brought)
     joinwatch.py mid    --marsadm M --control C --resource R [--lo 0.2] [--hi 0.8] [--timeout T]
-        polls until syncOffset/syncSize is within [lo, hi]; prints "offset size"; exit 0.
+                        [--persisted ROOT/resource-R/resource.json]
+        polls until syncOffset/syncSize is within [lo, hi] (and, with --persisted, the replica has
+        stored a sync offset > 0: marsd checkpoints every 5 s or 256 MiB); prints
+        "offset size persisted"; exit 0.
         Exit 1 (with the last state) if the sync ends or the time passes first.
     joinwatch.py follow --marsadm M --control C --resource R [--timeout T] [--samples FILE]
         polls until the replica is UpToDate and Replicating with no sync running (or 5 s after its
@@ -64,6 +67,15 @@ def cmd_members(a):
                    for m in sorted(ms, key=lambda m: m.get("host", ""))) or "-")
 
 
+def persisted(path):
+    """The sync offset stored in a replica's resource.json (0 without one)."""
+    try:
+        with open(path) as f:
+            return int((json.load(f).get("sync") or {}).get("offset") or 0)
+    except Exception:
+        return 0
+
+
 def cmd_mid(a):
     deadline = time.monotonic() + a.timeout
     f = {}
@@ -73,15 +85,16 @@ def cmd_mid(a):
         off, size = f.get("syncOffset"), f.get("syncSize")
         if off is not None and size:
             seen_sync = True
-            if a.lo * size <= off <= a.hi * size:
-                print(off, size)
+            if a.lo * size <= off <= a.hi * size and (not a.persisted or persisted(a.persisted) > 0):
+                print(off, size, persisted(a.persisted) if a.persisted else "-")
                 return 0
             if off > a.hi * size:
                 break
         elif seen_sync and f.get("disk") == "UpToDate":
             break
         time.sleep(a.interval)
-    print("no syncOffset within [%g, %g] of the size seen; last: %s" % (a.lo, a.hi, line(f)))
+    print("no syncOffset within [%g, %g] of the size seen%s; last: %s" % (
+        a.lo, a.hi, " with a persisted offset > 0" if a.persisted else "", line(f)))
     return 1
 
 
@@ -141,6 +154,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=60)
     ap.add_argument("--interval", type=float, default=0.05)
     ap.add_argument("--samples")
+    ap.add_argument("--persisted", help="mid: also wait until this resource.json holds a sync offset > 0")
     a = ap.parse_args()
     sys.exit({"state": cmd_state, "members": cmd_members, "mid": cmd_mid, "follow": cmd_follow}[a.cmd](a) or 0)
 
