@@ -173,7 +173,7 @@ struct WaitResource: ParsableCommand {
         abstract: "Wait until this host's replica of a resource is UpToDate.",
         discussion: """
             Returns 0 once the replica has finished any sync and replayed everything the primary had made durable \
-            when the command started; non-zero with the positions reached when --wait-timeout passes first.
+            when the command started; non-zero with the positions reached when --timeout seconds pass first.
             """
     )
 
@@ -185,19 +185,14 @@ struct WaitResource: ParsableCommand {
     @Option(help: "What to wait for: uptodate.")
     var until: Target = .uptodate
 
-    @Option(help: ArgumentHelp("Give up after this many seconds.", valueName: "seconds"))
-    var waitTimeout: Double = 300
-
     @OptionGroup var options: ControlOptions
 
-    func validate() throws {
-        guard waitTimeout > 0, waitTimeout <= 86400 else { throw ValidationError("--wait-timeout must be between 0 and 86400 seconds") }
-    }
-
     func run() throws {
+        // --timeout is the wait here; marsd's reply comes at the latest when it ends.
         var options = options
-        options.timeout = max(options.timeout, waitTimeout + 30)
-        try options.perform(ControlRequest(command: .waitResource, name: name, timeout: waitTimeout))
+        let wait = options.timeout
+        options.timeout = wait + 30
+        try options.perform(ControlRequest(command: .waitResource, name: name, timeout: wait))
     }
 }
 

@@ -662,7 +662,7 @@ def main():
                     f.truncate(devsize)
             alpha.adm("create-resource", name, os.path.join(alpha.dir, f"{name}.img"))
         join_resource(beta, "repl", os.path.join(beta.dir, "repl.img"))
-        beta.adm("wait-resource", "repl", "--wait-timeout", "120")
+        beta.adm("wait-resource", "repl", "--timeout", "120")
         if "sync" in jobs:
             log(f"sync: {a.sync_gib:g} GiB of random data for alpha's resource big")
             big = os.path.join(alpha.dir, "big.img")
@@ -680,7 +680,7 @@ def main():
                     f.truncate(max(512 * MiB, a.wan_mib * MiB))
             wa.adm("create-resource", "wan", os.path.join(wa.dir, "wan.img"))
             join_resource(wb, "wan", os.path.join(wb.dir, "wan.img"))
-            wb.adm("wait-resource", "wan", "--wait-timeout", "120")
+            wb.adm("wait-resource", "wan", "--timeout", "120")
         note_rss("setup")
         for rnd in range(1, a.rounds + 1):
             if "replay" in jobs:

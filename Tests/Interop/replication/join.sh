@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Joins and restarts with real marsd processes on loopback. Prints PASS/FAIL lines, exits non-zero
-# on any FAIL, and stays under 6 minutes (a watchdog stops it at JOIN_TEST_LIMIT_S, 360 s; a passing
-# run takes about 2.5 minutes on 2 cores).
+# on any FAIL, and stays under 6 minutes (a watchdog stops it at JOIN_TEST_LIMIT_S, 360 s; a run
+# takes about 2 minutes on 2 cores). Each marsd's stderr (--log-level notice) is in $W/HOST.log;
+# their tails are printed when a check failed. JOIN_KEEP=1 keeps $W.
 #
 #   1. join of a 4 GiB device (300 MiB of random data spread over it, written-zero and sparse
 #      regions, garbage on the secondary's device) while the primary writes; UpToDate; identical.
@@ -186,13 +187,13 @@ case1() {
     $WATCH follow --marsadm "$MARSADM" --control "$W/s1/ctl.sock" --resource big --timeout 150 --interval 0.5 \
         --samples "$W/c1-samples.txt" >"$W/c1-follow.out" &
     local follower=$!
-    check "case 1: wait-resource --until uptodate on s1 while p1 writes" adm s1 wait-resource big --until uptodate --wait-timeout 150
+    check "case 1: wait-resource --until uptodate on s1 while p1 writes" adm s1 wait-resource big --until uptodate --timeout 150
     note "s1 UpToDate $((SECONDS - t)) s after the join (writer still running: $(kill -0 $writer 2>/dev/null && echo yes || echo no))"
     wait $follower; note "s1 during the sync: $(cat "$W/c1-follow.out")"
     wait $writer
     local rc=$?
     check "case 1: the writer ran through the join (rc $rc, $(grep -c '^[0-9]' "$W/c1-during.log") writes acknowledged)" test $rc -eq 0
-    check "case 1: s1 UpToDate again after the writer stopped" adm s1 wait-resource big --until uptodate --wait-timeout 60
+    check "case 1: s1 UpToDate again after the writer stopped" adm s1 wait-resource big --until uptodate --timeout 60
     adm s1 pause-replay big >/dev/null
     check "case 1: down on p1 (log written back)" adm p1 down big
     t=$SECONDS
@@ -218,7 +219,7 @@ case4() {
     local rc=$?
     note "s4: $out ($((SECONDS - t)) s)"
     check "case 4: s4 UpToDate after the re-join" test $rc -eq 0
-    check "case 4: wait-resource on s4" adm s4 wait-resource big --until uptodate --wait-timeout 30
+    check "case 4: wait-resource on s4" adm s4 wait-resource big --until uptodate --timeout 30
     local sent; sent=$(sed -n 's/.*maxsent=\([0-9-]*\).*/\1/p' <<<"$out")
     check "case 4: syncBytesSent seen ($sent)" is_num "$sent"
     is_num "$sent" || sent=$size
@@ -306,7 +307,7 @@ case2() {  # case2 a|b
     check "case 2$v: 1500 writes on $p after the restart" $CHECK write --uri "$uri" --blocks $blocks --count 1500 \
         --seed $((SEED + 21)) --log "$W/c2$v-w2.log" --flush-every 50 --qd 2 --run-id 22 >/dev/null
     proxy "$px" throttle 0
-    check "case 2$v: wait-resource on $s" adm "$s" wait-resource "$res" --until uptodate --wait-timeout 30
+    check "case 2$v: wait-resource on $s" adm "$s" wait-resource "$res" --until uptodate --timeout 30
     adm "$s" pause-replay "$res" >/dev/null
     adm "$p" down "$res" >/dev/null
     check "case 2$v: $p and $s devices are byte-identical" compare "$W/$p.img" "$W/$s.img"
@@ -351,8 +352,8 @@ case3() {
     $CHECK write --uri "$uri" --blocks $blocks --count 2000 --seed $((SEED + 30)) --log "$W/c3-0.log" --flush-every 50 --run-id 30 >/dev/null
     check "case 3: s3a joins r3" joined s3a $res "$W/s3a.img"
     check "case 3: s3b joins r3" joined s3b $res "$W/s3b.img"
-    check "case 3: s3a UpToDate" adm s3a wait-resource $res --until uptodate --wait-timeout 60
-    check "case 3: s3b UpToDate" adm s3b wait-resource $res --until uptodate --wait-timeout 60
+    check "case 3: s3a UpToDate" adm s3a wait-resource $res --until uptodate --timeout 60
+    check "case 3: s3b UpToDate" adm s3b wait-resource $res --until uptodate --timeout 60
     # The primary keeps a member's segments across its restart only once gossip brought it the
     # member's position (see round 3): the rounds start when p3 lists both secondaries.
     local heard=""
@@ -395,8 +396,8 @@ case3() {
         check "case 3 round $round: roles unchanged (got '$got', want '$want')" test "$got" = "$want"
         check "case 3 round $round: writes on p3 after the restart" $CHECK write --uri "$uri" --blocks $blocks --count 3000 \
             --seed $((SEED + 30 + round)) --log "$W/c3-$round.log" --flush-every 50 --qd 2 --run-id $((30 + round)) >/dev/null
-        check "case 3 round $round: s3a UpToDate (wait-resource)" adm s3a wait-resource $res --until uptodate --wait-timeout 30
-        check "case 3 round $round: s3b UpToDate (wait-resource)" adm s3b wait-resource $res --until uptodate --wait-timeout 30
+        check "case 3 round $round: s3a UpToDate (wait-resource)" adm s3a wait-resource $res --until uptodate --timeout 30
+        check "case 3 round $round: s3b UpToDate (wait-resource)" adm s3b wait-resource $res --until uptodate --timeout 30
         note "s3a: $(state s3a $res); s3b: $(state s3b $res)  (role disk replication syncOffset syncSize syncBytesSent primary state fetchSource)"
     done
     adm s3a pause-replay $res >/dev/null
@@ -416,7 +417,7 @@ case3() {
     local uric="nbd+unix:///$r3c?socket=$W/p3/nbd.sock"
     $CHECK write --uri "$uric" --blocks $blocks --count 500 --seed $((SEED + 33)) --log "$W/c3-3a.log" --run-id 33 >/dev/null
     start s3c && adm s3c join-cluster --host s3c --token "$tok" "${ADDR[p3]}" >/dev/null \
-        && joined s3c $r3c "$W/s3c.img" && adm s3c wait-resource $r3c --until uptodate --wait-timeout 30 >/dev/null
+        && joined s3c $r3c "$W/s3c.img" && adm s3c wait-resource $r3c --until uptodate --timeout 30 >/dev/null
     check "case 3 round 3: s3c joins r3c and is UpToDate" test $? -eq 0
     note "p3 knows of: $($WATCH members --marsadm "$MARSADM" --control "$W/p3/ctl.sock" --resource $r3c); p3's log: $(segments p3 $r3c); s3c's: $(segments s3c $r3c)"
     stop p3 TERM
@@ -426,7 +427,7 @@ case3() {
     check "case 3 round 3: writes on p3 after its restart" $CHECK write --uri "$uric" --blocks $blocks --count 500 \
         --seed $((SEED + 34)) --log "$W/c3-3b.log" --run-id 34 >/dev/null
     check "case 3 round 3: s3c, joined just before p3's restart, UpToDate after it (wait-resource)" \
-        adm s3c wait-resource $r3c --until uptodate --wait-timeout 20
+        adm s3c wait-resource $r3c --until uptodate --timeout 20
     note "s3c: $(state s3c $r3c)"
     adm s3c pause-replay $r3c >/dev/null
     adm p3 down $r3c >/dev/null

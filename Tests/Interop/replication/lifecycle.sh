@@ -66,7 +66,7 @@ for host in alpha beta gamma; do truncate -s 64M "$W/$host.img"; done
 adm alpha create-resource vm1 "$W/alpha.img" >/dev/null
 check "beta joins" eventually 20 adm beta join-resource vm1 "$W/beta.img"
 check "gamma joins" eventually 20 adm gamma join-resource vm1 "$W/gamma.img"
-check "both UpToDate" bash -c "'$MARSADM' wait-resource vm1 --wait-timeout 60 --control '$W/beta/ctl.sock' >/dev/null && '$MARSADM' wait-resource vm1 --wait-timeout 60 --control '$W/gamma/ctl.sock' >/dev/null"
+check "both UpToDate" bash -c "'$MARSADM' wait-resource vm1 --timeout 60 --control '$W/beta/ctl.sock' >/dev/null && '$MARSADM' wait-resource vm1 --timeout 60 --control '$W/gamma/ctl.sock' >/dev/null"
 
 # Lag in seconds: beta's replay paused while writes arrive.
 adm beta pause-replay vm1 >/dev/null
@@ -84,7 +84,7 @@ write_mib 24 2
 check "gamma is marked NeedsSync by the primary" eventually 20 bash -c "'$MARSADM' view --json --control '$W/gamma/ctl.sock' | grep -q NeedsSync"
 check "the primary's log is released below the limit" eventually 20 bash -c \
     "[ \$('$MARSADM' view --json --control '$W/alpha/ctl.sock' | $PYTHON -c 'import json,sys; print([r for r in json.load(sys.stdin)[\"resources\"] if r[\"name\"]==\"vm1\"][0][\"log\"][\"logBytes\"])') -lt $((12 << 20)) ]"
-check "beta was not let go and is UpToDate" adm beta wait-resource vm1 --wait-timeout 60
+check "beta was not let go and is UpToDate" adm beta wait-resource vm1 --timeout 60
 check "the primary logged why it let gamma go" grep -q "let gamma go" "$W/alpha.log"
 
 # invalidate brings gamma back (with its sync paused and resumed on the way).
@@ -93,7 +93,7 @@ check "invalidate starts a new sync" adm gamma invalidate vm1
 adm gamma pause-sync vm1 >/dev/null
 check "pause-sync shows PausedSync" eventually 5 bash -c "'$MARSADM' view --json --control '$W/gamma/ctl.sock' | grep -q PausedSync"
 adm gamma resume-sync vm1 >/dev/null
-check "gamma is UpToDate after invalidate" adm gamma wait-resource vm1 --wait-timeout 120
+check "gamma is UpToDate after invalidate" adm gamma wait-resource vm1 --timeout 120
 check "the NeedsSync mark is gone" eventually 10 bash -c "! '$MARSADM' view --json --control '$W/gamma/ctl.sock' | grep -q NeedsSync"
 adm gamma pause-replay vm1 >/dev/null
 adm beta pause-replay vm1 >/dev/null

@@ -70,7 +70,7 @@ adm beta join-cluster --host beta --token "$TOKEN" "$A:17777" >/dev/null
 truncate -s 64M "$W/alpha.img" "$W/beta.img"
 adm alpha create-resource vm1 "$W/alpha.img" >/dev/null
 check "beta joins vm1" eventually 20 adm beta join-resource vm1 "$W/beta.img"
-check "beta is UpToDate" adm beta wait-resource vm1 --wait-timeout 60
+check "beta is UpToDate" adm beta wait-resource vm1 --timeout 60
 
 nft add table inet "$TABLE"
 nft add chain inet "$TABLE" out "{ type filter hook output priority 0 ; }"
@@ -80,7 +80,7 @@ check "the partitioned secondary says PrimaryUnreachable" eventually 40 state_is
 check "beta logged the silence" grep -q "no message from alpha" "$W/beta.log"
 write 40
 nft delete table inet "$TABLE"
-check "after the partition heals beta is UpToDate" adm beta wait-resource vm1 --wait-timeout 90
+check "after the partition heals beta is UpToDate" adm beta wait-resource vm1 --timeout 90
 syncs=$(grep -c "sync of vm1 done" "$W/beta.log")
 check "no new sync after the partition ($syncs)" test "$syncs" -eq 1
 check "the primary never let beta go" bash -c "! grep -q 'let beta go' '$W/alpha.log'"
@@ -90,7 +90,7 @@ start gamma $C || echo "FAIL gamma starts"
 adm gamma join-cluster --host gamma --token "$TOKEN" "$A:17777" >/dev/null
 truncate -s 64M "$W/gamma.img"
 check "gamma joins vm1" eventually 20 adm gamma join-resource vm1 "$W/gamma.img"
-check "gamma is UpToDate" adm gamma wait-resource vm1 --wait-timeout 60
+check "gamma is UpToDate" adm gamma wait-resource vm1 --timeout 60
 sleep 5  # gossip tells beta how far gamma is: beta keeps what gamma may still fetch from it
 nft add table inet "$TABLE"
 nft add chain inet "$TABLE" out "{ type filter hook output priority 0 ; }"
@@ -102,7 +102,7 @@ check "gamma, cut off from the primary, fetches from beta" eventually 60 via_bet
 nft delete table inet "$TABLE"
 check "the primary never let gamma go" bash -c "! grep -q 'let gamma go' '$W/alpha.log'"
 adm beta pause-replay vm1 >/dev/null
-adm gamma wait-resource vm1 --wait-timeout 60 >/dev/null
+adm gamma wait-resource vm1 --timeout 60 >/dev/null
 adm gamma pause-replay vm1 >/dev/null
 adm alpha down vm1 >/dev/null
 check "the devices are byte-identical" cmp "$W/alpha.img" "$W/beta.img"

@@ -79,8 +79,8 @@ writer=$!
 check "beta joins vm1 while alpha writes" joined beta
 check "gamma joins vm1 while alpha writes" joined gamma
 wait $writer
-check "beta is UpToDate after its initial sync" adm beta wait-resource vm1 --until uptodate --wait-timeout 120
-check "gamma is UpToDate after its initial sync" adm gamma wait-resource vm1 --until uptodate --wait-timeout 120
+check "beta is UpToDate after its initial sync" adm beta wait-resource vm1 --until uptodate --timeout 120
+check "gamma is UpToDate after its initial sync" adm gamma wait-resource vm1 --until uptodate --timeout 120
 sleep 3  # a gossip round brings every member's state
 adm beta view > "$W/view.txt"
 sed 's/^/  /' "$W/view.txt"
@@ -115,8 +115,8 @@ wait $writer
 writer_rc=$?
 check "the writer ran through the faults (rc $writer_rc)" test "$writer_rc" -eq 0
 check "$snapshots snapshots of beta, each a prefix of the acknowledged writes" test "$snapshot_fail" -eq 0 -a "$snapshots" -ge 5
-check "beta catches up after the faults" adm beta wait-resource vm1 --until uptodate --wait-timeout 120
-check "gamma catches up after its kill -9" adm gamma wait-resource vm1 --until uptodate --wait-timeout 120
+check "beta catches up after the faults" adm beta wait-resource vm1 --until uptodate --timeout 120
+check "gamma catches up after its kill -9" adm gamma wait-resource vm1 --until uptodate --timeout 120
 adm beta pause-replay vm1 >/dev/null
 adm gamma pause-replay vm1 >/dev/null
 adm alpha down vm1 >/dev/null
