@@ -127,12 +127,18 @@ final class ClusterService: Sendable {
         if changed { persist() }
     }
 
+    /// One writer at a time, each writing the newest state: concurrent writes shared the temporary
+    /// file (a rename failed) and could put an older snapshot over a newer one.
+    private let writing = Mutex(())
+
     private func persist() {
-        let snapshot = metadata.withLock { $0 }
-        do {
-            try StateFile.write(snapshot, named: Self.fileName, in: root)
-        } catch {
-            logger.error("cannot store the cluster metadata: \(error)")
+        writing.withLock { _ in
+            let snapshot = metadata.withLock { $0 }
+            do {
+                try StateFile.write(snapshot, named: Self.fileName, in: root)
+            } catch {
+                logger.error("cannot store the cluster metadata: \(error)")
+            }
         }
     }
 

@@ -59,19 +59,46 @@ extension ResourceManager: PeerRequestHandler {
     }
 
     func syncStarting(_ resource: String, by peer: PeerIdentity) {
+        storeRetentionHolds(of: resource)
         guard let host = identity?.host else { return }
         let key = ClusterService.needsSyncKey(resource, peer.host)
         if cluster.value(String.self, key) != nil { cluster.set(key, String?.none, by: host) }
     }
 
+    /// The primary's own record of its members' holds (`ROOT/resource-NAME/retention.json`):
+    /// stored when a sync begins and with each gossip round when they changed, so a restart
+    /// keeps what a member that just joined (and nobody gossiped about yet) needs.
+    static let retentionFileName = "retention.json"
+
+    func storeRetentionHolds(of resource: String) {
+        guard let entry = state.withLock({ $0.resources[resource] }), let engine = entry.engine else { return }
+        let holds = engine.retentionHolds
+        guard storedHolds.withLock({ $0[resource] }) != holds else { return }
+        do {
+            try StateFile.write(holds, named: Self.retentionFileName, in: entry.directory)
+            storedHolds.withLock { $0[resource] = holds }
+        } catch {
+            logger.error("cannot store the retention holds of \(resource): \(error)")
+        }
+    }
+
     /// What the other members of `resource` had fetched when this host last heard of them: a
-    /// restarted primary keeps their segments (`except` is this host).
+    /// restarted primary keeps their segments (`except` is this host). The lower of the stored
+    /// hold and the gossiped position wins (keeping more is always safe).
     func retentionHolds(of resource: String, except host: String) -> [String: UInt64] {
         var holds: [String: UInt64] = [:]
+        if let directory = state.withLock({ $0.resources[resource]?.directory }),
+            let stored = try? StateFile.read([String: UInt64].self, named: Self.retentionFileName, in: directory)
+        {
+            holds = stored.filter { !cluster.isDeleted(ClusterService.memberKey(resource, $0.key)) }
+        }
         for (member, entry) in cluster.members(of: resource) where member != host && entry.role == "secondary" {
             // A member let go (NeedsSync) holds nothing until it syncs again.
-            guard cluster.value(String.self, ClusterService.needsSyncKey(resource, member)) == nil else { continue }
-            holds[member] = entry.fetchedLSN
+            guard cluster.value(String.self, ClusterService.needsSyncKey(resource, member)) == nil else {
+                holds[member] = nil
+                continue
+            }
+            holds[member] = min(holds[member] ?? entry.fetchedLSN, entry.fetchedLSN)
         }
         return holds
     }
@@ -414,7 +441,7 @@ extension ResourceManager: PeerRequestHandler {
             disk = "SplitBrain"
         } else if !synced || !log.consistent || log.replayedLSN < (sync?.endLSN ?? 0) {
             disk = "Inconsistent"
-        } else if let primaryDurable, log.replayedLSN >= primaryDurable {
+        } else if let primaryDurable, log.replayedLSN >= primaryDurable, !fetch.needsSync {
             disk = "UpToDate"
         } else {
             disk = "Outdated"
@@ -511,6 +538,7 @@ extension ResourceManager: PeerRequestHandler {
                 return (resource.config.name, engine)
             }
         }
+        defer { for (name, _) in primaries { storeRetentionHolds(of: name) } }
         for (name, engine) in primaries {
             for holder in engine.retentionHolds.keys where cluster.isDeleted(ClusterService.memberKey(name, holder)) {
                 engine.setRetention(nil, for: holder)

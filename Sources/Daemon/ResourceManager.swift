@@ -75,6 +75,9 @@ final class ResourceManager: Sendable {
     /// Serializes commands: a resource going up or down is never raced by another command.
     private let commands = CommandQueue()
     let cluster: ClusterService
+    /// The retention holds last stored per resource (retention.json), so unchanged holds are not
+    /// written again.
+    let storedHolds = Mutex<[String: [String: UInt64]]>([:])
     /// The event loops peer links run on.
     let peerGroup: any EventLoopGroup
 

@@ -20,7 +20,8 @@ public protocol PeerRequestHandler: Sendable {
     func gossip(_ entries: [UInt8], from peer: PeerIdentity) -> [UInt8]
     /// `peer` has durably fetched `resource`'s log up to `lsn`.
     func fetched(_ resource: String, by peer: PeerIdentity, upTo lsn: UInt64)
-    /// `peer` starts an initial sync of `resource` (a join, or a repair after NeedsSync).
+    /// `peer` starts an initial sync of `resource` (a join, or a repair after NeedsSync); its
+    /// retention hold is set: persist it.
     func syncStarting(_ resource: String, by peer: PeerIdentity)
 }
 
@@ -81,8 +82,9 @@ public final class PeerSession: @unchecked Sendable {
                 link.send(.fetchError(FetchError(resource: resource, code: .notPrimary, reason: "\(link.remote.host) asked for a sync, but this host is not the primary of \(resource)")))
                 return
             }
-            handler.syncStarting(resource, by: link.remote)
             let start = log.beginSyncHold(for: link.remote.host)
+            // Stored before the answer: a primary restarted right after must still hold it.
+            handler.syncStarting(resource, by: link.remote)
             link.send(.syncPosition(SyncPosition(
                 resource: resource, size: size, lsn: start.lsn, segment: start.segment.fileName, segmentFirstLSN: start.segmentFirstLSN,
                 epoch: start.epoch
