@@ -194,6 +194,25 @@ final class Acks: LogCompletionTarget {
         try await group.shutdownGracefully()
     }
 
+    /// Peers reach each other over IPv6 as over IPv4.
+    @Test func linksWorkOverIPv6() async throws {
+        let hosts = try TwoHosts()
+        defer { hosts.cleanUp() }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let logger = Logger(label: "test")
+        let listener = try await PeerListener.start(
+            on: PeerAddress(host: "::1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
+        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), logger: logger) }
+        let address = try PeerAddress(parsing: "[::1]:\(try #require(listener.port))")
+        var credentials = Self.credentials("beta")
+        credentials.sourceHost = "::1"
+        let link = try await PeerLink.connect(to: address, group: group, credentials: credentials, logger: logger).get()
+        #expect(link.remote.host == "alpha")
+        link.close()
+        await listener.stop()
+        try await group.shutdownGracefully()
+    }
+
     /// A peer with the wrong secret never gets a fetch answered, and the listener goes on serving.
     @Test func aWrongSecretIsRefused() async throws {
         let hosts = try TwoHosts()
