@@ -196,53 +196,66 @@ struct WaitResource: ParsableCommand {
     }
 }
 
-struct PauseFetch: ParsableCommand {
+struct PauseFetch: ResourceCommand {
     static let configuration = CommandConfiguration(
         abstract: "Stop fetching a resource's log from its primary (the switch survives restarts).")
     @Argument(help: "The resource name.") var name: String
     @OptionGroup var options: ControlOptions
-    func run() throws { try options.perform(ControlRequest(command: .pauseFetch, name: name)) }
+    static let command = ControlRequest.Command.pauseFetch
 }
 
-struct ResumeFetch: ParsableCommand {
+struct ResumeFetch: ResourceCommand {
     static let configuration = CommandConfiguration(abstract: "Fetch a resource's log again, from the exact byte where it stopped.")
     @Argument(help: "The resource name.") var name: String
     @OptionGroup var options: ControlOptions
-    func run() throws { try options.perform(ControlRequest(command: .resumeFetch, name: name)) }
+    static let command = ControlRequest.Command.resumeFetch
 }
 
-struct PauseReplay: ParsableCommand {
+struct PauseReplay: ResourceCommand {
     static let configuration = CommandConfiguration(
         abstract: "Stop replaying a resource's log onto this host's device (a time-lagged or frozen replica).",
         discussion: "Returns once the batch in progress is applied and synced: the device is then a consistent copy (a prefix of the log) and may be copied. Fetch goes on."
     )
     @Argument(help: "The resource name.") var name: String
     @OptionGroup var options: ControlOptions
-    func run() throws { try options.perform(ControlRequest(command: .pauseReplay, name: name)) }
+    static let command = ControlRequest.Command.pauseReplay
 }
 
-struct ResumeReplay: ParsableCommand {
+struct ResumeReplay: ResourceCommand {
     static let configuration = CommandConfiguration(abstract: "Replay a resource's log onto this host's device again.")
     @Argument(help: "The resource name.") var name: String
     @OptionGroup var options: ControlOptions
-    func run() throws { try options.perform(ControlRequest(command: .resumeReplay, name: name)) }
+    static let command = ControlRequest.Command.resumeReplay
 }
 
-struct PauseSync: ParsableCommand {
+/// A command that names one resource and only asks marsd to do it.
+protocol ResourceCommand: ParsableCommand {
+    static var command: ControlRequest.Command { get }
+    var name: String { get }
+    var options: ControlOptions { get }
+}
+
+extension ResourceCommand {
+    func run() throws {
+        try options.perform(ControlRequest(command: Self.command, name: name))
+    }
+}
+
+struct PauseSync: ResourceCommand {
     static let configuration = CommandConfiguration(abstract: "Pause a replica's initial sync where it is (the switch survives restarts).")
     @Argument(help: "The resource name.") var name: String
     @OptionGroup var options: ControlOptions
-    func run() throws { try options.perform(ControlRequest(command: .pauseSync, name: name)) }
+    static let command = ControlRequest.Command.pauseSync
 }
 
-struct ResumeSync: ParsableCommand {
+struct ResumeSync: ResourceCommand {
     static let configuration = CommandConfiguration(abstract: "Resume a replica's initial sync from the byte it reached.")
     @Argument(help: "The resource name.") var name: String
     @OptionGroup var options: ControlOptions
-    func run() throws { try options.perform(ControlRequest(command: .resumeSync, name: name)) }
+    static let command = ControlRequest.Command.resumeSync
 }
 
-struct Invalidate: ParsableCommand {
+struct Invalidate: ResourceCommand {
     static let configuration = CommandConfiguration(
         abstract: "Sync this host's replica of a resource again from its primary.",
         discussion: """
@@ -254,27 +267,27 @@ struct Invalidate: ParsableCommand {
     )
     @Argument(help: "The resource name.") var name: String
     @OptionGroup var options: ControlOptions
-    func run() throws { try options.perform(ControlRequest(command: .invalidate, name: name)) }
+    static let command = ControlRequest.Command.invalidate
 }
 
-struct LeaveResource: ParsableCommand {
+struct LeaveResource: ResourceCommand {
     static let configuration = CommandConfiguration(
         abstract: "Stop being a secondary of a resource.",
         discussion: "Fetch, sync and replay stop and the local log goes; the data device stays as it is (the message says whether it is a consistent copy). The primary stops keeping log for this host."
     )
     @Argument(help: "The resource name.") var name: String
     @OptionGroup var options: ControlOptions
-    func run() throws { try options.perform(ControlRequest(command: .leaveResource, name: name)) }
+    static let command = ControlRequest.Command.leaveResource
 }
 
-struct DeleteResource: ParsableCommand {
+struct DeleteResource: ResourceCommand {
     static let configuration = CommandConfiguration(
         abstract: "Remove a resource from the cluster, on its primary, once it is the last member.",
         discussion: "The log is written back first, so the data device holds every write; the device itself stays."
     )
     @Argument(help: "The resource name.") var name: String
     @OptionGroup var options: ControlOptions
-    func run() throws { try options.perform(ControlRequest(command: .deleteResource, name: name)) }
+    static let command = ControlRequest.Command.deleteResource
 }
 
 struct LeaveCluster: ParsableCommand {
@@ -286,7 +299,7 @@ struct LeaveCluster: ParsableCommand {
     func run() throws { try options.perform(ControlRequest(command: .leaveCluster)) }
 }
 
-struct Up: ParsableCommand {
+struct Up: ResourceCommand {
     static let configuration = CommandConfiguration(
         abstract: "Bring a resource up: recover its log and open its export.",
         discussion: "The resource stays up across marsd restarts until 'marsadm down'."
@@ -297,12 +310,10 @@ struct Up: ParsableCommand {
 
     @OptionGroup var options: ControlOptions
 
-    func run() throws {
-        try options.perform(ControlRequest(command: .up, name: name))
-    }
+    static let command = ControlRequest.Command.up
 }
 
-struct Down: ParsableCommand {
+struct Down: ResourceCommand {
     static let configuration = CommandConfiguration(
         abstract: "Take a resource down: close its export and write its log back to the data device.",
         discussion: """
@@ -319,9 +330,7 @@ struct Down: ParsableCommand {
 
     @OptionGroup var options: ControlOptions
 
-    func run() throws {
-        try options.perform(ControlRequest(command: .down, name: name))
-    }
+    static let command = ControlRequest.Command.down
 }
 
 struct View: ParsableCommand {

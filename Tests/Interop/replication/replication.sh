@@ -117,6 +117,15 @@ check "the writer ran through the faults (rc $writer_rc)" test "$writer_rc" -eq 
 check "$snapshots snapshots of beta, each a prefix of the acknowledged writes" test "$snapshot_fail" -eq 0 -a "$snapshots" -ge 5
 check "beta catches up after the faults" adm beta wait-resource vm1 --until uptodate --timeout 120
 check "gamma catches up after its kill -9" adm gamma wait-resource vm1 --until uptodate --timeout 120
+# fio through NBD while the link flaps: random 4 KiB writes with verify, then the replicas catch up.
+fio --name=flap --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=16 --size=64M --offset=64M \
+    --runtime=15 --time_based --verify=crc32c --verify_fatal=1 --output="$W/fio.out" >/dev/null 2>&1 &
+fio_pid=$!
+sleep 1; proxy flap 400 400 8
+wait $fio_pid
+check "fio writes with verify through NBD while the link flaps" test $? -eq 0
+check "beta is UpToDate after the flapping fio run" adm beta wait-resource vm1 --until uptodate --timeout 120
+check "gamma is UpToDate after the flapping fio run" adm gamma wait-resource vm1 --until uptodate --timeout 120
 adm beta pause-replay vm1 >/dev/null
 adm gamma pause-replay vm1 >/dev/null
 adm alpha down vm1 >/dev/null
