@@ -10,17 +10,8 @@ MARSD=${MARSD:-$ROOT/.build/release/marsd}
 MARSADM=${MARSADM:-$ROOT/.build/release/marsadm}
 PYTHON=${PYTHON:-/usr/bin/python3}
 W=$(mktemp -d /tmp/mars-life.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
-    wait 2>/dev/null
-    rm -rf "$W"
-}
-trap cleanup EXIT
-fails=0
-pass() { echo "PASS $1"; }
-fail() { echo "FAIL $1"; fails=$((fails + 1)); }
-check() { if "${@:2}"; then pass "$1"; else fail "$1"; fi; }
+. "$HERE/lib.sh"
+trap stop_all EXIT
 
 declare -A ADDR=([alpha]=127.0.0.31:17777 [beta]=127.0.0.32:17777 [gamma]=127.0.0.33:17777)
 start() {
@@ -51,11 +42,6 @@ for _ in range(mib):
     h.pwrite(os.urandom(1 << 20), rng.randrange(64) << 20)
 h.flush()
 EOF
-}
-eventually() {  # eventually SECONDS COMMAND...: true once COMMAND succeeds
-    local until=$((SECONDS + $1)); shift
-    while [ $SECONDS -lt $until ]; do "$@" >/dev/null 2>&1 && return 0; sleep 0.3; done
-    return 1
 }
 
 start alpha && start beta && start gamma || { fail "three marsd start"; exit 1; }

@@ -17,17 +17,12 @@ if ! command -v nft >/dev/null || ! nft list tables >/dev/null 2>&1; then
 fi
 W=$(mktemp -d /tmp/mars-part.XXXXXX)
 TABLE=mars_partition_$$
-pids=()
+. "$HERE/lib.sh"
 cleanup() {
     nft delete table inet "$TABLE" 2>/dev/null
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
-    wait 2>/dev/null
-    rm -rf "$W"
+    stop_all
 }
 trap cleanup EXIT
-fails=0
-check() { if "${@:2}"; then echo "PASS $1"; else echo "FAIL $1"; fails=$((fails + 1)); fi; }
-eventually() { local until=$((SECONDS + $1)); shift; while [ $SECONDS -lt $until ]; do "$@" >/dev/null 2>&1 && return 0; sleep 0.5; done; return 1; }
 
 A=127.0.0.41
 B=127.0.0.42

@@ -18,17 +18,8 @@ echo "seed $SEED"
 W=$(mktemp -d /tmp/mars-repl.XXXXXX)
 SIZE_MIB=128
 BLOCKS=$((SIZE_MIB * 256))
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
-    wait 2>/dev/null
-    rm -rf "$W"
-}
-trap cleanup EXIT
-fails=0
-pass() { echo "PASS $1"; }
-fail() { echo "FAIL $1"; fails=$((fails + 1)); }
-check() { if "${@:2}"; then pass "$1"; else fail "$1"; fi; }
+. "$HERE/lib.sh"
+trap stop_all EXIT
 
 declare -A ADDR=([alpha]=127.0.0.21:17777 [beta]=127.0.0.22:17777 [gamma]=127.0.0.23:17777)
 PROXY=127.0.0.20:17001
