@@ -185,14 +185,19 @@ final class ClusterService: Sendable {
         merge(try await reply.futureResult.get(), from: link.remote.host)
     }
 
-    /// Gossips with every other known host, each once.
+    /// Gossips with every other known host, each once, all at the same time: a host out of reach
+    /// (a connect timeout) does not hold up the exchanges with the others.
     func gossipRound(group: any EventLoopGroup, credentials: PeerCredentials) async {
-        for (host, entry) in hosts() where host != credentials.local.host {
-            guard let address = try? PeerAddress(parsing: entry.address) else { continue }
-            do {
-                try await exchange(with: address, group: group, credentials: credentials)
-            } catch {
-                logger.debug("gossip with \(host) at \(address): \(error)")
+        await withTaskGroup(of: Void.self) { tasks in
+            for (host, entry) in hosts() where host != credentials.local.host {
+                guard let address = try? PeerAddress(parsing: entry.address) else { continue }
+                tasks.addTask {
+                    do {
+                        try await self.exchange(with: address, group: group, credentials: credentials)
+                    } catch {
+                        self.logger.debug("gossip with \(host) at \(address): \(error)")
+                    }
+                }
             }
         }
     }
