@@ -371,11 +371,23 @@ extension ResourceManager: PeerRequestHandler {
         guard let entry = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name)) else {
             throw DaemonError("the cluster metadata has no primary for \(name)")
         }
-        let target = try await ask(entry.primary, .logPosition(resource: name)) { message in
-            if case .syncPosition(let position) = message { return position.lsn }
-            return nil
-        }
         let deadline = ContinuousClock.now + .milliseconds(Int64(timeout * 1000))
+        // The primary may be out of reach for a moment (a flapping link): ask until the deadline.
+        var known: UInt64?
+        while known == nil {
+            do {
+                known = try await ask(entry.primary, .logPosition(resource: name)) { message in
+                    if case .syncPosition(let position) = message { return position.lsn }
+                    return nil
+                }
+            } catch {
+                if ContinuousClock.now >= deadline {
+                    throw DaemonError("\(name): the primary \(entry.primary) could not say how far its log is within \(timeout) s: \(error)")
+                }
+                try await Task.sleep(for: .milliseconds(500))
+            }
+        }
+        let target = known!
         while true {
             if let replica = state.withLock({ $0.resources[name]?.replica }), let config = state.withLock({ $0.resources[name]?.config }) {
                 let log = replica.log.status
