@@ -127,7 +127,7 @@ let package = Package(
         ),
         .testTarget(
             name: "NBDProtocolTests",
-            dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            dependencies: ["NBDProtocol", "TestSupport", .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -3,16 +3,9 @@ import Glibc
 import TestSupport
 import Testing
 
-/// Seeded from `MARS_TEST_SEED` to replay a failure, else random; the seed is printed.
-func seededGenerator() -> SplitMix64 {
-    let seed: UInt64
-    if let text = getenv("MARS_TEST_SEED"), let value = UInt64(String(cString: text)) {
-        seed = value
-    } else {
-        seed = UInt64.random(in: .min ... .max)
-    }
-    print("seed \(seed)")
-    return SplitMix64(state: seed)
+/// A property test's generator, seeded by `TestSeed` (MARS_TEST_SEED replays a failure).
+func seededGenerator(_ test: String = #function) -> SplitMix64 {
+    SplitMix64(state: TestSeed.make(test))
 }
 
 func entry(_ key: String, _ value: String?, _ time: UInt64, _ host: String) -> MetadataEntry {

@@ -77,7 +77,7 @@ func waitForReplay(_ log: ReplicaLog, to lsn: UInt64) {
     /// Bytes arriving in pieces of any size (records cut anywhere) are checked, appended and
     /// replayed in order; the device ends as the primary's would.
     @Test func replaysFetchedBytesInOrder() throws {
-        let seed = testSeed()
+        let seed = TestSeed.make("replaysFetchedBytesInOrder")
         var random = SplitMix64(state: seed)
         let fixture = try ReplicaFixture()
         let log = try fixture.open()
@@ -209,44 +209,5 @@ func waitForReplay(_ log: ReplicaLog, to lsn: UInt64) {
         waitForReplay(log, to: Self.first.endLSN)
         #expect(log.status.consistent)
         log.shutdown()
-    }
-}
-
-/// A randomized test's seed: MARS_TEST_SEED when set, else random; printed so a failure can be replayed.
-func testSeed() -> UInt64 {
-    let seed = ProcessInfoSeed.value
-    print("seed \(seed)")
-    return seed
-}
-
-enum ProcessInfoSeed {
-    static var value: UInt64 {
-        if let text = getenv("MARS_TEST_SEED"), let seed = UInt64(String(cString: text)) { return seed }
-        return UInt64.random(in: 0...UInt64.max)
-    }
-}
-
-@Suite struct RetentionTests {
-    /// A member that has all of a segment still names it when it asks again after a reconnect (at
-    /// its end), so a hold exactly at the next segment's first LSN keeps it; a hold past it lets it go.
-    @Test func aHoldAtASegmentsEndKeepsThatSegment() throws {
-        let resource = try SimulatedResource(segmentSize: 8 << 10, spaceLimit: 1 << 20)
-        let engine = try resource.open()
-        defer { engine.shutdown() }
-        let target = Completions()
-        for token in 0..<12 {
-            _ = engine.submit(offset: UInt64(token) * 2048, change: .write([UInt8](repeating: 1, count: 2048)), fua: false, target: target, token: token)
-        }
-        _ = engine.flush(target: target, token: 99)
-        #expect(target.wait(99) == nil)
-        let segments = engine.shippingSnapshot().segments
-        #expect(segments.count >= 3)
-        engine.setRetention(segments[1].firstLSN, for: "beta")
-        waitForWriteback(engine)
-        for _ in 0..<200 { usleep(10_000) }  // two checkpoints' worth of quiet
-        #expect(engine.shippingSnapshot().segments.first?.name == segments[0].name)
-        engine.setRetention(segments[1].firstLSN + 1, for: "beta")
-        for _ in 0..<300 where engine.shippingSnapshot().segments.first?.name == segments[0].name { usleep(10_000) }
-        #expect(engine.shippingSnapshot().segments.first?.name != segments[0].name)
     }
 }

@@ -1,4 +1,5 @@
 import NIOCore
+import TestSupport
 import Testing
 
 @testable import NBDProtocol
@@ -128,7 +129,7 @@ struct RequestTests {
     /// request's own cookie, accepts only requests that lie within the export with known flags,
     /// and never loops without progress. Seeded: MARS_TEST_SEED replays a failure.
     @Test func randomInputIsFramedAndValidated() {
-        let seed = testSeed("randomInputIsFramedAndValidated")
+        let seed = TestSeed.make("randomInputIsFramedAndValidated")
         var generator = SplitMix64(state: seed)
         for parser in [plain, structured, readOnly] {
             for round in 0..<2000 {

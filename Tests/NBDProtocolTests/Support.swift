@@ -1,4 +1,5 @@
 import NIOCore
+import TestSupport
 
 #if canImport(Glibc)
 import Glibc
@@ -102,22 +103,3 @@ func request(
     return buffer
 }
 
-/// The seed of a randomized test: MARS_TEST_SEED when set, else random; printed so that a failure
-/// can be replayed (this target has no TestSupport dependency; see TestSupport/Seed.swift).
-func testSeed(_ test: String) -> UInt64 {
-    let seed = getenv("MARS_TEST_SEED").flatMap { UInt64(String(cString: $0)) } ?? UInt64.random(in: 0...UInt64.max)
-    print("seed \(seed) for \(test) (replay: MARS_TEST_SEED=\(seed) swift test --filter \(test))")
-    return seed
-}
-
-/// SplitMix64 (as in TestSupport), so a seed replays the same bytes.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}

@@ -92,8 +92,7 @@ final class Acks: LogCompletionTarget {
     /// follows the tail across segment rotations, acknowledgements hold the primary's log, and the
     /// replica's device ends equal to the primary's.
     @Test func writesReachTheReplicaAcrossSegments() async throws {
-        let seed = UInt64(getenv("MARS_TEST_SEED").flatMap { UInt64(String(cString: $0)) } ?? UInt64.random(in: 0...UInt64.max))
-        print("seed \(seed)")
+        let seed = TestSeed.make("writesReachTheReplicaAcrossSegments")
         var random = SplitMix64(state: seed)
         let hosts = try TwoHosts()
         defer { hosts.cleanUp() }
@@ -140,8 +139,7 @@ final class Acks: LogCompletionTarget {
     /// The initial sync copies exactly what differs: random data, zero chunks, holes on either side,
     /// chunks already equal; afterwards the replica's device equals the primary's.
     @Test func syncCopiesWhatDiffers() async throws {
-        let seed = UInt64(getenv("MARS_TEST_SEED").flatMap { UInt64(String(cString: $0)) } ?? UInt64.random(in: 0...UInt64.max))
-        print("seed \(seed)")
+        let seed = TestSeed.make("syncCopiesWhatDiffers")
         var random = SplitMix64(state: seed)
         let hosts = try TwoHosts()
         defer { hosts.cleanUp() }
