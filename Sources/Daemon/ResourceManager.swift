@@ -264,7 +264,7 @@ final class ResourceManager: Sendable {
         try Names.validateHost(name)
         var generator = SystemRandomNumberGenerator()
         let token = JoinToken.generate(cluster: randomIdentifier(), using: &generator)
-        let identity = ClusterIdentity(cluster: token.cluster, host: name, hostID: randomIdentifier(), secret: hex(token.secret))
+        let identity = ClusterIdentity(token: token, host: name, hostID: randomIdentifier())
         try StateFile.write(identity, named: ClusterIdentity.fileName, in: root)
         state.withLock { $0.identity = identity }
         announceHost()
@@ -287,7 +287,7 @@ final class ResourceManager: Sendable {
         do { address = try PeerAddress(parsing: peer) } catch { throw DaemonError("\(error)") }
         let name = host ?? Self.hostname()
         try Names.validateHost(name)
-        let identity = ClusterIdentity(cluster: token.cluster, host: name, hostID: randomIdentifier(), secret: hex(token.secret))
+        let identity = ClusterIdentity(token: token, host: name, hostID: randomIdentifier())
         let credentials = PeerCredentials(
             cluster: identity.cluster, secret: token.secret, local: PeerIdentity(host: name, hostID: identity.hostID!), sourceHost: sourceHost
         )
@@ -315,7 +315,7 @@ final class ResourceManager: Sendable {
 
     /// How this host proves itself to peers; nil before it is in a cluster.
     var credentials: PeerCredentials? {
-        guard let identity = state.withLock({ $0.identity }), let secret = identity.secret.flatMap(unhex), let hostID = identity.hostID else {
+        guard let identity = state.withLock({ $0.identity }), let secret = identity.token?.secret, let hostID = identity.hostID else {
             return nil
         }
         return PeerCredentials(

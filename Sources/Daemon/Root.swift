@@ -1,5 +1,6 @@
 import BlockStore
 import FoundationEssentials
+import PeerProtocol
 import TransactionLog
 
 #if canImport(Glibc)
@@ -16,6 +17,19 @@ struct ClusterIdentity: Codable, Equatable {
     var hostID: String?
     /// The cluster secret (hex) peers prove they know; the join token carries it. 0600, like the root.
     var secret: String?
+
+    init(token: JoinToken, host: String, hostID: String) {
+        self.cluster = token.cluster
+        self.host = host
+        self.hostID = hostID
+        // The token's own hex form: its last part.
+        self.secret = String(token.text.split(separator: "-").last!)
+    }
+
+    /// The join token of this cluster (nil for an identity written before tokens existed).
+    var token: JoinToken? {
+        secret.flatMap { try? JoinToken(parsing: "mars1-\(cluster)-\($0)") }
+    }
 }
 
 /// What a resource is on this host (`<root>/resource-<name>/resource.json`). Positions live in the
