@@ -57,7 +57,7 @@ let package = Package(
         // The peer wire protocol as pure values: frames, messages, the authenticated handshake, join tokens.
         .target(
             name: "PeerProtocol",
-            dependencies: [.product(name: "Crypto", package: "swift-crypto")],
+            dependencies: [.product(name: "Crypto", package: "swift-crypto"), .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: swiftSettings
         ),
         // Cluster metadata as pure values: gossiped keys with owners and logical clocks, merged newest-wins.
@@ -113,7 +113,11 @@ let package = Package(
         .testTarget(
             name: "TransactionLogTests", dependencies: ["TransactionLog", "TestSupport"], swiftSettings: swiftSettings
         ),
-        .testTarget(name: "PeerProtocolTests", dependencies: ["PeerProtocol", "TestSupport"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "PeerProtocolTests",
+            dependencies: ["PeerProtocol", "TestSupport", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(name: "ClusterTests", dependencies: ["Cluster", "TestSupport"], swiftSettings: swiftSettings),
         .testTarget(
             name: "ReplicationTests",

@@ -168,6 +168,21 @@ public final class BlockDevice: Sendable {
         return runs
     }
 
+    /// Starts writing `[offset, offset+length)` back without waiting: a bulk writer (an initial
+    /// sync) keeps its dirty pages few instead of leaving gigabytes for the flusher.
+    public func startWriteback(offset: UInt64, length: UInt64) throws(SystemError) {
+        try Syscall.check("sync_file_range", path, clinux_start_writeback(bufferedFD, offset, length))
+    }
+
+    /// Waits until `[offset, offset+length)` is written back, then drops it from the page cache:
+    /// a bulk copy leaves the host's cache to its guests, and its next pages are recycled ones.
+    /// Not a durability point (no journal commit, no cache flush): that is `sync`.
+    public func releaseCache(offset: UInt64, length: UInt64) throws(SystemError) {
+        try Syscall.check("sync_file_range", path, clinux_wait_writeback(bufferedFD, offset, length))
+        let result = posix_fadvise(bufferedFD, off_t(offset), off_t(length), POSIX_FADV_DONTNEED)
+        try Syscall.check("posix_fadvise", path, -result)
+    }
+
     /// Asks the kernel to read `[offset, offset+length)` ahead (NBD_CMD_CACHE).
     public func prefetch(offset: UInt64, length: UInt64) {
         _ = posix_fadvise(bufferedFD, off_t(offset), off_t(length), POSIX_FADV_WILLNEED)

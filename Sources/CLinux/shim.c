@@ -49,6 +49,15 @@ int clinux_fallocate(int fd, int mode, uint64_t offset, uint64_t length) {
     return fallocate(fd, mode, (off_t)offset, (off_t)length) == 0 ? 0 : -errno;
 }
 
+int clinux_start_writeback(int fd, uint64_t offset, uint64_t length) {
+    return sync_file_range(fd, (off_t)offset, (off_t)length, SYNC_FILE_RANGE_WRITE) == 0 ? 0 : -errno;
+}
+
+int clinux_wait_writeback(int fd, uint64_t offset, uint64_t length) {
+    unsigned flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
+    return sync_file_range(fd, (off_t)offset, (off_t)length, flags) == 0 ? 0 : -errno;
+}
+
 int clinux_eventfd(void) {
     int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     return fd >= 0 ? fd : -errno;

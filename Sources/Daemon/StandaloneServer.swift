@@ -159,7 +159,7 @@ public struct StandaloneServer: Service {
                 peers = try await PeerListener.start(
                     on: address, group: peerGroup, credentials: { [resources] in resources.credentials }, logger: logger
                 ) { [resources, logger] link in
-                    PeerSession.serve(link, handler: resources, logger: logger)
+                    PeerSession.serve(link, handler: resources, pool: .singleton, logger: logger)
                 }
             } catch {
                 await control?.stop()

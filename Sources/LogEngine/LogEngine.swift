@@ -468,9 +468,9 @@ public final class LogEngine: Sendable {
     }
 
     /// Reads the data device itself, without the pending changes (an initial sync copies the
-    /// device and replays the log over it).
-    public func readDataDevice(count: Int, at offset: UInt64) throws(SystemError) -> [UInt8] {
-        try device.read(count: count, at: offset)
+    /// device and replays the log over it). Returns the bytes read: fewer only at the device's end.
+    public func readDataDevice(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
+        try device.read(into: buffer, at: offset)
     }
 
     public var status: LogEngineStatus {

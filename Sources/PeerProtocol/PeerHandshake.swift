@@ -1,4 +1,5 @@
 import Crypto
+import NIOCore
 
 /// Who is at the other end, as it introduced itself (and proved, with the cluster secret).
 public struct PeerIdentity: Sendable, Equatable {
@@ -176,13 +177,13 @@ struct Transcript {
     /// HMAC-SHA256(secret, label ‖ nonceC ‖ nonceS ‖ lp(cluster) ‖ lp(client host) ‖ lp(client id)
     /// ‖ lp(server host) ‖ lp(server id)), lp = u16 LE length + UTF-8.
     func proof(label: Label, secret: [UInt8]) -> [UInt8] {
-        var writer = WireWriter(bytes: Array(label.rawValue.utf8))
-        writer.bytes += clientNonce
-        writer.bytes += serverNonce
+        var message = ByteBuffer(string: label.rawValue)
+        message.writeBytes(clientNonce)
+        message.writeBytes(serverNonce)
         for field in [cluster, client.host, client.hostID, server.host, server.hostID] {
-            writer.string(field)
+            message.writeField(field)
         }
-        let code = HMAC<SHA256>.authenticationCode(for: writer.bytes, using: SymmetricKey(data: secret))
+        let code = HMAC<SHA256>.authenticationCode(for: Array(message.readableBytesView), using: SymmetricKey(data: secret))
         return Array(code)
     }
 }

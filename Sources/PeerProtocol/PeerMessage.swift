@@ -1,3 +1,5 @@
+import NIOCore
+
 /// The client's first message.
 public struct PeerHello: Sendable, Equatable {
     public var version: UInt16
@@ -55,13 +57,18 @@ public struct SegmentData: Sendable, Equatable {
     public var resource: String
     public var segment: String
     public var offset: UInt64
-    public var bytes: [UInt8]
+    /// Bulk: sent and received without a copy (`PeerMessage.payload`).
+    public var bytes: ByteBuffer
 
-    public init(resource: String, segment: String, offset: UInt64, bytes: [UInt8]) {
+    public init(resource: String, segment: String, offset: UInt64, bytes: ByteBuffer) {
         self.resource = resource
         self.segment = segment
         self.offset = offset
         self.bytes = bytes
+    }
+
+    public init(resource: String, segment: String, offset: UInt64, bytes: [UInt8]) {
+        self.init(resource: resource, segment: segment, offset: offset, bytes: ByteBuffer(bytes: bytes))
     }
 }
 
@@ -162,12 +169,17 @@ public struct SyncCompare: Sendable, Equatable {
 public struct SyncData: Sendable, Equatable {
     public var resource: String
     public var offset: UInt64
-    public var bytes: [UInt8]
+    /// Bulk: sent and received without a copy (`PeerMessage.payload`).
+    public var bytes: ByteBuffer
 
-    public init(resource: String, offset: UInt64, bytes: [UInt8]) {
+    public init(resource: String, offset: UInt64, bytes: ByteBuffer) {
         self.resource = resource
         self.offset = offset
         self.bytes = bytes
+    }
+
+    public init(resource: String, offset: UInt64, bytes: [UInt8]) {
+        self.init(resource: resource, offset: offset, bytes: ByteBuffer(bytes: bytes))
     }
 }
 
@@ -279,109 +291,123 @@ public enum PeerMessage: Sendable, Equatable {
 }
 
 extension PeerMessage {
-    /// Appends the whole frame, length prefix included. The caller keeps bulk payloads well under
-    /// `PeerWire.maxFrameBody`; a larger frame is written but the peer rejects it.
-    public func encodeFrame(into out: inout [UInt8]) {
-        let lengthAt = out.count
-        var writer = WireWriter(bytes: out)
-        out = []  // one owner of the storage, so appends do not copy it
-        writer.integer(UInt32(0))
-        writer.integer(typeByte)
-        encodeFields(into: &writer)
-        out = writer.bytes
-        let bodyLength = UInt32(out.count - lengthAt - 4)
-        for offset in 0..<4 {
-            out[lengthAt + offset] = UInt8(truncatingIfNeeded: bodyLength >> (8 * offset))
+    /// The bulk bytes of `segmentData` and `syncData`, their last field.
+    public var payload: ByteBuffer? {
+        switch self {
+        case .segmentData(let m): m.bytes
+        case .syncData(let m): m.bytes
+        default: nil
         }
     }
 
-    public func encodedFrame() -> [UInt8] {
-        var out: [UInt8] = []
-        encodeFrame(into: &out)
-        return out
+    /// Appends the frame, length prefix included. `leavingOutPayload`: everything but the bytes
+    /// of `payload`, which the caller writes right after (so that they reach the socket without
+    /// a copy); the length prefix counts them. The caller keeps bulk payloads well under
+    /// `PeerWire.maxFrameBody`; a larger frame is written but the peer rejects it.
+    public func encodeFrame(into out: inout ByteBuffer, leavingOutPayload: Bool = false) {
+        let lengthAt = out.writerIndex
+        out.writeField(UInt32(0))
+        out.writeField(typeByte)
+        encodeFields(into: &out)
+        var leftOut = 0
+        if let payload {
+            out.writeField(UInt32(payload.readableBytes))
+            if leavingOutPayload { leftOut = payload.readableBytes } else { out.writeImmutableBuffer(payload) }
+        }
+        out.setInteger(UInt32(out.writerIndex - lengthAt - 4 + leftOut), at: lengthAt, endianness: .little)
     }
 
-    private func encodeFields(into w: inout WireWriter) {
+    public func encodedFrame() -> [UInt8] {
+        var out = ByteBuffer()
+        encodeFrame(into: &out)
+        return Array(out.readableBytesView)
+    }
+
+    private func encodeFields(into w: inout ByteBuffer) {
         switch self {
         case .hello(let m):
-            w.integer(m.version)
-            w.string(m.cluster)
-            w.string(m.host)
-            w.string(m.hostID)
-            w.blob(m.nonce)
+            w.writeField(m.version)
+            w.writeField(m.cluster)
+            w.writeField(m.host)
+            w.writeField(m.hostID)
+            w.writeField(m.nonce)
         case .challenge(let m):
-            w.integer(m.version)
-            w.string(m.host)
-            w.string(m.hostID)
-            w.blob(m.nonce)
-            w.blob(m.proof)
+            w.writeField(m.version)
+            w.writeField(m.host)
+            w.writeField(m.hostID)
+            w.writeField(m.nonce)
+            w.writeField(m.proof)
         case .authenticate(let proof):
-            w.blob(proof)
+            w.writeField(proof)
         case .welcome:
             break
         case .refused(let reason):
-            w.string(reason)
+            w.writeField(reason)
         case .gossip(let entries):
-            w.blob(entries)
+            w.writeField(entries)
         case .fetch(let m):
-            w.string(m.resource)
-            w.string(m.segment)
-            w.integer(m.offset)
-            w.integer(m.window)
+            w.writeField(m.resource)
+            w.writeField(m.segment)
+            w.writeField(m.offset)
+            w.writeField(m.window)
         case .segmentData(let m):
-            w.string(m.resource)
-            w.string(m.segment)
-            w.integer(m.offset)
-            w.blob(m.bytes)
+            w.writeField(m.resource)
+            w.writeField(m.segment)
+            w.writeField(m.offset)
         case .segmentEnd(let m):
-            w.string(m.resource)
-            w.string(m.segment)
-            w.integer(m.size)
-            w.string(m.next)
+            w.writeField(m.resource)
+            w.writeField(m.segment)
+            w.writeField(m.size)
+            w.writeField(m.next)
         case .fetchAck(let m):
-            w.string(m.resource)
-            w.string(m.segment)
-            w.integer(m.offset)
+            w.writeField(m.resource)
+            w.writeField(m.segment)
+            w.writeField(m.offset)
         case .fetchError(let m):
-            w.string(m.resource)
-            w.integer(m.code)
-            w.string(m.reason)
+            w.writeField(m.resource)
+            w.writeField(m.code)
+            w.writeField(m.reason)
         case .syncBegin(let resource), .logPosition(let resource):
-            w.string(resource)
+            w.writeField(resource)
         case .syncPosition(let m):
-            w.string(m.resource)
-            w.integer(m.size)
-            w.integer(m.lsn)
-            w.string(m.segment)
-            w.integer(m.segmentFirstLSN)
-            w.integer(m.epoch)
+            w.writeField(m.resource)
+            w.writeField(m.size)
+            w.writeField(m.lsn)
+            w.writeField(m.segment)
+            w.writeField(m.segmentFirstLSN)
+            w.writeField(m.epoch)
         case .syncCompare(let m):
-            w.string(m.resource)
-            w.integer(m.offset)
-            w.integer(m.chunkSize)
-            w.integer(UInt32(m.digests.count))
-            for digest in m.digests { w.blob(digest) }
+            w.writeField(m.resource)
+            w.writeField(m.offset)
+            w.writeField(m.chunkSize)
+            w.writeField(UInt32(m.digests.count))
+            for digest in m.digests { w.writeField(digest) }
         case .syncData(let m):
-            w.string(m.resource)
-            w.integer(m.offset)
-            w.blob(m.bytes)
+            w.writeField(m.resource)
+            w.writeField(m.offset)
         case .syncZero(let m):
-            w.string(m.resource)
-            w.integer(m.offset)
-            w.integer(m.length)
+            w.writeField(m.resource)
+            w.writeField(m.offset)
+            w.writeField(m.length)
         case .syncCompared(let m):
-            w.string(m.resource)
-            w.integer(m.offset)
-            w.integer(m.count)
+            w.writeField(m.resource)
+            w.writeField(m.offset)
+            w.writeField(m.count)
         case .ping(let value), .pong(let value):
-            w.integer(value)
+            w.writeField(value)
         }
     }
 
     /// Decodes one frame body (type byte and fields, without the length prefix), which must be
     /// consumed exactly.
     public static func decode(body: [UInt8]) throws(PeerProtocolError) -> PeerMessage {
-        guard let type = body.first else { throw PeerProtocolError("empty frame body (no message type)") }
+        try decode(body: ByteBuffer(bytes: body))
+    }
+
+    /// The same, from a slice of the received bytes; `bytes` of `segmentData` and `syncData`
+    /// stay slices of it.
+    public static func decode(body: ByteBuffer) throws(PeerProtocolError) -> PeerMessage {
+        guard let type = body.getInteger(at: body.readerIndex, as: UInt8.self) else { throw PeerProtocolError("empty frame body (no message type)") }
         guard let name = name(ofType: type) else { throw PeerProtocolError("unknown message type \(type)") }
         var r = WireReader(body: body, message: name)
         let message: PeerMessage
@@ -429,7 +455,7 @@ extension PeerMessage {
                     resource: try r.string("resource"),
                     segment: try r.string("segment"),
                     offset: try r.integer(UInt64.self, "offset"),
-                    bytes: try r.blob("bytes")
+                    bytes: try r.payload("bytes")
                 )
             )
         case 9:
@@ -493,7 +519,7 @@ extension PeerMessage {
                 SyncData(
                     resource: try r.string("resource"),
                     offset: try r.integer(UInt64.self, "offset"),
-                    bytes: try r.blob("bytes")
+                    bytes: try r.payload("bytes")
                 )
             )
         case 16:

@@ -1,3 +1,5 @@
+import NIOCore
+
 /// Constants of the peer protocol: the TCP protocol hosts of a cluster speak to each other
 /// (handshake, gossip, log shipping, sync). Format: `docs/peer-protocol.md`.
 public enum PeerWire {
@@ -27,17 +29,15 @@ public struct PeerProtocolError: Error, Equatable, CustomStringConvertible {
     public var description: String { reason }
 }
 
-/// Appends little-endian fields to a byte array.
-struct WireWriter {
-    var bytes: [UInt8]
-
-    mutating func integer<T: FixedWidthInteger>(_ value: T) {
-        withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) }
+/// Writes the fields of a frame, little-endian.
+extension ByteBuffer {
+    mutating func writeField<T: FixedWidthInteger>(_ value: T) {
+        writeInteger(value, endianness: .little)
     }
 
     /// Encoding cannot fail, so a string over the limit (only free-text reasons get near it) is
     /// cut at a character boundary rather than producing a frame the peer would reject.
-    mutating func string(_ value: String) {
+    mutating func writeField(_ value: String) {
         var utf8 = Array(value.utf8)
         if utf8.count > PeerWire.maxStringBytes {
             var end = PeerWire.maxStringBytes
@@ -45,42 +45,36 @@ struct WireWriter {
             while end > 0 && utf8[end] & 0xC0 == 0x80 { end -= 1 }
             utf8.removeSubrange(end...)
         }
-        integer(UInt16(utf8.count))
-        bytes.append(contentsOf: utf8)
+        writeField(UInt16(utf8.count))
+        writeBytes(utf8)
     }
 
-    mutating func blob(_ value: [UInt8]) {
-        integer(UInt32(value.count))
-        bytes.append(contentsOf: value)
+    mutating func writeField(_ blob: [UInt8]) {
+        writeField(UInt32(blob.count))
+        writeBytes(blob)
     }
 }
 
 /// Reads the fields of one message body, naming the message in its errors.
 struct WireReader {
-    let body: [UInt8]
-    var index: Int
+    /// The body after the type byte.
+    var body: ByteBuffer
     let message: String
 
-    init(body: [UInt8], message: String) {
+    init(body: ByteBuffer, message: String) {
         self.body = body
-        self.index = 1  // after the type byte
+        self.body.moveReaderIndex(forwardBy: 1)
         self.message = message
     }
 
-    var remaining: Int { body.count - index }
+    var remaining: Int { body.readableBytes }
 
     func truncated(_ field: String) -> PeerProtocolError {
         PeerProtocolError("message '\(message)' truncated in field '\(field)'")
     }
 
     mutating func integer<T: FixedWidthInteger>(_ type: T.Type, _ field: String) throws(PeerProtocolError) -> T {
-        let size = MemoryLayout<T>.size
-        guard remaining >= size else { throw truncated(field) }
-        var value: T = 0
-        for offset in 0..<size {
-            value |= T(body[index + offset]) << (8 * offset)
-        }
-        index += size
+        guard let value = body.readInteger(endianness: .little, as: T.self) else { throw truncated(field) }
         return value
     }
 
@@ -91,21 +85,22 @@ struct WireReader {
                 "message '\(message)' field '\(field)' is \(length) bytes, more than the \(PeerWire.maxStringBytes)-byte limit for strings"
             )
         }
-        guard remaining >= length else { throw truncated(field) }
-        let utf8 = body[index..<index + length]
-        index += length
-        guard let text = String(validating: utf8, as: UTF8.self) else {
+        guard let utf8 = body.readSlice(length: length) else { throw truncated(field) }
+        guard let text = String(validating: utf8.readableBytesView, as: UTF8.self) else {
             throw PeerProtocolError("message '\(message)' field '\(field)' is not valid UTF-8")
         }
         return text
     }
 
-    mutating func blob(_ field: String) throws(PeerProtocolError) -> [UInt8] {
+    /// A length-prefixed field as a slice of the frame: bulk bytes are not copied.
+    mutating func payload(_ field: String) throws(PeerProtocolError) -> ByteBuffer {
         let length = Int(try integer(UInt32.self, field))
-        guard remaining >= length else { throw truncated(field) }
-        let bytes = Array(body[index..<index + length])
-        index += length
+        guard let bytes = body.readSlice(length: length) else { throw truncated(field) }
         return bytes
+    }
+
+    mutating func blob(_ field: String) throws(PeerProtocolError) -> [UInt8] {
+        Array(try payload(field).readableBytesView)
     }
 
     /// A blob that must have exactly `count` bytes (nonces, proofs, digests).

@@ -3,6 +3,7 @@ import Crypto
 import Logging
 import LogEngine
 import NIOCore
+import NIOPosix
 import PeerProtocol
 import TransactionLog
 
@@ -29,6 +30,8 @@ public protocol PeerRequestHandler: Sendable {
 public final class PeerSession: @unchecked Sendable {
     private let link: PeerLink
     private let handler: any PeerRequestHandler
+    /// Where the reading and hashing of sync compares runs, off the event loop.
+    private let pool: NIOThreadPool
     private let logger: Logger
     private var streams: [String: FetchStream] = [:]
     private var lastMessage = NIODeadline.now()
@@ -39,17 +42,18 @@ public final class PeerSession: @unchecked Sendable {
     static let silenceLimit: TimeAmount = .seconds(30)
 
     /// Attaches to `link`; call on its event loop (the listener's accept callback is).
-    public static func serve(_ link: PeerLink, handler: any PeerRequestHandler, logger: Logger) {
-        let session = PeerSession(link: link, handler: handler, logger: logger)
+    public static func serve(_ link: PeerLink, handler: any PeerRequestHandler, pool: NIOThreadPool, logger: Logger) {
+        let session = PeerSession(link: link, handler: handler, pool: pool, logger: logger)
         link.onMessage = { message in session.received(message) }
         link.onClose = { session.linkClosed() }
         link.onWritable = { for stream in session.streams.values { stream.pump() } }
         session.watchSilence()
     }
 
-    private init(link: PeerLink, handler: any PeerRequestHandler, logger: Logger) {
+    private init(link: PeerLink, handler: any PeerRequestHandler, pool: NIOThreadPool, logger: Logger) {
         self.link = link
         self.handler = handler
+        self.pool = pool
         self.logger = logger
     }
 
@@ -132,126 +136,34 @@ public final class PeerSession: @unchecked Sendable {
 
     /// Compares the primary's device with the replica's chunk digests and sends what differs. The
     /// device is read as it is (not the pending changes): the replica replays the log from the
-    /// sync's start over the copy.
+    /// sync's start over the copy. The reading and hashing run on the pool; the answer goes out
+    /// in one piece, its `syncCompared` last.
     private func compare(_ request: SyncCompare) {
         guard let log = handler.primaryLog(of: request.resource), let size = handler.size(of: request.resource) else {
             link.send(.fetchError(FetchError(resource: request.resource, code: .notPrimary, reason: "this host is not the primary of \(request.resource)")))
             return
         }
-        let chunk = UInt64(request.chunkSize)
         guard request.offset <= size else {
             link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "offset \(request.offset) is beyond the device's \(size) bytes")))
             return
         }
-        guard chunk > 0, chunk <= 4 << 20 else {
-            link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "chunk size \(chunk) is not between 1 and 4 MiB")))
+        guard request.chunkSize > 0, request.chunkSize <= SyncComparison.maxChunkSize else {
+            link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "chunk size \(request.chunkSize) is not between 1 byte and 1 MiB")))
             return
         }
-        let device = handler.dataDevice(of: request.resource)
-        // Adjacent differing chunks travel together (up to 1 MiB of data, any length of zeroes).
-        var run = DifferingRun(resource: request.resource, link: link)
-        for (index, digest) in request.digests.enumerated() {
-            let offset = request.offset + UInt64(index) * chunk
-            guard offset < size else { break }
-            let count = Int(min(chunk, size - offset))
-            let replicaIsZero = digest == ChunkDigest.zero(count: count)
-            if let device, device.isHole(offset: offset, length: UInt64(count)) {
-                if replicaIsZero { run.flush() } else { run.addZeroes(at: offset, count: count) }
-                continue
-            }
-            do {
-                let bytes = try log.readDataDevice(count: count, at: offset)
-                guard bytes.count == count else { throw ReplicationError("the device ended early at \(offset + UInt64(bytes.count))") }
-                let isZero = bytes.allSatisfy { $0 == 0 }
-                // Hashed only where the replica has data: against an empty replica a chunk differs
-                // exactly when it is not zero.
-                if isZero ? replicaIsZero : !replicaIsZero && ChunkDigest.of(bytes) == digest {
-                    run.flush()
-                } else if isZero {
-                    run.addZeroes(at: offset, count: count)
-                } else {
-                    run.addData(bytes, at: offset)
-                }
-            } catch {
-                run.flush()
-                link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "cannot read the data device at \(offset): \(error)")))
-                return
+        let comparison = SyncComparison(request: request, size: size, device: handler.dataDevice(of: request.resource), allocator: link.allocator) {
+            buffer, offset throws(SystemError) in try log.readDataDevice(into: buffer, at: offset)
+        }
+        let link = link
+        pool.runIfActive(eventLoop: link.eventLoop) { try comparison.differences() }.whenComplete { result in
+            switch result {
+            case .success(let messages):
+                for message in messages { link.send(message) }
+                link.send(.syncCompared(SyncCompared(resource: request.resource, offset: request.offset, count: UInt32(request.digests.count))))
+            case .failure(let error):
+                link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "\(error)")))
             }
         }
-        run.flush()
-        link.send(.syncCompared(SyncCompared(resource: request.resource, offset: request.offset, count: UInt32(request.digests.count))))
-    }
-}
-
-/// Consecutive chunks an initial sync sends, gathered into as few messages as possible.
-struct DifferingRun {
-    let resource: String
-    let link: PeerLink
-    private var start: UInt64 = 0
-    private var data: [UInt8] = []
-    private var zeroes: UInt64 = 0
-
-    static let maxData = 1 << 20
-
-    init(resource: String, link: PeerLink) {
-        self.resource = resource
-        self.link = link
-    }
-
-    mutating func addData(_ bytes: [UInt8], at offset: UInt64) {
-        if zeroes > 0 || (!data.isEmpty && (start + UInt64(data.count) != offset || data.count + bytes.count > Self.maxData)) { flush() }
-        if data.isEmpty { start = offset }
-        data += bytes
-    }
-
-    mutating func addZeroes(at offset: UInt64, count: Int) {
-        if !data.isEmpty || (zeroes > 0 && start + zeroes != offset) { flush() }
-        if zeroes == 0 { start = offset }
-        zeroes += UInt64(count)
-    }
-
-    mutating func flush() {
-        if !data.isEmpty {
-            link.send(.syncData(SyncData(resource: resource, offset: start, bytes: data)))
-            data = []
-        }
-        if zeroes > 0 {
-            link.send(.syncZero(SyncZero(resource: resource, offset: start, length: zeroes)))
-            zeroes = 0
-        }
-    }
-}
-
-/// The digest of a device chunk an initial sync compares: SHA-256, first 16 bytes (swift-crypto:
-/// 1.3x the project's own SHA-256 on 64 KiB, BENCHMARKS.md). Zero chunks (holes, or read as zeroes)
-/// get the zero digest without hashing: an empty replica costs a lookup per chunk, not a hash.
-public enum ChunkDigest {
-    public static func of(_ bytes: [UInt8]) -> [UInt8] {
-        if bytes.allSatisfy({ $0 == 0 }) { return zero(count: bytes.count) }
-        return Array(Crypto.SHA256.hash(data: bytes).prefix(16))
-    }
-
-    /// The digest of `count` zero bytes.
-    public static func zero(count: Int) -> [UInt8] {
-        if count == standardZero.count { return standardZero.digest }
-        return Array(Crypto.SHA256.hash(data: [UInt8](repeating: 0, count: count)).prefix(16))
-    }
-
-    private static let standardZero = (
-        count: SyncChunk.size, digest: Array(Crypto.SHA256.hash(data: [UInt8](repeating: 0, count: SyncChunk.size)).prefix(16))
-    )
-}
-
-/// The chunk size of an initial sync.
-public enum SyncChunk {
-    public static let size = 64 << 10
-}
-
-extension BlockDevice {
-    /// Whether `[offset, offset+length)` is a hole (reads as zeroes without being read).
-    func isHole(offset: UInt64, length: UInt64) -> Bool {
-        let runs = allocationRuns(offset: offset, length: length, maxRuns: 1)
-        return runs.count == 1 && runs[0].isHole && runs[0].length >= length
     }
 }
 
@@ -326,16 +238,19 @@ final class FetchStream {
             }
             while sent < end, sent - acknowledged < window, link.isWritable {
                 let count = min(Self.chunk, end - sent, window - (sent - acknowledged))
-                let bytes: [UInt8]
+                let bytes: ByteBuffer
                 do {
                     if file == nil { file = try log.logDirectory.open(segment.fileName, create: false) }
-                    bytes = try file!.read(count: Int(count), at: sent)
+                    let file = file!
+                    bytes = try ByteBuffer.reading(count: Int(count), allocator: link.allocator) { buffer throws(SystemError) in
+                        try file.read(into: buffer, at: sent)
+                    }
                 } catch {
                     fail(.internalError, "cannot read \(segment) at byte \(sent): \(error)")
                     return
                 }
-                guard UInt64(bytes.count) == count else {
-                    fail(.internalError, "\(segment) ended at byte \(sent + UInt64(bytes.count)), before \(end)")
+                guard UInt64(bytes.readableBytes) == count else {
+                    fail(.internalError, "\(segment) ended at byte \(sent + UInt64(bytes.readableBytes)), before \(end)")
                     return
                 }
                 link.send(.segmentData(SegmentData(resource: resource, segment: segment.fileName, offset: sent, bytes: bytes)))

@@ -84,18 +84,29 @@ public final class PeerLink: @unchecked Sendable {
 
     public var eventLoop: any EventLoop { channel.eventLoop }
 
+    public var allocator: ByteBufferAllocator { channel.allocator }
+
     public func send(_ message: PeerMessage) {
-        var bytes: [UInt8] = []
-        message.encodeFrame(into: &bytes)
-        let buffer = channel.allocator.buffer(bytes: bytes)
-        channel.writeAndFlush(buffer, promise: nil)
+        if channel.eventLoop.inEventLoop {
+            Self.write(message, to: channel)
+        } else {
+            // One task per message: the two parts of a frame never interleave with another's.
+            channel.eventLoop.execute { [channel] in Self.write(message, to: channel) }
+        }
     }
 
-    /// Sends `message`; the future completes when it is written (for flow control on the sender).
-    public func sendAndWait(_ message: PeerMessage) -> EventLoopFuture<Void> {
-        var bytes: [UInt8] = []
-        message.encodeFrame(into: &bytes)
-        return channel.writeAndFlush(channel.allocator.buffer(bytes: bytes))
+    /// Writes the frame of `message`; the bulk bytes of a large payload go to the socket as they
+    /// are (a second buffer of the same writev), not copied behind the frame's head.
+    static func write(_ message: PeerMessage, to channel: any Channel) {
+        var head = channel.allocator.buffer(capacity: 64)
+        if let payload = message.payload, payload.readableBytes >= 4096 {
+            message.encodeFrame(into: &head, leavingOutPayload: true)
+            channel.write(head, promise: nil)
+            channel.writeAndFlush(payload, promise: nil)
+        } else {
+            message.encodeFrame(into: &head)
+            channel.writeAndFlush(head, promise: nil)
+        }
     }
 
     public var isWritable: Bool { channel.isWritable }
@@ -222,7 +233,7 @@ final class PeerLinkHandler: ChannelInboundHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        if let hello = handshake.start() { write(hello, context: context) }
+        if let hello = handshake.start() { PeerLink.write(hello, to: context.channel) }
         let channel = context.channel
         deadline = context.eventLoop.scheduleTask(in: timeout) { [weak self] in
             guard let self, self.link == nil else { return }
@@ -232,8 +243,7 @@ final class PeerLinkHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var buffer = unwrapInboundIn(data)
-        if let bytes = buffer.readBytes(length: buffer.readableBytes) { decoder.append(bytes) }
+        decoder.append(unwrapInboundIn(data))
         do {
             while !finished, let message = try decoder.next() {
                 if let link {
@@ -253,14 +263,14 @@ final class PeerLinkHandler: ChannelInboundHandler {
     private func handle(_ action: HandshakeAction, context: ChannelHandlerContext) {
         switch action {
         case .send(let message):
-            write(message, context: context)
+            PeerLink.write(message, to: context.channel)
         case .sendAndEstablish(let message, let identity):
-            write(message, context: context)
+            PeerLink.write(message, to: context.channel)
             establish(identity, context: context)
         case .established(let identity):
             establish(identity, context: context)
         case .refuse(let message, let reason):
-            write(message, context: context)
+            PeerLink.write(message, to: context.channel)
             fail(reason, channel: context.channel)
         case .failed(let reason):
             fail(reason, channel: context.channel)
@@ -309,9 +319,4 @@ final class PeerLinkHandler: ChannelInboundHandler {
         fail("\(error)", channel: context.channel)
     }
 
-    private func write(_ message: PeerMessage, context: ChannelHandlerContext) {
-        var bytes: [UInt8] = []
-        message.encodeFrame(into: &bytes)
-        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(bytes: bytes)), promise: nil)
-    }
 }

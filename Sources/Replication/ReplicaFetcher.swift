@@ -197,8 +197,8 @@ public final class ReplicaFetcher: @unchecked Sendable {
         switch message {
         case .segmentData(let data) where data.resource == resource:
             guard let name = SegmentName(fileName: data.segment) else { return abandon(attempt, "'\(data.segment)' is no segment name") }
-            let count = UInt64(data.bytes.count)
-            enqueue(attempt) { [log] in try log.receive(segment: name, offset: data.offset, bytes: data.bytes) }
+            let count = UInt64(data.bytes.readableBytes)
+            enqueue(attempt) { [log] in try log.receive(segment: name, offset: data.offset, bytes: Array(data.bytes.readableBytesView)) }
             uncommitted += count
             state.withLock { $0.bytesFetched += count }
         case .segmentEnd(let end) where end.resource == resource:

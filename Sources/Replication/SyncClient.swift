@@ -35,9 +35,19 @@ public final class SyncClient: @unchecked Sendable {
     /// Event-loop confined.
     private var link: PeerLink?
     private var next: UInt64
-    private var outstanding: [UInt64] = []
-    private var writes: EventLoopFuture<Void>
+    /// The compare requests not done yet: a range is copied once the primary has answered all of
+    /// it (`syncCompared`) and every write of its answer is done. Writes run in parallel.
+    private var outstanding: [OutstandingRange] = []
     private var completion: EventLoopPromise<Void>
+    private var failed = false
+
+    private struct OutstandingRange {
+        let offset: UInt64
+        let end: UInt64
+        var writes = 0
+        var compared = false
+        var isDone: Bool { compared && writes == 0 }
+    }
     private let checkpoint: @Sendable (UInt64) -> Void
 
     /// `start`: where a resumed sync goes on. `checkpoint` persists an offset every byte before
@@ -56,7 +66,6 @@ public final class SyncClient: @unchecked Sendable {
         self.logger = logger
         self.checkpoint = checkpoint
         self.progress = Mutex(SyncProgress(offset: start, size: size))
-        self.writes = loop.makeSucceededVoidFuture()
         self.completion = loop.makePromise()
         self.checkpointed = (start, .now())
     }
@@ -84,7 +93,7 @@ public final class SyncClient: @unchecked Sendable {
         let offset = next
         let count = Int(min(UInt64(Self.chunksPerRequest), (size - offset + UInt64(Self.chunkSize) - 1) / UInt64(Self.chunkSize)))
         next += UInt64(count * Self.chunkSize)
-        outstanding.append(offset)
+        outstanding.append(OutstandingRange(offset: offset, end: min(next, size)))
         let chunk = UInt64(Self.chunkSize)
         let (device, blockDevice, size, resource) = (device, blockDevice, size, resource)
         pool.runIfActive(eventLoop: loop) { () throws -> [[UInt8]] in
@@ -109,29 +118,63 @@ public final class SyncClient: @unchecked Sendable {
     private func received(_ message: PeerMessage) {
         switch message {
         case .syncData(let data) where data.resource == resource:
-            guard data.offset <= size, UInt64(data.bytes.count) <= size - data.offset else { return fail("the primary sent bytes beyond the device's end") }
-            let device = device
-            write { try device.write(data.bytes, at: data.offset) }
-            progress.withLock { $0.bytesSent += UInt64(data.bytes.count) }
-        case .syncZero(let zero) where zero.resource == resource:
-            guard zero.offset <= size, zero.length <= size - zero.offset else { return fail("the primary sent a range beyond the device's end") }
-            let device = device
-            write { try device.zero(offset: zero.offset, length: zero.length, keepAllocated: false) }
-        case .syncCompared(let done) where done.resource == resource:
-            // Every write of this range is queued before this point: once they are done, the range is copied.
-            writes.whenSuccess { [self] in
-                outstanding.removeAll { $0 == done.offset }
-                let reached = outstanding.min() ?? next
-                progress.withLock { $0.offset = reached }
-                checkpointIfDue(reached)
-                requestNext()
-                finishIfDone()
+            let bytes = data.bytes
+            let length = UInt64(bytes.readableBytes)
+            let (device, blockDevice) = (device, blockDevice)
+            write(at: data.offset, length: length) {
+                try bytes.withUnsafeReadableBytes { try device.write([$0], at: data.offset) }
+                try blockDevice.startWriteback(offset: data.offset, length: length)
             }
+            progress.withLock { $0.bytesSent += length }
+        case .syncZero(let zero) where zero.resource == resource:
+            let device = device
+            write(at: zero.offset, length: zero.length) { try device.zero(offset: zero.offset, length: zero.length, keepAllocated: false) }
+        case .syncCompared(let done) where done.resource == resource:
+            guard let index = outstanding.firstIndex(where: { $0.offset == done.offset }) else {
+                return fail("the primary answered a comparison at \(done.offset) that was not asked for")
+            }
+            outstanding[index].compared = true
+            rangeProgressed(index)
         case .fetchError(let error) where error.resource == resource:
             fail("the primary said: \(error.reason)")
         default:
             fail("unexpected message \(message.name) during the sync")
         }
+    }
+
+    /// Writes the primary's bytes for `[offset, offset+length)`, which must lie in a range being
+    /// compared, on the pool.
+    private func write(at offset: UInt64, length: UInt64, _ body: @escaping @Sendable () throws -> Void) {
+        guard let index = outstanding.firstIndex(where: { offset >= $0.offset && offset <= $0.end && length <= $0.end - offset }),
+            !outstanding[index].compared
+        else {
+            return fail("the primary sent \(length) bytes at \(offset), outside the ranges being compared")
+        }
+        outstanding[index].writes += 1
+        let rangeOffset = outstanding[index].offset
+        pool.runIfActive(eventLoop: loop, body).whenComplete { [self] result in
+            guard case .success = result else {
+                if case .failure(let error) = result { fail("cannot write the local device at \(offset): \(error)") }
+                return
+            }
+            guard let index = outstanding.firstIndex(where: { $0.offset == rangeOffset }) else { return }
+            outstanding[index].writes -= 1
+            rangeProgressed(index)
+        }
+    }
+
+    private func rangeProgressed(_ index: Int) {
+        guard !failed, outstanding[index].isDone else { return }
+        let range = outstanding.remove(at: index)
+        // Nobody else uses a device being synced: its pages need not stay cached.
+        let blockDevice = blockDevice
+        pool.runIfActive(eventLoop: loop) { try blockDevice.releaseCache(offset: range.offset, length: range.end - range.offset) }
+            .whenFailure { [self] error in fail("cannot write the local device between \(range.offset) and \(range.end): \(error)") }
+        let reached = outstanding.first?.offset ?? next
+        progress.withLock { $0.offset = reached }
+        checkpointIfDue(reached)
+        requestNext()
+        finishIfDone()
     }
 
     /// The offset persisted last, and when: a checkpoint stores an offset only after a device sync
@@ -146,7 +189,8 @@ public final class SyncClient: @unchecked Sendable {
         }
         checkpointing = true
         let device = device
-        writes.flatMap { [pool, loop] in pool.runIfActive(eventLoop: loop) { try device.sync() } }.whenComplete { [self] result in
+        // Every write below `reached` is done; the device sync makes them durable.
+        pool.runIfActive(eventLoop: loop) { try device.sync() }.whenComplete { [self] result in
             checkpointing = false
             guard case .success = result else { return }  // the next checkpoint tries again
             checkpointed = (reached, .now())
@@ -154,15 +198,10 @@ public final class SyncClient: @unchecked Sendable {
         }
     }
 
-    private func write(_ body: @escaping @Sendable () throws -> Void) {
-        writes = writes.flatMap { [pool, loop] in pool.runIfActive(eventLoop: loop, body) }
-        writes.whenFailure { [self] error in fail("cannot write the local device: \(error)") }
-    }
-
     private func finishIfDone() {
         guard next >= size, outstanding.isEmpty else { return }
         let device = device
-        writes.flatMap { [pool, loop] in pool.runIfActive(eventLoop: loop) { try device.sync() } }.whenComplete { [self] result in
+        pool.runIfActive(eventLoop: loop) { try device.sync() }.whenComplete { [self] result in
             switch result {
             case .success:
                 progress.withLock { state in
@@ -177,6 +216,7 @@ public final class SyncClient: @unchecked Sendable {
     }
 
     private func fail(_ reason: String) {
+        failed = true
         progress.withLock { $0.problem = reason }
         logger.warning("sync of \(resource): \(reason)")
         link?.close()

@@ -1,3 +1,4 @@
+import NIOCore
 import PeerProtocol
 import TestSupport
 import Testing
@@ -31,18 +32,52 @@ struct MessageTests {
     }
 
     @Test func encodeFrameAppends() throws {
-        var out: [UInt8] = [0xAA]
+        var out = ByteBuffer(bytes: [0xAA])
         PeerMessage.ping(1).encodeFrame(into: &out)
         PeerMessage.welcome.encodeFrame(into: &out)
-        #expect(out.first == 0xAA)
+        #expect(out.readInteger(as: UInt8.self) == 0xAA)
         var decoder = PeerFrameDecoder()
-        decoder.append(out.dropFirst())
+        decoder.append(out)
         #expect(try drain(&decoder) == [.ping(1), .welcome])
+    }
+
+    /// A frame written as its head and then its payload (how links send bulk bytes) is the frame.
+    @Test func payloadLeftOutIsWrittenAfterTheHead() throws {
+        let bulk = sampleMessages.filter { $0.payload != nil }
+        #expect(bulk.map(\.name) == ["segmentData", "syncData"])
+        for message in bulk {
+            var head = ByteBuffer()
+            message.encodeFrame(into: &head, leavingOutPayload: true)
+            #expect(head.readableBytes == message.encodedFrame().count - message.payload!.readableBytes)
+            head.writeImmutableBuffer(message.payload!)
+            #expect(Array(head.readableBytesView) == message.encodedFrame())
+        }
+    }
+
+    /// Bulk bytes are slices of what was received: later input must not change a message taken before it.
+    @Test func payloadsSurviveLaterInput() throws {
+        let first = PeerMessage.syncData(SyncData(resource: "vm1", offset: 0, bytes: bytes(70_000, 1)))
+        let second = PeerMessage.segmentData(SegmentData(resource: "vm1", segment: "s", offset: 9, bytes: bytes(70_000, 2)))
+        let stream = first.encodedFrame() + second.encodedFrame()
+        var decoder = PeerFrameDecoder()
+        // The first frame and half of the second in one buffer, the rest in pieces.
+        let cut = first.encodedFrame().count + 35_000
+        decoder.append(ByteBuffer(bytes: stream[..<cut]))
+        let taken = try decoder.next()
+        #expect(taken == first)
+        var position = cut
+        while position < stream.count {
+            let end = min(stream.count, position + 4096)
+            decoder.append(ByteBuffer(bytes: stream[position..<end]))
+            position = end
+        }
+        #expect(try decoder.next() == second)
+        #expect(taken == first)
     }
 
     @Test func randomMessagesRoundTrip() throws {
         var g = seededGenerator()
-        var stream: [UInt8] = []
+        var stream = ByteBuffer()
         var sent: [PeerMessage] = []
         for _ in 0..<2000 {
             let message = randomMessage(using: &g)
@@ -50,13 +85,14 @@ struct MessageTests {
             message.encodeFrame(into: &stream)
             sent.append(message)
         }
-        // The same stream through the streaming decoder, in random chunks.
+        // The same stream through the streaming decoder, in random chunks that share its storage
+        // (as a socket's reads share theirs with the messages taken from them).
         var decoder = PeerFrameDecoder()
         var received: [PeerMessage] = []
         var position = 0
-        while position < stream.count {
-            let end = min(stream.count, position + Int.random(in: 1...70_000, using: &g))
-            decoder.append(stream[position..<end])
+        while position < stream.readableBytes {
+            let end = min(stream.readableBytes, position + Int.random(in: 1...70_000, using: &g))
+            decoder.append(stream.getSlice(at: position, length: end - position)!)
             position = end
             received += try drain(&decoder)
         }

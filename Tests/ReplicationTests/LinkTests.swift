@@ -101,7 +101,7 @@ final class Acks: LogCompletionTarget {
         let handler = OneResource(log: hosts.primary)
         let listener = try await PeerListener.start(
             on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
-        ) { link in PeerSession.serve(link, handler: handler, logger: logger) }
+        ) { link in PeerSession.serve(link, handler: handler, pool: .singleton, logger: logger) }
         let port = try #require(listener.port)
         let start = hosts.primary.beginSyncHold(for: "beta")
         let replica = try hosts.openReplica(startLSN: start.lsn, epoch: start.epoch)
@@ -171,7 +171,7 @@ final class Acks: LogCompletionTarget {
         let handler = OneResource(log: hosts.primary, device: hosts.primaryDevice)
         let listener = try await PeerListener.start(
             on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
-        ) { link in PeerSession.serve(link, handler: handler, logger: logger) }
+        ) { link in PeerSession.serve(link, handler: handler, pool: .singleton, logger: logger) }
         let address = PeerAddress(host: "127.0.0.1", port: try #require(listener.port))
         let link = try await PeerLink.connect(to: address, group: group, credentials: Self.credentials("beta"), logger: logger).get()
         let client = SyncClient(
@@ -200,7 +200,7 @@ final class Acks: LogCompletionTarget {
         let logger = Logger(label: "test")
         let listener = try await PeerListener.start(
             on: PeerAddress(host: "::1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
-        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), logger: logger) }
+        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), pool: .singleton, logger: logger) }
         let address = try PeerAddress(parsing: "[::1]:\(try #require(listener.port))")
         var credentials = Self.credentials("beta")
         credentials.sourceHost = "::1"
@@ -219,7 +219,7 @@ final class Acks: LogCompletionTarget {
         let logger = Logger(label: "test")
         let listener = try await PeerListener.start(
             on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
-        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), logger: logger) }
+        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), pool: .singleton, logger: logger) }
         let address = PeerAddress(host: "127.0.0.1", port: try #require(listener.port))
         let wrong = Self.credentials("mallory", secret: [UInt8](repeating: 8, count: 32))
         await #expect(throws: (any Error).self) {

@@ -27,6 +27,13 @@ int clinux_dio_alignment(int fd, uint32_t *memory_align, uint32_t *offset_align)
 /// fallocate(2), wrapped so Swift does not depend on _GNU_SOURCE. Returns 0 or -errno.
 int clinux_fallocate(int fd, int mode, uint64_t offset, uint64_t length);
 
+/// sync_file_range(2) starting writeback of a range without waiting. Returns 0 or -errno.
+int clinux_start_writeback(int fd, uint64_t offset, uint64_t length);
+
+/// sync_file_range(2) waiting until a range is written back (no metadata, no cache flush: not a
+/// durability point). Returns 0 or -errno.
+int clinux_wait_writeback(int fd, uint64_t offset, uint64_t length);
+
 /// A non-blocking, close-on-exec eventfd. Returns the fd or -errno.
 int clinux_eventfd(void);
 
