@@ -12,7 +12,10 @@ random data; beta joins and leaves it for the sync jobs).
                   durableLSN) vs alpha's logged 1M sequential write rate on `solo` (same size, fio
                   nbd qd8 --end_fsync=1), in the same round
   fetch-cpu-4k    alpha's CPU per 4 KiB random write (fio nbd qd32, --runtime s) on `repl` with beta  <= 1.15
-                  fetching and replaying vs on `solo`; each run counts until beta has fetched all
+                  fetching and replaying vs on `solo`; each run counts until beta has fetched all;
+                  then `solo` again at the rate `repl` reached (fio --rate_iops): the same workload
+                  with and without the fetch service, since CPU per request depends on the rate
+                  (group commits batch more at higher rates)
   lag-4k          beta's view every 100 ms (replication.lagBytes, lagSeconds) under 4 KiB random     (report)
                   writes at --lag-iops (fio --rate_iops) for --lag-seconds; p50/p99; and the same lag
                   measured from outside: alpha's durableLSN sampled every 20 ms against beta's
@@ -383,8 +386,18 @@ def job_fetch_cpu(a, alpha, beta, rnd):
         else:
             out["solo_beta_us"] = (beta.cpu() - cb0) * 1e6 / r["ios"]
 
+    def matched():
+        """`solo` at the rate `repl` reached at full speed: the CPU per request of the same
+        workload with and without the fetch service (group commits batch alike at equal rates)."""
+        iops = int(out["repl_iops"])
+        ca0 = alpha.cpu()
+        r = fio(alpha.uri("solo"), "randwrite", "4k", 32, runtime=a.runtime, rate_iops=iops)
+        out["solo_matched_iops"] = r["iops"]
+        out["solo_matched_alpha_us"] = (alpha.cpu() - ca0) * 1e6 / r["ios"]
+
     for name in (["solo", "repl"] if rnd % 2 else ["repl", "solo"]):
         run(name)
+    matched()
     if a.cpu_iops:
         for name in (["repl", "solo"] if rnd % 2 else ["solo", "repl"]):
             run(name, rated=True)
@@ -696,6 +709,7 @@ def main():
                 log(f"round {rnd}: fetch-cpu-4k: alpha µs/request solo {r['solo_alpha_us']:.2f} ({r['solo_iops'] / 1000:.1f}k IOPS), "
                     f"with beta {r['repl_alpha_us']:.2f} ({r['repl_iops'] / 1000:.1f}k IOPS), ratio {r['repl_alpha_us'] / r['solo_alpha_us']:.2f}; "
                     f"beta {r['repl_beta_us']:.2f} µs/request; machine {r['solo_machine_us']:.2f} / {r['repl_machine_us']:.2f}"
+                    + f"; solo at {r['solo_matched_iops'] / 1000:.1f}k/s (the rate with beta) {r['solo_matched_alpha_us']:.2f} (ratio {r['repl_alpha_us'] / r['solo_matched_alpha_us']:.2f})"
                     + (f"; at {a.cpu_iops}/s: solo {r['solo_rated_alpha_us']:.2f}, with beta {r['repl_rated_alpha_us']:.2f} "
                        f"(ratio {r['repl_rated_alpha_us'] / r['solo_rated_alpha_us']:.2f}), beta {r['repl_rated_beta_us']:.2f}" if a.cpu_iops else ""))
                 note_rss(f"fetch-cpu round {rnd}")
@@ -773,6 +787,11 @@ def summarize(a, results, rss):
                                  repl_idle=med([r["repl_idle"] for r in fc]), solo_idle=med([r["solo_idle"] for r in fc]),
                                  settle_s=med([r["repl_settle_s"] for r in fc]), replay_tail_s=med([r["repl_replay_tail_s"] for r in fc]),
                                  target="<= 1.15")
+        s["fetch-cpu-4k-matched"] = dict(iops=med([r["solo_matched_iops"] for r in fc]), repl_alpha_us=s["fetch-cpu-4k"]["repl_alpha_us"],
+                                         solo_alpha_us=med([r["solo_matched_alpha_us"] for r in fc]),
+                                         ratio=med([r["repl_alpha_us"] / r["solo_matched_alpha_us"] for r in fc]),
+                                         per_round=[(round(r["repl_alpha_us"], 2), round(r["solo_matched_alpha_us"], 2)) for r in fc],
+                                         target="<= 1.15")
         if "repl_rated_alpha_us" in fc[0]:
             s["fetch-cpu-4k-rated"] = dict(iops=a.cpu_iops, repl_alpha_us=med([r["repl_rated_alpha_us"] for r in fc]),
                                            solo_alpha_us=med([r["solo_rated_alpha_us"] for r in fc]),
@@ -839,6 +858,10 @@ def print_summary(s):
         print(f"    IOPS with beta {r['repl_iops'] / 1000:.1f}k, solo {r['solo_iops'] / 1000:.1f}k; beta {r['repl_beta_us']:.2f} µs/rq; machine "
               f"{r['repl_machine_us']:.2f} / {r['solo_machine_us']:.2f} µs/rq, idle {100 * r['repl_idle']:.0f}% / {100 * r['solo_idle']:.0f}%; "
               f"fetch settled {r['settle_s']:.2f} s, replay {r['replay_tail_s']:.2f} s after fio")
+    if "fetch-cpu-4k-matched" in s:
+        r = s["fetch-cpu-4k-matched"]
+        print(f"{'  solo matched':<14} {r['repl_alpha_us']:>9.2f} µs/rq {r['solo_alpha_us']:>9.2f} µs/rq {r['ratio']:>7.2f}  {r['target']}   "
+              f"solo at the rate reached with beta ({r['iops'] / 1000:.1f}k/s); per round (with beta, solo) {r['per_round']}")
     if "fetch-cpu-4k-rated" in s:
         r = s["fetch-cpu-4k-rated"]
         print(f"{'  at ' + str(r['iops']) + '/s':<14} {r['repl_alpha_us']:>9.2f} µs/rq {r['solo_alpha_us']:>9.2f} µs/rq {r['ratio']:>7.2f}  {r['target']}   "
