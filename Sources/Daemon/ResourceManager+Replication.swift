@@ -489,14 +489,13 @@ extension ResourceManager: PeerRequestHandler {
         )
     }
 
-    /// Every couple of seconds until the task is cancelled: retention on primaries and replicas,
-    /// this host's state of every resource published and gossiped with every other member; every
-    /// tenth second, free heap memory handed back to the kernel.
+    /// Every couple of seconds until the task is cancelled: free heap memory handed back to the
+    /// kernel (bursts of log, fetch and sync buffers leave it behind in the allocator's arenas),
+    /// retention on primaries and replicas, this host's state of every resource published and
+    /// gossiped with every other member.
     func runGossip() async {
-        var round = 0
         while !Task.isCancelled {
-            round += 1
-            if round % 5 == 0 { releaseFreeMemory() }
+            releaseFreeMemory()
             if let credentials {
                 enforceRetention(credentials.local.host)
                 holdForOtherMembers(credentials.local.host)

@@ -147,7 +147,7 @@ public final class ReplicaLog: ShippingSource {
     /// and starts replaying (unless `replayPaused`).
     public static func open(
         directory: any StorageDirectory, device: any StorageFile, deviceSize: UInt64, replayPaused: Bool,
-        batchBytes: UInt64 = 32 << 20, spaceLimit: UInt64 = 64 << 30, report: (String) -> Void = { _ in }
+        batchBytes: UInt64 = 64 << 20, spaceLimit: UInt64 = 64 << 30, report: (String) -> Void = { _ in }
     ) throws -> ReplicaLog {
         let position = try LogHistory.openPosition(in: directory)
         var segments: [LocalSegment] = []
