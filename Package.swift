@@ -137,7 +137,7 @@ let package = Package(
         .testTarget(
             name: "NBDServerTests",
             dependencies: [
-                "NBDServer", "NBDProtocol", "BlockStore", "Daemon", "ControlProtocol",
+                "NBDServer", "NBDProtocol", "BlockStore", "Daemon", "ControlProtocol", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],

@@ -18,7 +18,8 @@ public struct LogEngineConfiguration: Sendable {
     /// Payload bytes of logged changes not yet written back that are held in memory; beyond it new
     /// writes wait.
     public var pendingCapacity = 64 << 20
-    /// The largest write a client may send (the NBD server's limit).
+    /// The largest write payload one record holds (readers refuse larger records); larger writes
+    /// are submitted in parts.
     public var maxRecordPayload = 32 << 20
     /// Changes one writeback batch takes at most.
     public var writebackBatchChanges = 4096
@@ -344,12 +345,21 @@ public final class LogEngine: Sendable {
 
     // MARK: - Requests (called on event loops; never block)
 
+    /// The largest write payload one record holds; larger writes are submitted in parts.
+    public var maxRecordPayload: Int { configuration.maxRecordPayload }
+
     /// Logs a change at `offset`. Not FUA: acknowledged once admitted (reads see it at once; FLUSH
     /// makes it durable). FUA: acknowledged when its record is durable.
     public func submit(
         offset: UInt64, change: LogChange, fua: Bool, target: any LogCompletionTarget, token: Int
     ) -> LogAdmission {
         guard change.length > 0 else { return .acknowledged }
+        if case .write(let bytes) = change, bytes.count > configuration.maxRecordPayload {
+            return .refused(LogEngineError(
+                errno: EINVAL,
+                "a write of \(bytes.count) bytes is larger than one log record holds (\(configuration.maxRecordPayload)); submit it in parts"
+            ))
+        }
         // Checksummed here, on the event loop that has just copied the payload and still has it in
         // its cache, not in the log writer, which would read it back from memory (BENCHMARKS.md).
         let payloadChecksum = if case .write(let bytes) = change { CRC32C.checksum(bytes) } else { UInt32(0) }

@@ -136,8 +136,13 @@ public enum NBDAllocationState {
 }
 
 public enum NBDLimits {
-    /// The largest READ or WRITE payload served; the spec's portable maximum.
-    public static let maxPayload: UInt32 = 32 << 20
+    /// The largest READ or WRITE payload advertised (NBD_INFO_BLOCK_SIZE maximum): the spec's
+    /// portable maximum, which clients that negotiate block sizes keep to.
+    public static let advertisedMaxPayload: UInt32 = 32 << 20
+    /// The largest READ or WRITE payload accepted. Some clients send more without negotiating
+    /// (nbd-tester-client's integrityhuge test: 33-50 MiB); nbdkit accepts up to the same 64 MiB.
+    /// Memory stays bounded by the per-loop payload budget, which admits one request beyond it.
+    public static let acceptedMaxPayload: UInt32 = 64 << 20
     /// Strings (export names, context names) may not exceed this.
     public static let maxString = 4096
     public static let preferredBlockSize: UInt32 = 4096

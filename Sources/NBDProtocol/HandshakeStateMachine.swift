@@ -312,7 +312,7 @@ public struct HandshakeStateMachine {
         out.writeInteger(NBDInfoType.blockSize.rawValue)
         out.writeInteger(NBDLimits.minimumBlockSize)
         out.writeInteger(NBDLimits.preferredBlockSize)
-        out.writeInteger(NBDLimits.maxPayload)
+        out.writeInteger(NBDLimits.advertisedMaxPayload)
         writeReplyHeader(&out, .ack, option: code, length: 0)
 
         if option == .go {

@@ -77,11 +77,11 @@ public struct RequestParser {
         )
         var payload: ByteBuffer?
         if header.type == NBDCommand.write.rawValue {
-            guard header.length <= NBDLimits.maxPayload else {
+            guard header.length <= NBDLimits.acceptedMaxPayload else {
                 input.moveReaderIndex(forwardBy: RequestHeader.size)
                 return .rejectAndClose(
                     cookie: header.cookie, command: header.type, .invalid,
-                    message: "WRITE of \(header.length) bytes exceeds the maximum payload of \(NBDLimits.maxPayload)"
+                    message: "WRITE of \(header.length) bytes exceeds the largest payload accepted, \(NBDLimits.acceptedMaxPayload) bytes; split it"
                 )
             }
             guard input.readableBytes >= RequestHeader.size + Int(header.length) else {
@@ -164,8 +164,8 @@ public struct RequestParser {
                 "\(command): range \(header.offset)+\(header.length) is beyond the end of the export (\(session.export.size) bytes)"
             )
         }
-        if command == .read && header.length > NBDLimits.maxPayload {
-            return (.invalid, "READ of \(header.length) bytes exceeds the maximum payload of \(NBDLimits.maxPayload)")
+        if command == .read && header.length > NBDLimits.acceptedMaxPayload {
+            return (.invalid, "READ of \(header.length) bytes exceeds the largest payload accepted, \(NBDLimits.acceptedMaxPayload) bytes; split it")
         }
         if command == .blockStatus && (!session.structuredReplies || session.allocationContextID == nil) {
             return (.invalid, "BLOCK_STATUS needs structured replies and a selected meta context")

@@ -9,7 +9,7 @@ import Glibc
 
 /// Where page-aligned writes through the page cache run.
 public enum PageCacheWritePolicy: String, Sendable, CaseIterable {
-    /// Small ones (up to 32 KiB) on the event loop thread, synchronously: a copy into the page cache.
+    /// Those of up to 1 MiB without FUA on the event loop thread, synchronously: a copy into the page cache.
     case inline
     /// Through the I/O engine like everything else.
     case engine

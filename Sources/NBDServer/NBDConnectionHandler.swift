@@ -67,6 +67,10 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         var stage = Stage.transfer
         /// READ of a logged export: pending changes to lay over the device's bytes before replying.
         var overlay: [PendingPiece]?
+        /// A request of a logged export: log submissions not completed yet (a WRITE larger than a
+        /// record is several), and the first error among them.
+        var logPartsOutstanding = 0
+        var logError: LogEngineError?
     }
 
     private let exports: ExportTable
@@ -411,7 +415,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         guard buffer.readableBytes >= RequestHeader.size,
             buffer.getInteger(at: buffer.readerIndex + 6, as: UInt16.self) == NBDCommand.write.rawValue,
             let length = buffer.getInteger(at: buffer.readerIndex + 24, as: UInt32.self),
-            length <= NBDLimits.maxPayload
+            length <= NBDLimits.acceptedMaxPayload
         else { return }
         let needed = RequestHeader.size + Int(length) - buffer.readableBytes
         if needed > buffer.writableBytes {
@@ -472,7 +476,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             item.address = buffer.withUnsafeMutableWritableBytes { $0.baseAddress! }
             item.buffer = buffer
             submitTransfer(store(item), device)
-        case .write where fragments.count > 1 && device.cacheMode == .buffered:
+        case .write where fragments.count > 1 && fragments.count <= maxWriteVectors && device.cacheMode == .buffered:
             // Write the received buffers as they are: one writev, no copy.
             let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: fragments.count)
             for (index, fragment) in fragments.enumerated() {
@@ -484,7 +488,8 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             let token = store(item)
             io.enqueue(
                 .writev(fd: device.bufferedFD, iovecs: iovecs, count: fragments.count, offset: item.offset, durable: item.flags.contains(.fua)),
-                for: self, token: token, pageCacheWrite: isInlineCandidate(offset: item.offset, count: item.length)
+                for: self, token: token,
+                pageCacheWrite: isInlineCandidate(offset: item.offset, count: item.length, fua: item.flags.contains(.fua))
             )
         case .write:
             var payload = request.payload
@@ -535,18 +540,13 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     private func dispatchLogged(_ request: Request, _ item: Pending, _ log: LogEngine, fragments: [ByteBuffer]) {
         let mailbox = mailbox()
         let fua = item.flags.contains(.fua)
+        var item = item
+        item.logPartsOutstanding = 1
         let token = store(item)
         let admission: LogAdmission
         switch request.command {
         case .write:
-            var bytes = [UInt8]()
-            bytes.reserveCapacity(item.length)
-            if let payload = request.payload {
-                payload.withUnsafeReadableBytes { bytes.append(contentsOf: $0) }
-            } else {
-                for fragment in fragments { fragment.withUnsafeReadableBytes { bytes.append(contentsOf: $0) } }
-            }
-            admission = log.submit(offset: item.offset, change: .write(bytes), fua: fua, target: mailbox, token: token)
+            return submitLoggedWrite(request, token, log, mailbox, fragments: fragments)
         case .trim:
             admission = log.submit(offset: item.offset, change: .trim(length: item.length), fua: fua, target: mailbox, token: token)
         case .writeZeroes:
@@ -558,13 +558,76 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         default:
             preconditionFailure("\(request.command) is not a logged command")
         }
+        logPartAdmitted(token, admission)
+    }
+
+    /// Logs a WRITE as records of at most the log's record size: accepted payloads are larger
+    /// than a record (`NBDLimits.acceptedMaxPayload`). NBD does not promise that a WRITE is
+    /// atomic, and the records are consecutive in the log, so replicas replay them in order.
+    private func submitLoggedWrite(_ request: Request, _ token: Int, _ log: LogEngine, _ mailbox: LogMailbox, fragments: [ByteBuffer]) {
+        let item = pending[token]!
+        let parts = payloadParts(request.payload.map { [$0] } ?? fragments, length: item.length, partSize: log.maxRecordPayload)
+        pending[token]!.logPartsOutstanding = parts.count
+        var offset = item.offset
+        for (index, part) in parts.enumerated() {
+            let admission = log.submit(offset: offset, change: .write(part), fua: item.flags.contains(.fua), target: mailbox, token: token)
+            offset += UInt64(part.count)
+            if case .refused = admission {
+                // The parts after a refused one are not submitted: the reply waits only for those before.
+                pending[token]!.logPartsOutstanding -= parts.count - index - 1
+                return logPartAdmitted(token, admission)
+            }
+            logPartAdmitted(token, admission)
+        }
+    }
+
+    /// The payload bytes of `buffers` copied into arrays of at most `partSize` bytes.
+    private func payloadParts(_ buffers: [ByteBuffer], length: Int, partSize: Int) -> [[UInt8]] {
+        var parts: [[UInt8]] = []
+        var part = [UInt8]()
+        part.reserveCapacity(min(partSize, length))
+        var copied = 0
+        for var buffer in buffers {
+            while buffer.readableBytes > 0 {
+                let count = min(buffer.readableBytes, partSize - part.count)
+                buffer.readWithUnsafeReadableBytes { bytes in
+                    part.append(contentsOf: UnsafeRawBufferPointer(rebasing: bytes.prefix(count)))
+                    return count
+                }
+                copied += count
+                if part.count == partSize {
+                    parts.append(part)
+                    part = []
+                    part.reserveCapacity(min(partSize, length - copied))
+                }
+            }
+        }
+        if !part.isEmpty { parts.append(part) }
+        return parts
+    }
+
+    private func logPartAdmitted(_ token: Int, _ admission: LogAdmission) {
         switch admission {
         case .acknowledged:
-            finish(token, error: nil, nil)
+            logPartCompleted(token, error: nil)
         case .waiting:
             break
         case .refused(let error):
+            logPartCompleted(token, error: error)
+        }
+    }
+
+    /// One log submission of a request completed; the reply goes out with the last one.
+    private func logPartCompleted(_ token: Int, error: LogEngineError?) {
+        guard var item = pending[token] else { return }
+        item.logPartsOutstanding -= 1
+        if item.logError == nil { item.logError = error }
+        pending[token] = item
+        guard item.logPartsOutstanding == 0 else { return }
+        if let error = item.logError {
             finish(token, logError: error)
+        } else {
+            finish(token, error: nil, nil)
         }
     }
 
@@ -578,11 +641,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     /// Completions from the log engine, on this connection's loop.
     func logCompleted(_ completions: [LogCompletion]) {
         for completion in completions {
-            if let error = completion.error {
-                finish(completion.token, logError: error)
-            } else {
-                finish(completion.token, error: nil, nil)
-            }
+            logPartCompleted(completion.token, error: completion.error)
         }
         completedSinceBatchEnd = true
         completionBatchEnded()
@@ -594,13 +653,18 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     }
 
     /// A buffered write that may run inline on the loop: page-aligned (only a copy into the page
-    /// cache, no read-modify-write from disk) and small. Larger writes go to io_uring's workers, which
-    /// copy in parallel with this loop receiving the next request (measured: docs/architecture.md).
-    private func isInlineCandidate(offset: UInt64, count: Int) -> Bool {
-        (offset | UInt64(count)) & 4095 == 0 && count <= inlineWriteLimit
+    /// cache, no read-modify-write from disk), not FUA (that would wait for the disk), and at most
+    /// 1 MiB. Handing it to an io_uring worker costs more CPU than the copy saves the loop, up to
+    /// 1 MiB (measured: docs/architecture.md); larger ones go to the workers so that one request
+    /// does not hold the loop for long.
+    private func isInlineCandidate(offset: UInt64, count: Int, fua: Bool) -> Bool {
+        !fua && (offset | UInt64(count)) & 4095 == 0 && count <= inlineWriteLimit
     }
 
-    private let inlineWriteLimit = 32 << 10
+    private let inlineWriteLimit = 1 << 20
+
+    /// IOV_MAX on Linux: a WRITE gathered from more received buffers than this is copied into one.
+    private let maxWriteVectors = 1024
 
     /// One contiguous copy of gathered fragments; page-aligned for O_DIRECT.
     private func coalesce(_ fragments: [ByteBuffer], aligned: Bool) -> ByteBuffer {
@@ -637,7 +701,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             io.enqueue(
                 .write(fd: fd, buffer: address, count: count, offset: offset, durable: item.flags.contains(.fua)),
                 for: self, token: token,
-                pageCacheWrite: fd == device.bufferedFD && isInlineCandidate(offset: offset, count: count)
+                pageCacheWrite: fd == device.bufferedFD && isInlineCandidate(offset: offset, count: count, fua: item.flags.contains(.fua))
             )
         }
     }

@@ -80,7 +80,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "buffered (page cache) or direct (O_DIRECT for aligned requests).")
     var cache: CacheMode = .buffered
 
-    @Option(help: "Where small (up to 32 KiB) page-aligned buffered writes run: inline (on the event loop, a copy into the page cache) or engine (through the I/O engine, like all other I/O).")
+    @Option(help: "Where page-aligned buffered writes of up to 1 MiB without FUA run: inline (on the event loop, a copy into the page cache) or engine (through the I/O engine, like all other I/O).")
     var pageCacheWrites: PageCacheWritePolicy = .inline
 
     @Option(help: ArgumentHelp("Answer marsadm on this Unix socket.", valueName: "path"))

@@ -208,6 +208,27 @@ func waitForWriteback(_ engine: LogEngine) {
         #expect(result.isComplete && result.writebackLSN == result.appendedLSN && result.failure == nil)
     }
 
+    /// A write larger than one record holds is refused whole (a reader would take such a record
+    /// for damage); one of exactly the record size is logged.
+    @Test func writeLargerThanARecordIsRefused() throws {
+        let resource = try SimulatedResource()
+        let engine = try resource.open()
+        let target = Completions()
+        let limit = resource.configuration.maxRecordPayload
+        #expect(engine.maxRecordPayload == limit)
+        let appendedBefore = engine.status.appendedLSN
+        guard case .refused(let error) = engine.submit(offset: 0, change: .write([UInt8](repeating: 1, count: limit + 1)), fua: false, target: target, token: 1) else {
+            Issue.record("a write beyond the record size was admitted")
+            return
+        }
+        #expect(error.errno == EINVAL && error.message.contains("\(limit + 1) bytes"), "\(error)")
+        #expect(engine.status.appendedLSN == appendedBefore)
+        #expect(engine.submit(offset: 0, change: .write([UInt8](repeating: 2, count: limit)), fua: true, target: target, token: 2) == .waiting)
+        #expect(target.wait(2) == nil)
+        #expect(try engine.read(offset: 0, length: limit + 1) == [UInt8](repeating: 2, count: limit) + [0])
+        #expect(engine.shutdown().failure == nil)
+    }
+
     @Test func flushWaitsForTheGroupCommitAndCoversEveryAcknowledgedWrite() throws {
         let resource = try SimulatedResource(segmentSize: 1 << 20, pending: 1 << 20)
         let engine = try resource.open()

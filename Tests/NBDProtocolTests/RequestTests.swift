@@ -100,13 +100,17 @@ struct RequestTests {
         #expect(error(plain, request(1, offset: UInt64.max - 1, length: 4, payload: [0, 0, 0, 0])) == .noSpace)
     }
 
-    /// READ beyond the maximum payload is EINVAL (the reply could not be buffered).
+    /// READ beyond the largest accepted payload is EINVAL (the reply could not be buffered); READs
+    /// beyond the advertised maximum but within the accepted one are served.
     @Test func oversizedRead() {
         let big = RequestParser(session: NegotiatedSession(
             export: ExportDescriptor(name: "big", description: "", size: 1 << 40, readOnly: false),
             structuredReplies: false, allocationContextID: nil))
-        #expect(error(big, request(0, length: NBDLimits.maxPayload + 1)) == .invalid)
-        #expect(error(big, request(0, length: NBDLimits.maxPayload)) == nil)
+        #expect(NBDLimits.advertisedMaxPayload < NBDLimits.acceptedMaxPayload)
+        #expect(error(big, request(0, length: NBDLimits.acceptedMaxPayload + 1)) == .invalid)
+        #expect(error(big, request(0, length: NBDLimits.acceptedMaxPayload)) == nil)
+        #expect(error(big, request(0, length: NBDLimits.advertisedMaxPayload + 1)) == nil)
+        #expect(error(big, request(0, length: 50 << 20)) == nil)
         // TRIM and WRITE_ZEROES carry no payload and may be larger.
         #expect(error(big, request(4, length: UInt32.max)) == nil)
     }
@@ -198,7 +202,7 @@ struct RequestTests {
                         let payload = header.type == NBDCommand.write.rawValue ? Int(header.length) : 0
                         #expect(consumed == RequestHeader.size + payload && cookie == header.cookie, "\(context)")
                     case .rejectAndClose(let cookie, _, _, _):
-                        #expect(consumed == RequestHeader.size && cookie == header!.cookie && header!.length > NBDLimits.maxPayload, "\(context)")
+                        #expect(consumed == RequestHeader.size && cookie == header!.cookie && header!.length > NBDLimits.acceptedMaxPayload, "\(context)")
                         break parsing
                     case .writeHeader:
                         Issue.record("gathering is off in these parsers: \(context)")
@@ -315,7 +319,23 @@ struct GatherTests {
 
     /// Oversized WRITEs are still refused before any gathering.
     @Test func oversizedWriteIsNotGathered() {
-        var input = request(NBDCommand.write.rawValue, length: NBDLimits.maxPayload + 1)
-        guard case .rejectAndClose = parser.parse(&input) else { Issue.record("expected rejectAndClose"); return }
+        var input = request(NBDCommand.write.rawValue, length: NBDLimits.acceptedMaxPayload + 1)
+        guard case .rejectAndClose(_, _, .invalid, let message) = parser.parse(&input) else { Issue.record("expected rejectAndClose"); return }
+        #expect(message.contains("\(NBDLimits.acceptedMaxPayload)"), "\(message)")
+    }
+
+    /// WRITEs beyond the advertised maximum but within the accepted one are gathered and served.
+    @Test func writeBeyondAdvertisedMaximumIsGathered() {
+        let parser = RequestParser(
+            session: NegotiatedSession(
+                export: ExportDescriptor(name: "big", description: "", size: 1 << 40, readOnly: false),
+                structuredReplies: false, allocationContextID: nil),
+            gatherPayloadsFrom: 4096)
+        for length in [NBDLimits.advertisedMaxPayload + 1, 50 << 20, NBDLimits.acceptedMaxPayload] {
+            var input = request(NBDCommand.write.rawValue, length: length)
+            guard case .writeHeader(let header) = parser.parse(&input) else { Issue.record("expected writeHeader for \(length)"); continue }
+            guard case .request(let request) = parser.finishWrite(header) else { Issue.record("expected a request for \(length)"); continue }
+            #expect(request.length == length)
+        }
     }
 }

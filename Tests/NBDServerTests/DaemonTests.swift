@@ -122,6 +122,30 @@ struct DaemonTests {
         try await harness.stop()
     }
 
+    /// A WRITE larger than a log record (accepted up to 64 MiB, records hold 32 MiB) is logged as
+    /// consecutive records, acknowledged once all are durable (FUA), read back through the log, and
+    /// written back whole.
+    @Test func aWriteLargerThanALogRecord() async throws {
+        let harness = DaemonHarness()
+        defer { harness.remove() }
+        let image = harness.image("vm1.img", size: 96 << 20)
+        try await harness.start()
+        #expect(try harness.send(ControlRequest(command: .createCluster, host: "alpha")).error == nil)
+        #expect(try harness.send(ControlRequest(command: .createResource, name: "vm1", device: image)).error == nil)
+        let client = try TestClient.connected(harness.nbd, export: "vm1")
+        let data = pattern(Int(NBDLimits.advertisedMaxPayload) + (8 << 20) + 512, seed: 6)
+        let offset: UInt64 = (1 << 20) + 512
+        #expect(try client.write(data, at: offset, flags: .fua) == 0)
+        #expect(try client.read(data.count, at: offset) == data)
+        let view = try harness.send(ControlRequest(command: .view))
+        let log = try #require(view.status?.resources.first?.log)
+        #expect(log.durableLSN == log.appendedLSN && log.appendedLSN > UInt64(data.count))
+        #expect(try harness.send(ControlRequest(command: .down, name: "vm1")).error == nil)
+        let device = try BlockDevice(path: image)
+        #expect(try POSIXFile(device: device).read(count: data.count, at: offset) == data)
+        try await harness.stop()
+    }
+
     /// Resources that are wanted up are pending before marsd's listeners open, so a client that
     /// connects at once waits for their recovery; view calls them recovering meanwhile.
     @Test func wantedResourcesArePendingBeforeTheListenersOpen() async throws {

@@ -8,7 +8,7 @@ struct ClientError: Error, CustomStringConvertible {
     var description: String
 }
 
-/// A minimal blocking NBD client over a Unix socket, for driving the server in-process, including
+/// A minimal blocking NBD client over a Unix socket or TCP, for driving the server in-process, including
 /// with malformed input that a real client library refuses to send.
 final class TestClient {
     let fd: Int32
@@ -31,6 +31,27 @@ final class TestClient {
             close(fd)
             throw ClientError(description: "connect \(socketPath): errno \(errno)")
         }
+        setReceiveTimeout()
+    }
+
+    /// Connects over TCP to 127.0.0.1:`tcpPort`.
+    init(tcpPort: Int) throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(tcpPort).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let rc = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard rc == 0 else {
+            close(fd)
+            throw ClientError(description: "connect 127.0.0.1:\(tcpPort): errno \(errno)")
+        }
+        setReceiveTimeout()
+    }
+
+    private func setReceiveTimeout() {
         var timeout = timeval(tv_sec: 20, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
     }
@@ -41,6 +62,13 @@ final class TestClient {
     static func connected(_ socketPath: String, export: String = "disk", structured: Bool = false) throws -> TestClient {
         let client = try TestClient(socketPath: socketPath)
         try client.handshake(export: export, structured: structured)
+        return client
+    }
+
+    /// Connects over TCP and negotiates with GO.
+    static func connected(tcpPort: Int, export: String = "disk") throws -> TestClient {
+        let client = try TestClient(tcpPort: tcpPort)
+        try client.handshake(export: export, structured: false)
         return client
     }
 

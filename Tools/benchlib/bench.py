@@ -4,6 +4,9 @@
 Run it through Tools/bench, which installs missing tools first. Standard library only.
 
 What happens:
+  0. Transports: by default every NBD server runs twice, one instance on a Unix socket
+     (NAME@unix) and one on TCP at 127.0.0.1 (NAME@tcp), and both are measured in every round;
+     the report has one set of tables per transport, ratios within a transport.
   1. One backing file per server, all in one temp dir (same filesystem), each of --size bytes,
      preallocated (default) or sparse. Every server is started once and kept running until the
      end; all are stopped in a `finally` (and get SIGTERM via PR_SET_PDEATHSIG if we die).
@@ -241,14 +244,17 @@ def free_tcp_port():
 
 
 class Server:
-    def __init__(self, name, cfg, workdir, sockdir):
-        kind, sargs, pargs, desc = cfg.variants[name]
-        self.name, self.kind, self.desc = name, kind, desc
+    def __init__(self, variant, cfg, workdir, sockdir, transport):
+        kind, sargs, pargs, desc = cfg.variants[variant]
+        self.variant, self.kind, self.desc = variant, kind, desc
+        # raw has no transport; with both transports every NBD server runs twice, named NAME@TRANSPORT
+        self.transport = None if kind == "raw" else transport
+        self.name = variant if kind == "raw" or len(cfg.transports) == 1 else f"{variant}@{transport}"
         self.server_args, self.plugin_args = list(sargs), list(pargs)
-        self.path = os.path.join(workdir, f"{name}.img")
-        self.sock = os.path.join(sockdir, f"{name}.sock")
-        self.logpath = os.path.join(workdir, f"{name}.log")
-        self.port = free_tcp_port() if cfg.transport == "tcp" and kind != "raw" else None
+        self.path = os.path.join(workdir, f"{self.name}.img")
+        self.sock = os.path.join(sockdir, f"{self.name}.sock")
+        self.logpath = os.path.join(workdir, f"{self.name}.log")
+        self.port = free_tcp_port() if self.transport == "tcp" else None
         self.proc = None
         self.argv = None
         self.multi_conn = None
@@ -264,7 +270,7 @@ class Server:
     def direct(self):
         """True if the server bypasses the page cache (O_DIRECT); its file is then kept uncached."""
         if self.kind == "raw":
-            return self.name == "raw-direct"
+            return self.variant == "raw-direct"
         a = self.server_args + self.plugin_args
         return (any(x in a for x in ("--cache=direct", "--cache=none", "--cache=directsync"))
                 or any(a[i] == "--cache" and a[i + 1] == "direct" for i in range(len(a) - 1)))
@@ -277,10 +283,11 @@ class Server:
 
     def command(self):
         if self.kind == "marsd":
-            argv = [self.cfg.marsd, "serve", "--export", f"{EXPORT}={self.path}", "--unix", self.sock]
-            if self.port:
-                argv += ["--tcp", f"127.0.0.1:{self.port}"]
-            return argv + self.server_args
+            listen = ["--tcp", f"127.0.0.1:{self.port}"] if self.port else ["--unix", self.sock]
+            # its own root: two marsd may not share one (and the default, /mars, may be in use)
+            root = os.path.join(os.path.dirname(self.path), f"{self.name}.root")
+            return ([self.cfg.marsd, "serve", "--root", root, "--export", f"{EXPORT}={self.path}"]
+                    + listen + self.server_args)
         if self.kind == "nbdkit":
             listen = ["-i", "127.0.0.1", "-p", str(self.port)] if self.port else ["-U", self.sock]
             return (["nbdkit", "-f", "--exit-with-parent"] + listen + self.server_args
@@ -704,6 +711,7 @@ def ratio(a, b):
 
 
 def compute_ratios(summary, servers, jobs):
+    """Ratios of each marsd to each other server of the same transport group (raw included)."""
     marsds = [s.name for s in servers if s.kind == "marsd"]
     subjects = marsds or [s.name for s in servers if not s.is_raw]
     ratios = {}
@@ -745,7 +753,8 @@ def render_markdown(meta, cfg, servers, jobs, summary, ratios):
              f"({cfg.alloc}, {meta['fs']}, workdir {cfg.workdir}); nbdcopy in "
              f"{fmt_size(cfg.copy_size)} from a random-data file, nbdcopy out = whole export to "
              f"null:, {cfg.nbdcopy_conns} connections/threads"
-             f"{', --flush' if cfg.nbdcopy_flush else ''}; transport {cfg.transport}")
+             f"{', --flush' if cfg.nbdcopy_flush else ''}; transports: "
+             + ", ".join(TRANSPORT_TITLES[t] for t in cfg.transports))
     L.append(f"- page cache: {meta['cache_policy']}")
     ev = meta["cache_evicted_before"]
     if ev:
@@ -761,10 +770,24 @@ def render_markdown(meta, cfg, servers, jobs, summary, ratios):
             L.append(f"  - `{s.name}` (multi-conn: {mc}): `{shlex.join(s.argv)}`")
     for w in meta["warnings"]:
         L.append(f"- WARNING: {w}")
+    for transport, group in transport_groups(cfg, servers):
+        render_group(L, cfg, TRANSPORT_TITLES[transport], group, jobs, summary, ratios[transport])
+    return "\n".join(L)
+
+
+TRANSPORT_TITLES = {"unix": "Unix socket", "tcp": "TCP on 127.0.0.1"}
+
+
+def transport_groups(cfg, servers):
+    """(transport, servers measured over it, plus raw) for each transport of the run."""
+    return [(t, [s for s in servers if s.transport in (t, None)]) for t in cfg.transports]
+
+
+def render_group(L, cfg, title, servers, jobs, summary, ratios):
     L.append("")
     names = [s.name for s in servers]
     n = cfg.rounds
-    L.append(f"## Throughput (median of {n} round{'s' if n != 1 else ''}"
+    L.append(f"## {title}: throughput (median of {n} round{'s' if n != 1 else ''}"
              + ("; ±: half the min–max spread, in % of the median)" if n > 1 else ")"))
     L.append("")
     L.append("| job | unit | " + " | ".join(names) + " |")
@@ -779,7 +802,7 @@ def render_markdown(meta, cfg, servers, jobs, summary, ratios):
             cells.append(txt)
         L.append(f"| {job['name']} | {unit(job)} | " + " | ".join(cells) + " |")
     L.append("")
-    L.append("## Server CPU (median; utime+stime of all server threads per request, "
+    L.append(f"## {title}: server CPU (median; utime+stime of all server threads per request, "
              "or per GiB copied for nbdcopy; raw has no server)")
     L.append("")
     L.append("| job | unit | " + " | ".join(names) + " |")
@@ -792,7 +815,7 @@ def render_markdown(meta, cfg, servers, jobs, summary, ratios):
         refs = list(next(iter(per_job.values())).keys()) if per_job else []
         if not refs:
             continue
-        L.append(f"## Ratios: {subj} / reference (throughput: >1 is better; CPU: <1 is better)")
+        L.append(f"## {title}: ratios {subj} / reference (throughput: >1 is better; CPU: <1 is better)")
         L.append("")
         refs_cpu = [r for r in refs if not is_raw_name(r, servers)]
         hdr = [f"tput / {r}" for r in refs] + [f"cpu / {r}" for r in refs_cpu]
@@ -806,7 +829,6 @@ def render_markdown(meta, cfg, servers, jobs, summary, ratios):
                       for r in refs_cpu]
             L.append(f"| {job['name']} | " + " | ".join(cells) + " |")
         L.append("")
-    return "\n".join(L)
 
 
 def is_raw_name(name, servers):
@@ -838,8 +860,10 @@ def parse_args(argv):
                     help="nbdcopy in size (default 2G; --quick: 256M)")
     ap.add_argument("--alloc", choices=("prealloc", "sparse"), default="prealloc",
                     help="backing files: posix_fallocate'd (default) or sparse")
-    ap.add_argument("--transport", choices=("unix", "tcp"), default="unix",
-                    help="unix socket (default) or TCP on 127.0.0.1 for all NBD servers")
+    ap.add_argument("--transport", choices=("both", "unix", "tcp"), default="both",
+                    help="both (default): every NBD server is measured over the Unix socket and "
+                         "over TCP on 127.0.0.1 (two instances, interleaved in every round, one "
+                         "table set per transport); or only one of them")
     ap.add_argument("--jobs", help="comma-separated subset of jobs (default: all)")
     ap.add_argument("--page-cache", choices=("warm", "cold", "asis"), default="warm",
                     help="warm (default): before every measured job, sync and make sure the data "
@@ -881,6 +905,7 @@ def parse_args(argv):
         ap.error(f"--copy-size ({a.copy_size}) must not exceed --size ({a.size})")
     if a.rounds < 1 or a.runtime <= 0 or a.ramp < 0 or a.nbdcopy_conns < 1:
         ap.error("--rounds, --runtime and --nbdcopy-conns must be positive, --ramp >= 0")
+    a.transports = ["unix", "tcp"] if a.transport == "both" else [a.transport]
     a.marsd_args = shlex.split(a.marsd_args)
     a.variants = dict(VARIANTS)
     for spec in a.marsd_variant:
@@ -996,7 +1021,8 @@ def main(argv):
     evicted = []
     exit_code = 0
     try:
-        servers = [Server(n, cfg, cfg.workdir, sockdir) for n in cfg.server_names]
+        servers = [Server(n, cfg, cfg.workdir, sockdir, t) for n in cfg.server_names
+                   for t in (cfg.transports if cfg.variants[n][0] != "raw" else [None])]
         versions = {
             "fio": version_of(["fio", "--version"]),
             "nbdkit": version_of(["nbdkit", "--version"]),
@@ -1121,7 +1147,7 @@ def main(argv):
 
     jobs = [j for j in cfg.job_list if j["name"] in results]
     summary = summarize(results, servers, jobs)
-    ratios = compute_ratios(summary, servers, jobs)
+    ratios = {t: compute_ratios(summary, group, jobs) for t, group in transport_groups(cfg, servers)}
     mem = meminfo()
     u = platform.uname()
     meta = dict(
@@ -1147,10 +1173,11 @@ def main(argv):
             meta=meta,
             config=dict(rounds=cfg.rounds, runtime_s=cfg.runtime, ramp_s=cfg.ramp, size=cfg.size,
                         region=cfg.region, copy_size=cfg.copy_size, alloc=cfg.alloc,
-                        transport=cfg.transport, page_cache=cfg.page_cache,
+                        transports=cfg.transports, page_cache=cfg.page_cache,
                         nbdcopy_conns=cfg.nbdcopy_conns, nbdcopy_flush=cfg.nbdcopy_flush,
                         servers=cfg.server_names, jobs=[j["name"] for j in jobs]),
-            servers={s.name: dict(kind=s.kind, description=s.desc,
+            servers={s.name: dict(kind=s.kind, variant=s.variant, transport=s.transport,
+                                  description=s.desc,
                                   command=s.argv, multi_conn=s.multi_conn) for s in servers},
             # summary.*.cpu_median and results.*.cpu_per_unit are in cpu_unit (microseconds)
             jobs={j["name"]: dict(j, unit=unit(j),

@@ -89,7 +89,8 @@ ERRNAMES = {1: "EPERM", 5: "EIO", 12: "ENOMEM", 22: "EINVAL", 28: "ENOSPC", 75: 
             95: "ENOTSUP", 108: "ESHUTDOWN"}
 
 MiB = 1 << 20
-CONTRACT_MAX_PAYLOAD = 32 * MiB       # contract: block size max 32 MiB
+CONTRACT_MAX_PAYLOAD = 32 * MiB       # contract: block size max 32 MiB (advertised)
+CONTRACT_ACCEPTED_PAYLOAD = 64 * MiB  # contract: READ/WRITE up to 64 MiB are served
 DATA_BASE = 64 * MiB                  # region of the export this script may overwrite
 IO_TIMEOUT = 5.0                      # per socket operation
 CLOSE_TIMEOUT = 10.0                  # how long we wait for the server to hang up
@@ -960,9 +961,9 @@ def _():
 
 @case("oversize_read")
 def _():
-    # READ above the 32 MiB maximum (simple replies): contract EINVAL, the
-    # connection stays usable.  Tried at 32 MiB + 4 KiB and 64 MiB + 4 KiB.
-    for ln in (CONTRACT_MAX_PAYLOAD + 4096, 64 * MiB + 4096):
+    # READ above the accepted 64 MiB (simple replies): contract EINVAL, the
+    # connection stays usable.  Tried at 64 MiB + 4 KiB and 96 MiB.
+    for ln in (CONTRACT_ACCEPTED_PAYLOAD + 4096, 96 * MiB):
         c = good()
         res = c.cmd(CMD_READ, 0, ln)
         if (ln > 64 * MiB and res == ("err", ENOMEM)
@@ -992,12 +993,12 @@ def _():
 
 @case("oversize_write_with_payload")
 def _():
-    # WRITE of 32 MiB + 4 KiB with its full payload: contract EINVAL then
-    # disconnect; nothing of it may be applied.
+    # WRITE of 64 MiB + 4 KiB (above the accepted 64 MiB) with its full
+    # payload: contract EINVAL then disconnect; nothing of it may be applied.
     canary = os.urandom(64 * 1024)
     write_good(DATA_BASE, canary)
     c = good()
-    ln = CONTRACT_MAX_PAYLOAD + 4096
+    ln = CONTRACT_ACCEPTED_PAYLOAD + 4096
     cookie = random.getrandbits(64)
     hdr = struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, cookie, DATA_BASE, ln)
     sent_all = True
