@@ -17,7 +17,7 @@ extension ReplicaLog {
     }
 
     /// Applies the local log from the replay position on, one batch at a time: read and check the
-    /// records (up to `batchBytes`), store the batch's end as the intent, apply them in log order,
+    /// records (up to `batchBytes` and `batchRecords`), store the batch's end as the intent, apply them in log order,
     /// sync the device, store the new position. Pausing or stopping waits for the batch in progress.
     func replayLoop() {
         while true {
@@ -64,7 +64,8 @@ extension ReplicaLog {
             )
         }
         var batch = ReplayBatch(endLSN: position, endEpoch: epoch)
-        while index < segments.count, batch.bytes < batchBytes || batch.records.isEmpty {
+        func batchHasRoom() -> Bool { batch.records.isEmpty || (batch.bytes < batchBytes && batch.records.count < Self.batchRecords) }
+        while index < segments.count, batchHasRoom() {
             let segment = segments[index]
             let segmentEnd = segment.firstLSN + segment.size - UInt64(SegmentHeader.size)
             if batch.endLSN < segmentEnd {
@@ -76,9 +77,8 @@ extension ReplicaLog {
                 }
                 let start = UInt64(SegmentHeader.size) + (batch.endLSN - segment.firstLSN)
                 let bytes = BoundedFileBytes(file: file, count: segment.size)
-                let limit = batchBytes
                 let scan = try scanBatch(bytes, from: start, firstLSN: batch.endLSN) { found in
-                    guard batch.bytes < limit || batch.records.isEmpty else { throw BatchFull() }
+                    guard batchHasRoom() else { throw BatchFull() }
                     let record = found.record
                     if record.type == .epoch {
                         guard record.epoch >= batch.endEpoch else {

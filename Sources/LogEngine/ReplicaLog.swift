@@ -131,6 +131,9 @@ public final class ReplicaLog: ShippingSource {
     let positionBox: PositionBox
     private let thread = Mutex<WorkerThread?>(nil)
     let batchBytes: UInt64
+    /// Records one replay batch holds at most: small records cost more memory than their bytes
+    /// (a record and an array each), so 4 KiB writes make batches of 32 MiB, not 64.
+    static let batchRecords = 8192
     /// Bytes the local segments may take; beyond it fetch waits for replay (`hasRoom`).
     let spaceLimit: UInt64
 
