@@ -36,6 +36,10 @@ public struct ControlRequest: Codable, Sendable, Equatable {
         case invalidate
         /// Removes this host from its cluster (no resources may be left on it).
         case leaveCluster = "leave-cluster"
+        /// Connects the kernel's NBD client to resource `name`'s export and links /dev/mars/NAME to it.
+        case attach
+        /// Disconnects /dev/mars/NAME (refused while it is in use, unless `force`).
+        case detach
     }
 
     public var command: Command
@@ -45,11 +49,14 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var token: String?
     public var peer: String?
     public var timeout: Double?
+    /// detach, down: go on although the resource's local device is in use.
+    public var force: Bool?
 
     public init(
         command: Command, name: String? = nil, device: String? = nil, host: String? = nil, token: String? = nil, peer: String? = nil,
-        timeout: Double? = nil
+        timeout: Double? = nil, force: Bool? = nil
     ) {
+        self.force = force
         self.command = command
         self.name = name
         self.device = device
@@ -200,11 +207,14 @@ public struct ResourceStatus: Codable, Sendable, Equatable {
     public var error: String?
     public var log: LogStatus?
     public var replication: ReplicationStatus?
+    /// The local block device serving the resource (marsadm attach): "/dev/mars/NAME -> /dev/nbdN".
+    public var attached: String?
 
     public init(
         name: String, device: String, size: UInt64, role: String, wanted: String, state: String, error: String? = nil, log: LogStatus? = nil,
-        replication: ReplicationStatus? = nil
+        replication: ReplicationStatus? = nil, attached: String? = nil
     ) {
+        self.attached = attached
         self.replication = replication
         self.name = name
         self.device = device

@@ -20,7 +20,8 @@ struct Marsadm: ParsableCommand {
         subcommands: [
             CreateCluster.self, JoinCluster.self, CreateResource.self, JoinResource.self, Up.self, Down.self, View.self,
             WaitResource.self, PauseFetch.self, ResumeFetch.self, PauseReplay.self, ResumeReplay.self, PauseSync.self, ResumeSync.self,
-            Invalidate.self, LeaveResource.self, DeleteResource.self, LeaveCluster.self, LogDump.self, LogVerify.self,
+            Invalidate.self, LeaveResource.self, DeleteResource.self, LeaveCluster.self, Attach.self, Detach.self, LogDump.self,
+            LogVerify.self,
         ]
     )
 }
@@ -313,11 +314,13 @@ struct Up: ResourceCommand {
     static let command = ControlRequest.Command.up
 }
 
-struct Down: ResourceCommand {
+struct Down: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Take a resource down: close its export and write its log back to the data device.",
         discussion: """
-            Returns when the data device holds every acknowledged write. When it cannot (the data device \
+            An attached resource's /dev/mars/NAME is detached first; while it is in use (mounted, held by \
+            a device stacked on it, open in a process) down is refused with the users named, unless \
+            --force. Returns when the data device holds every acknowledged write. When it cannot (the data device \
             fails, or the log could not be written for 10 s and writes that were never flushed were given \
             up), the resource is down all the same, and marsadm says what the device lacks and exits with \
             status 1; view shows it until the resource is up again ('marsadm up' replays what the log \
@@ -328,9 +331,14 @@ struct Down: ResourceCommand {
     @Argument(help: "The resource name.")
     var name: String
 
+    @Flag(help: "Detach its local device even while it is in use (its users get I/O errors).")
+    var force = false
+
     @OptionGroup var options: ControlOptions
 
-    static let command = ControlRequest.Command.down
+    func run() throws {
+        try options.perform(ControlRequest(command: .down, name: name, force: force))
+    }
 }
 
 struct View: ParsableCommand {

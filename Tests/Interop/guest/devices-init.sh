@@ -1,7 +1,8 @@
 #!/bin/sh
 # /init of the devices guest (built by devices.sh): marsd and marsadm on this guest's own kernel,
 # with nbd, device-mapper and lvm2. Runs the scenarios named in /etc/mars-test.conf in order and
-# reports each check on the result port (see guest-common.sh).
+# reports each check on the result port (see guest-common.sh). e2fsprogs by full path: busybox
+# ash prefers its own applets of the same names.
 
 . /etc/guest-common.sh
 
@@ -45,7 +46,101 @@ scenario_smoke() {
     check smoke/marsd-stopped-cleanly test $? -eq 0 || marsd_log a
 }
 
-SCENARIOS_KNOWN=" smoke "
+# ---- shared setup: volume group vga on /dev/vda, marsd a with a cluster
+ensure_vga() {
+    vgs vga >/dev/null 2>&1 || { pvcreate -q /dev/vda && vgcreate -q vga /dev/vda; }
+}
+ensure_marsd_a() {
+    if [ -z "$(marsd_pid a)" ] || ! kill -0 "$(marsd_pid a)" 2>/dev/null; then
+        start_marsd a || return 1
+    fi
+    [ -f /run/mars-a/cluster.json ] || adm a create-cluster --host guest >/dev/null
+}
+# expect_refusal CHECK TEXT COMMAND...: COMMAND fails and its message contains TEXT.
+expect_refusal() {
+    _check=$1
+    _text=$2
+    shift 2
+    if "$@" >/tmp/refusal.out 2>&1; then
+        fail "$_check" "succeeded, should have been refused"
+    elif grep -qF "$_text" /tmp/refusal.out; then
+        pass "$_check"
+        info "$_check" "$(tr '\n' ' ' </tmp/refusal.out)"
+    else
+        fail "$_check" "refused without naming '$_text': $(tr '\n' ' ' </tmp/refusal.out)"
+    fi
+}
+write_set() { # write_set DIR NAME: 3 files of random data, their sums in DIR/NAME.sha256
+    mkdir -p "$1/$2" &&
+    head -c 3000001 /dev/urandom >"$1/$2/big" &&
+    head -c 65536 /dev/urandom >"$1/$2/medium" &&
+    echo "$2 written at $(now)" >"$1/$2/small" &&
+    (cd "$1" && sha256sum "$2/big" "$2/medium" "$2/small" >"$2.sha256") &&
+    sync
+}
+verify_set() { (cd "$1" && sha256sum -c -s "$2.sha256"); }
+verify_sets() { # verify_sets DIR NAME...
+    _dir=$1
+    shift
+    for _set; do verify_set "$_dir" "$_set" || { echo "files of $_set differ"; return 1; }; done
+}
+make_lv() { ensure_vga && lvcreate -q -y -n "$1" -L "$2" vga; }
+
+# /dev/mars/ct1 on an LV: ext4 on it, marsd killed -9 and restarted under the mounted filesystem
+# (with a writer waiting for the device meanwhile), refusals while it is in use.
+scenario_attach() {
+    check attach/setup make_lv ct1 128m || return
+    check attach/marsd ensure_marsd_a || { marsd_log a; return; }
+    check attach/create-resource adm a create-resource ct1 /dev/vga/ct1 || return
+    check attach/attach adm a attach ct1 || { marsd_log a; return; }
+    check attach/link-is-a-block-device test -b /dev/mars/ct1
+    kdev=$(readlink /dev/mars/ct1)
+    check attach/size sh -c '[ "$(blockdev --getsize64 /dev/mars/ct1)" = 134217728 ]'
+    check attach/view-shows-the-device sh -c 'marsadm view ct1 --control /run/marsd-a/control.sock | grep -q "local device /dev/mars/ct1 -> /dev/nbd"'
+    check attach/mkfs /sbin/mke2fs -t ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 /dev/mars/ct1 || return
+    mkdir -p /mnt/ct1
+    check attach/mount mount -t ext4 /dev/mars/ct1 /mnt/ct1 || return
+    check attach/write-before write_set /mnt/ct1 before
+    expect_refusal attach/detach-refused-while-mounted "mounted at /mnt/ct1" adm a detach ct1
+    expect_refusal attach/down-refused-while-mounted "mounted at /mnt/ct1" adm a down ct1
+
+    # kill -9: the kernel keeps the device; a writer started meanwhile waits for the reconnect.
+    kill -9 "$(marsd_pid a)"
+    wait "$(marsd_pid a)" 2>/dev/null
+    (write_set /mnt/ct1 during && echo ok >/tmp/writer.done || echo failed >/tmp/writer.done) &
+    writer=$!
+    sleep 3
+    check attach/writer-waits-while-marsd-is-dead sh -c '[ ! -e /tmp/writer.done ]'
+    check attach/marsd-restarts start_marsd a || { marsd_log a; return; }
+    _i=0
+    while [ ! -e /tmp/writer.done ] && [ $_i -lt 1200 ]; do usleep 100000; _i=$((_i + 1)); done
+    check attach/writer-completes-after-restart sh -c 'grep -qx ok /tmp/writer.done' || kill "$writer" 2>/dev/null
+    check attach/files-intact-after-restart verify_sets /mnt/ct1 before during
+    check attach/write-after write_set /mnt/ct1 after
+
+    # A process holding the device open is named too.
+    check attach/umount umount /mnt/ct1
+    sleep 600 </dev/mars/ct1 &
+    holder=$!
+    expect_refusal attach/detach-refused-while-open "process $holder (sleep) has it open" adm a detach ct1
+    kill "$holder"
+    wait "$holder" 2>/dev/null
+
+    # Everything reached marsd: read back through a fresh mount with the caches dropped.
+    echo 3 >/proc/sys/vm/drop_caches
+    check attach/fsck /sbin/e2fsck -fn /dev/mars/ct1
+    check attach/remount mount -t ext4 -o ro /dev/mars/ct1 /mnt/ct1 &&
+        check attach/files-intact-after-remount verify_sets /mnt/ct1 before during after &&
+        umount /mnt/ct1
+    check attach/detach adm a detach ct1
+    check attach/link-removed sh -c '[ ! -e /dev/mars/ct1 ] && [ ! -L /dev/mars/ct1 ]'
+    check attach/kernel-device-disconnected test "$(cat "/sys/block/${kdev#/dev/}/size")" = 0
+    expect_refusal attach/detach-twice-refused "is not attached" adm a detach ct1
+    check attach/down adm a down ct1
+    expect_refusal attach/attach-refused-while-down "is down" adm a attach ct1
+}
+
+SCENARIOS_KNOWN=" smoke attach "
 for s in $SCENARIO; do
     case "$SCENARIOS_KNOWN" in
         *" $s "*) info "time-$s" "$(now)"; "scenario_$s" ;;
