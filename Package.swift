@@ -33,6 +33,12 @@ let package = Package(
             dependencies: ["CNBDKernel", "BlockStore", "NBDProtocol"],
             swiftSettings: swiftSettings
         ),
+        // liblvm2cmd behind an opaque header (lvm2_run in this process, its error messages collected).
+        .target(name: "CLVM", linkerSettings: [.linkedLibrary("lvm2cmd")]),
+        // libdevmapper behind an opaque header (a dm device's open count).
+        .target(name: "CDeviceMapper", linkerSettings: [.linkedLibrary("devmapper")]),
+        // Logical volumes of resources: create, open count, remove.
+        .target(name: "LogicalVolumes", dependencies: ["CLVM", "CDeviceMapper", "BlockStore"], swiftSettings: swiftSettings),
         // CRC32C with the SSE4.2 instruction where available (a C target: per-function target attributes).
         .target(name: "CChecksum"),
         // The transaction log's on-disk format: records, segments, scanning. Pure: no I/O policy, no NIO.
@@ -89,7 +95,7 @@ let package = Package(
             name: "Daemon",
             dependencies: [
                 "NBDServer", "NBDProtocol", "BlockStore", "ControlProtocol", "LogEngine", "TransactionLog",
-                "PeerProtocol", "Cluster", "Replication", "LocalDevice",
+                "PeerProtocol", "Cluster", "Replication", "LocalDevice", "LogicalVolumes",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

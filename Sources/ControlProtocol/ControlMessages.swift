@@ -51,12 +51,21 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var timeout: Double?
     /// detach, down: go on although the resource's local device is in use.
     public var force: Bool?
+    /// create-resource, join-resource: make the data device as a logical volume NAME in this volume group.
+    public var volumeGroup: String?
+    /// create-resource with `volumeGroup`: the logical volume's size in bytes.
+    public var size: UInt64?
+    /// leave-resource: remove the logical volume made by --lvm too.
+    public var removeVolume: Bool?
 
     public init(
         command: Command, name: String? = nil, device: String? = nil, host: String? = nil, token: String? = nil, peer: String? = nil,
-        timeout: Double? = nil, force: Bool? = nil
+        timeout: Double? = nil, force: Bool? = nil, volumeGroup: String? = nil, size: UInt64? = nil, removeVolume: Bool? = nil
     ) {
         self.force = force
+        self.volumeGroup = volumeGroup
+        self.size = size
+        self.removeVolume = removeVolume
         self.command = command
         self.name = name
         self.device = device

@@ -49,7 +49,7 @@ extension ResourceManager {
         guard let index = state.withLock({ $0.resources[name]?.config.attachedDevice }) else { return nil }
         let link = links.path(of: name)
         if !force {
-            let users = DeviceUsers.of("nbd\(index)", aliases: [link])
+            let users = DeviceUsers.of("/dev/nbd\(index)")
             if !users.isEmpty {
                 throw DaemonError(
                     "\(link) (/dev/nbd\(index)) is in use: \(users.joined(separator: "; ")). Unmount it and stop what holds it, "

@@ -207,12 +207,18 @@ final class ResourceManager: Sendable {
                     }
                     return ControlResponse(message: try await self.joinCluster(host: request.host, token: token, peer: peer))
                 case .joinResource:
-                    guard let name = request.name, let device = request.device else {
-                        throw DaemonError("join-resource needs a resource name and a device path")
+                    guard let name = request.name else { throw DaemonError("join-resource needs a resource name") }
+                    if let group = request.volumeGroup {
+                        return ControlResponse(message: try await self.joinResourceOnNewVolume(name: name, group: group))
                     }
+                    guard let device = request.device else { throw DaemonError("join-resource needs a device path or --lvm") }
                     return ControlResponse(message: try await self.joinResource(name: name, device: device))
                 case .leaveResource:
-                    return ControlResponse(message: try await self.leaveResource(try self.existingName(request)))
+                    let name = try self.existingName(request)
+                    if request.removeVolume == true {
+                        return ControlResponse(message: try await self.leaveResourceRemovingVolume(name))
+                    }
+                    return ControlResponse(message: try await self.leaveResource(name))
                 case .deleteResource:
                     return ControlResponse(message: try await self.deleteResource(try self.existingName(request)))
                 case .invalidate:
@@ -225,9 +231,12 @@ final class ResourceManager: Sendable {
                 case .waitResource:
                     return ControlResponse(error: "wait-resource is answered outside the command queue")
                 case .createResource:
-                    guard let name = request.name, let device = request.device else {
-                        throw DaemonError("create-resource needs a resource name and a device path")
+                    guard let name = request.name else { throw DaemonError("create-resource needs a resource name") }
+                    if let group = request.volumeGroup {
+                        guard let size = request.size else { throw DaemonError("create-resource --lvm needs --size") }
+                        return ControlResponse(message: try await self.createResourceOnNewVolume(name: name, group: group, size: size))
                     }
+                    guard let device = request.device else { throw DaemonError("create-resource needs a device path or --lvm") }
                     return ControlResponse(message: try await self.createResource(name: name, device: device))
                 case .up:
                     let name = try self.existingName(request)
@@ -343,7 +352,7 @@ final class ResourceManager: Sendable {
         }
     }
 
-    private func createResource(name: String, device path: String) async throws -> String {
+    func createResource(name: String, device path: String, volumeGroup: String? = nil) async throws -> String {
         try Names.validateResource(name)
         guard let identity = state.withLock({ $0.identity }) else {
             throw DaemonError("this host is in no cluster yet: run 'marsadm create-cluster' first")
@@ -371,7 +380,8 @@ final class ResourceManager: Sendable {
         }
         let configuration = settings.engineConfiguration(host: identity.host)
         let directory = try POSIXDirectory(path: directoryPath, create: true)
-        let config = ResourceConfig(name: name, device: path, size: device.size, role: "primary", wanted: "up", createdEpoch: 1)
+        var config = ResourceConfig(name: name, device: path, size: device.size, role: "primary", wanted: "up", createdEpoch: 1)
+        config.volumeGroup = volumeGroup
         do {
             try root.sync()
             try LogEngine.create(in: directory, configuration: configuration, epoch: 1)

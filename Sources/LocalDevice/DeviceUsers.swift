@@ -8,23 +8,32 @@ import Glibc
 /// (sysfs holders: device-mapper, md), the mount points, and the processes with it open. The
 /// kernel's refusal of an exclusive open catches what none of these shows.
 public enum DeviceUsers {
-    /// Empty when nothing uses `/dev/<name>` (a kernel name such as "nbd0"). `aliases` are other
-    /// paths of the device (symlinks) a process may have opened it by.
-    public static func of(_ name: String, aliases: [String] = []) -> [String] {
+    /// Empty when nothing uses the block device at `path` (any path of it: the kernel name, a
+    /// /dev/mapper node, a symlink). Processes are matched by device number, so any node counts.
+    public static func of(_ path: String) -> [String] {
+        var info = stat()
+        guard stat(path, &info) == 0, info.st_mode & S_IFMT == S_IFBLK else { return [] }
+        let number = deviceNumber(info.st_rdev)
         var users: [String] = []
-        let holders = ((try? POSIXDirectory(path: "/sys/block/\(name)/holders").list()) ?? []).sorted()
+        let holders = ((try? POSIXDirectory(path: "/sys/dev/block/\(number)/holders").list()) ?? []).sorted()
         for holder in holders {
             let mapped = readText("/sys/block/\(holder)/dm/name").map { " (\($0))" } ?? ""
             users.append("device \(holder)\(mapped) is stacked on it")
         }
-        if let number = readText("/sys/block/\(name)/dev") {
-            users += mountPoints(of: number).map { "it is mounted at \($0)" }
-        }
-        users += processes(opening: ["/dev/\(name)"] + aliases)
-        if users.isEmpty, exclusiveOpenRefused("/dev/\(name)") {
+        users += mountPoints(of: number).map { "it is mounted at \($0)" }
+        users += processes(opening: info.st_rdev)
+        if users.isEmpty, exclusiveOpenRefused(path) {
             users.append("the kernel refuses an exclusive open (something in the kernel holds it)")
         }
         return users
+    }
+
+    /// "MAJOR:MINOR" as sysfs and mountinfo write it (glibc's dev_t encoding).
+    static func deviceNumber(_ rdev: dev_t) -> String {
+        let value = UInt64(rdev)
+        let major = ((value >> 8) & 0xfff) | ((value >> 32) & ~UInt64(0xfff))
+        let minor = (value & 0xff) | ((value >> 12) & ~UInt64(0xff))
+        return "\(major):\(minor)"
     }
 
     /// Mount points whose source is the device "MAJOR:MINOR", from /proc/self/mountinfo.
@@ -54,15 +63,17 @@ public enum DeviceUsers {
         return String(decoding: result, as: UTF8.self)
     }
 
-    private static func processes(opening paths: [String]) -> [String] {
+    private static func processes(opening device: dev_t) -> [String] {
         let me = getpid()
         var found: [String] = []
         for entry in ((try? POSIXDirectory(path: "/proc").list()) ?? []) {
             guard let pid = Int32(entry), pid != me else { continue }
             let descriptors = (try? POSIXDirectory(path: "/proc/\(entry)/fd").list()) ?? []
-            if descriptors.contains(where: { fd in readLink("/proc/\(entry)/fd/\(fd)").map(paths.contains) ?? false }) {
-                found.append("process \(pid) (\(readText("/proc/\(entry)/comm") ?? "?")) has it open")
+            let opened = descriptors.contains { fd in
+                var info = stat()
+                return stat("/proc/\(entry)/fd/\(fd)", &info) == 0 && info.st_mode & S_IFMT == S_IFBLK && info.st_rdev == device
             }
+            if opened { found.append("process \(pid) (\(readText("/proc/\(entry)/comm") ?? "?")) has it open") }
         }
         return found
     }
@@ -92,12 +103,5 @@ public enum DeviceUsers {
         var text = String(decoding: bytes, as: UTF8.self)
         while text.hasSuffix("\n") { text.removeLast() }
         return text
-    }
-
-    private static func readLink(_ path: String) -> String? {
-        var buffer = [CChar](repeating: 0, count: 4096)
-        let n = readlink(path, &buffer, buffer.count - 1)
-        guard n > 0 else { return nil }
-        return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }
