@@ -25,6 +25,20 @@ let package = Package(
         .target(name: "CIOURing", linkerSettings: [.linkedLibrary("uring")]),
         // Linux constants and calls the Glibc module hides (_GNU_SOURCE, variadic ioctl, statx DIO alignment).
         .target(name: "CLinux"),
+        // The kernel's NBD client over generic netlink (no libnl): connect, reconfigure, disconnect, status.
+        .target(name: "CNBDKernel"),
+        // Local block devices of resources: the kernel's NBD client on marsd's own socket, /dev/mars links, who holds a device.
+        .target(
+            name: "LocalDevice",
+            dependencies: ["CNBDKernel", "BlockStore", "NBDProtocol"],
+            swiftSettings: swiftSettings
+        ),
+        // liblvm2cmd behind an opaque header (lvm2_run in this process, its error messages collected).
+        .target(name: "CLVM", linkerSettings: [.linkedLibrary("lvm2cmd")]),
+        // libdevmapper behind an opaque header (a dm device's open count).
+        .target(name: "CDeviceMapper", linkerSettings: [.linkedLibrary("devmapper")]),
+        // Logical volumes of resources: create, open count, remove.
+        .target(name: "LogicalVolumes", dependencies: ["CLVM", "CDeviceMapper", "BlockStore"], swiftSettings: swiftSettings),
         // CRC32C with the SSE4.2 instruction where available (a C target: per-function target attributes).
         .target(name: "CChecksum"),
         // The transaction log's on-disk format: records, segments, scanning. Pure: no I/O policy, no NIO.
@@ -81,7 +95,7 @@ let package = Package(
             name: "Daemon",
             dependencies: [
                 "NBDServer", "NBDProtocol", "BlockStore", "ControlProtocol", "LogEngine", "TransactionLog",
-                "PeerProtocol", "Cluster", "Replication",
+                "PeerProtocol", "Cluster", "Replication", "LocalDevice", "LogicalVolumes",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -122,6 +136,11 @@ let package = Package(
         .testTarget(
             name: "ReplicationTests",
             dependencies: ["Replication", "PeerProtocol", "Cluster", "LogEngine", "TransactionLog", "BlockStore", "TestSupport"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "LocalDeviceTests",
+            dependencies: ["LocalDevice", "NBDServer", "NBDProtocol", "BlockStore", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
         .testTarget(

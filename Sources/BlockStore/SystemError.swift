@@ -19,11 +19,11 @@ public struct SystemError: Error, CustomStringConvertible, Sendable, Equatable {
     }
 }
 
-/// Each system call the storage layer makes, wrapped once: EINTR retried, errno turned into a
-/// typed error. EBADF and EFAULT are programmer errors and trap.
-enum Syscall {
+/// Each system call the storage layer (and LocalDevice) makes, wrapped once: EINTR retried, errno
+/// turned into a typed error. EBADF and EFAULT are programmer errors and trap.
+public enum Syscall {
     @inline(never)
-    static func retrying<T: BinaryInteger>(
+    public static func retrying<T: BinaryInteger>(
         _ operation: String, _ subject: @autoclosure () -> String, _ body: () -> T
     ) throws(SystemError) -> T {
         while true {
@@ -37,7 +37,7 @@ enum Syscall {
     }
 
     /// For the shims that return -errno instead of setting errno.
-    static func check(_ operation: String, _ subject: @autoclosure () -> String, _ result: Int32) throws(SystemError) {
+    public static func check(_ operation: String, _ subject: @autoclosure () -> String, _ result: Int32) throws(SystemError) {
         if result < 0 { throw SystemError(operation, subject(), errno: -result) }
     }
 }

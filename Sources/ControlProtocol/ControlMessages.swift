@@ -36,6 +36,10 @@ public struct ControlRequest: Codable, Sendable, Equatable {
         case invalidate
         /// Removes this host from its cluster (no resources may be left on it).
         case leaveCluster = "leave-cluster"
+        /// Connects the kernel's NBD client to resource `name`'s export and links /dev/mars/NAME to it.
+        case attach
+        /// Disconnects /dev/mars/NAME (refused while it is in use, unless `force`).
+        case detach
     }
 
     public var command: Command
@@ -45,11 +49,23 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var token: String?
     public var peer: String?
     public var timeout: Double?
+    /// detach, down: go on although the resource's local device is in use.
+    public var force: Bool?
+    /// create-resource, join-resource: make the data device as a logical volume NAME in this volume group.
+    public var volumeGroup: String?
+    /// create-resource with `volumeGroup`: the logical volume's size in bytes.
+    public var size: UInt64?
+    /// leave-resource: remove the logical volume made by --lvm too.
+    public var removeVolume: Bool?
 
     public init(
         command: Command, name: String? = nil, device: String? = nil, host: String? = nil, token: String? = nil, peer: String? = nil,
-        timeout: Double? = nil
+        timeout: Double? = nil, force: Bool? = nil, volumeGroup: String? = nil, size: UInt64? = nil, removeVolume: Bool? = nil
     ) {
+        self.force = force
+        self.volumeGroup = volumeGroup
+        self.size = size
+        self.removeVolume = removeVolume
         self.command = command
         self.name = name
         self.device = device
@@ -200,11 +216,14 @@ public struct ResourceStatus: Codable, Sendable, Equatable {
     public var error: String?
     public var log: LogStatus?
     public var replication: ReplicationStatus?
+    /// The local block device serving the resource (marsadm attach): "/dev/mars/NAME -> /dev/nbdN".
+    public var attached: String?
 
     public init(
         name: String, device: String, size: UInt64, role: String, wanted: String, state: String, error: String? = nil, log: LogStatus? = nil,
-        replication: ReplicationStatus? = nil
+        replication: ReplicationStatus? = nil, attached: String? = nil
     ) {
+        self.attached = attached
         self.replication = replication
         self.name = name
         self.device = device

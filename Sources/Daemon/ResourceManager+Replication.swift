@@ -107,7 +107,7 @@ extension ResourceManager: PeerRequestHandler {
 
     /// Makes this host a replica of `name`: asks the primary where a sync starts (it holds its log
     /// from there), creates the resource directory, and brings the replica up (sync, fetch, replay).
-    func joinResource(name: String, device path: String) async throws -> String {
+    func joinResource(name: String, device path: String, volumeGroup: String? = nil) async throws -> String {
         try Names.validateResource(name)
         guard let identity = state.withLock({ $0.identity }), credentials != nil else {
             throw DaemonError("this host is in no cluster yet: run 'marsadm join-cluster' first")
@@ -145,10 +145,11 @@ extension ResourceManager: PeerRequestHandler {
             throw DaemonError("\(directoryPath) exists already: remove it or choose another resource name")
         }
         let directory = try POSIXDirectory(path: directoryPath, create: true)
-        let config = ResourceConfig(
+        var config = ResourceConfig(
             name: name, device: path, size: entry.size, role: "secondary", wanted: "up", createdEpoch: start.epoch,
             sync: SyncRecord(startLSN: start.lsn, startSegment: start.segment, epoch: start.epoch, offset: 0, endLSN: nil)
         )
+        config.volumeGroup = volumeGroup
         do {
             try root.sync()
             try ReplicaLog.create(in: directory, startLSN: start.lsn, epoch: start.epoch)

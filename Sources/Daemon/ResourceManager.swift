@@ -1,5 +1,6 @@
 import BlockStore
 import ControlProtocol
+import LocalDevice
 import LogEngine
 import Logging
 import NBDProtocol
@@ -29,6 +30,10 @@ public struct ResourceSettings: Sendable {
     /// Bytes of log a primary keeps for members that have not fetched them; beyond it the most
     /// lagging member is let go (NeedsSync) so the others and the writers go on. nil: half the log space.
     public var retentionLimit: UInt64?
+    /// marsd's own NBD Unix socket (`--unix`): the kernel's NBD client of an attached resource connects there.
+    public var nbdSocketPath: String?
+    /// Where the links to attached resources' devices go.
+    public var deviceLinks = DeviceLinks()
 
     public init() {}
 
@@ -168,7 +173,9 @@ final class ResourceManager: Sendable {
                     try await self.bringUp(name)
                 } catch {
                     self.logger.error("resource \(name) stays down: \(error)")
+                    return
                 }
+                await self.reattach(name)
             }
         }
     }
@@ -200,12 +207,18 @@ final class ResourceManager: Sendable {
                     }
                     return ControlResponse(message: try await self.joinCluster(host: request.host, token: token, peer: peer))
                 case .joinResource:
-                    guard let name = request.name, let device = request.device else {
-                        throw DaemonError("join-resource needs a resource name and a device path")
+                    guard let name = request.name else { throw DaemonError("join-resource needs a resource name") }
+                    if let group = request.volumeGroup {
+                        return ControlResponse(message: try await self.joinResourceOnNewVolume(name: name, group: group))
                     }
+                    guard let device = request.device else { throw DaemonError("join-resource needs a device path or --lvm") }
                     return ControlResponse(message: try await self.joinResource(name: name, device: device))
                 case .leaveResource:
-                    return ControlResponse(message: try await self.leaveResource(try self.existingName(request)))
+                    let name = try self.existingName(request)
+                    if request.removeVolume == true {
+                        return ControlResponse(message: try await self.leaveResourceRemovingVolume(name))
+                    }
+                    return ControlResponse(message: try await self.leaveResource(name))
                 case .deleteResource:
                     return ControlResponse(message: try await self.deleteResource(try self.existingName(request)))
                 case .invalidate:
@@ -218,17 +231,26 @@ final class ResourceManager: Sendable {
                 case .waitResource:
                     return ControlResponse(error: "wait-resource is answered outside the command queue")
                 case .createResource:
-                    guard let name = request.name, let device = request.device else {
-                        throw DaemonError("create-resource needs a resource name and a device path")
+                    guard let name = request.name else { throw DaemonError("create-resource needs a resource name") }
+                    if let group = request.volumeGroup {
+                        guard let size = request.size else { throw DaemonError("create-resource --lvm needs --size") }
+                        return ControlResponse(message: try await self.createResourceOnNewVolume(name: name, group: group, size: size))
                     }
+                    guard let device = request.device else { throw DaemonError("create-resource needs a device path or --lvm") }
                     return ControlResponse(message: try await self.createResource(name: name, device: device))
                 case .up:
                     let name = try self.existingName(request)
                     try self.setWanted(name, "up")
                     try await self.bringUp(name)
                     return ControlResponse(message: "resource \(name) is up")
+                case .attach:
+                    return ControlResponse(message: try await self.attach(try self.existingName(request)))
+                case .detach:
+                    return ControlResponse(message: try await self.detach(try self.existingName(request), force: request.force ?? false))
                 case .down:
                     let name = try self.existingName(request)
+                    // Its local device first: a mounted filesystem must not lose its disk to a down.
+                    let detached = try await self.detachIfAttached(name, force: request.force ?? false, doing: "take it down")
                     try self.setWanted(name, "down")
                     let replayed = self.state.withLock { $0.resources[name]?.replica?.log.status.replayedLSN }
                     let result = await self.takeDown(name)
@@ -238,7 +260,7 @@ final class ResourceManager: Sendable {
                     if let result, !result.isComplete {
                         throw DaemonError("resource \(name) is down, but the data device does not hold every acknowledged write: \(result)")
                     }
-                    return ControlResponse(message: "resource \(name) is down; its log is written back")
+                    return ControlResponse(message: (detached.map { $0 + "; " } ?? "") + "resource \(name) is down; its log is written back")
                 }
             } catch {
                 return ControlResponse(error: "\(error)")
@@ -330,7 +352,7 @@ final class ResourceManager: Sendable {
         }
     }
 
-    private func createResource(name: String, device path: String) async throws -> String {
+    func createResource(name: String, device path: String, volumeGroup: String? = nil) async throws -> String {
         try Names.validateResource(name)
         guard let identity = state.withLock({ $0.identity }) else {
             throw DaemonError("this host is in no cluster yet: run 'marsadm create-cluster' first")
@@ -358,7 +380,8 @@ final class ResourceManager: Sendable {
         }
         let configuration = settings.engineConfiguration(host: identity.host)
         let directory = try POSIXDirectory(path: directoryPath, create: true)
-        let config = ResourceConfig(name: name, device: path, size: device.size, role: "primary", wanted: "up", createdEpoch: 1)
+        var config = ResourceConfig(name: name, device: path, size: device.size, role: "primary", wanted: "up", createdEpoch: 1)
+        config.volumeGroup = volumeGroup
         do {
             try root.sync()
             try LogEngine.create(in: directory, configuration: configuration, epoch: 1)
@@ -527,13 +550,13 @@ final class ResourceManager: Sendable {
         }
         let exports = self.exports
         return (resources.map { resource in
-            var status = Self.status(of: resource, recovering: exports.isPending(resource.config.name))
+            var status = Self.status(of: resource, recovering: exports.isPending(resource.config.name), links: settings.deviceLinks)
             status.replication = replicationStatus(of: resource)
             return status
         } + broken).sorted { $0.name < $1.name }
     }
 
-    private static func status(of resource: Resource, recovering: Bool) -> ResourceStatus {
+    private static func status(of resource: Resource, recovering: Bool, links: DeviceLinks) -> ResourceStatus {
         let log = resource.engine.map { engine -> LogStatus in
             let status = engine.status
             return LogStatus(
@@ -547,7 +570,8 @@ final class ResourceManager: Sendable {
         let state = resource.engine != nil || resource.replica != nil ? "up" : recovering ? "recovering" : (resource.error != nil ? "failed" : "down")
         return ResourceStatus(
             name: resource.config.name, device: resource.config.device, size: resource.config.size, role: resource.config.role,
-            wanted: resource.config.wanted, state: state, error: resource.error ?? resource.downProblem, log: log
+            wanted: resource.config.wanted, state: state, error: resource.error ?? resource.downProblem, log: log,
+            attached: resource.config.attachedDevice.map { "\(links.path(of: resource.config.name)) -> /dev/nbd\($0)" }
         )
     }
 

@@ -49,6 +49,12 @@ struct ResourceConfig: Codable, Equatable {
     var fetchPaused: Bool?
     var replayPaused: Bool?
     var syncPaused: Bool?
+    /// The index N of the kernel's /dev/nbdN serving this resource (marsadm attach); a restart of
+    /// marsd reconnects it.
+    var attachedDevice: Int32?
+    /// The volume group of the data device when marsd made it as a logical volume (--lvm), so
+    /// leave-resource --remove-lv may remove it.
+    var volumeGroup: String?
 }
 
 /// The persisted state of a replica's initial sync (resumable after a restart of either side).

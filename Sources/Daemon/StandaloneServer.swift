@@ -110,6 +110,7 @@ public struct StandaloneServer: Service {
         }
         var resourceSettings = configuration.resources
         resourceSettings.cacheMode = configuration.cacheMode
+        resourceSettings.nbdSocketPath = configuration.nbd.unixSocketPath
         let exports = ExportTable(served)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
         // Peer links (gossip, log shipping, sync) on a loop of their own: their file reads never

@@ -20,7 +20,8 @@ struct Marsadm: ParsableCommand {
         subcommands: [
             CreateCluster.self, JoinCluster.self, CreateResource.self, JoinResource.self, Up.self, Down.self, View.self,
             WaitResource.self, PauseFetch.self, ResumeFetch.self, PauseReplay.self, ResumeReplay.self, PauseSync.self, ResumeSync.self,
-            Invalidate.self, LeaveResource.self, DeleteResource.self, LeaveCluster.self, LogDump.self, LogVerify.self,
+            Invalidate.self, LeaveResource.self, DeleteResource.self, LeaveCluster.self, Attach.self, Detach.self, LogDump.self,
+            LogVerify.self,
         ]
     )
 }
@@ -99,21 +100,41 @@ struct CreateResource: ParsableCommand {
         abstract: "Create a resource on a data device, with this host as its primary.",
         discussion: """
             The resource's size is the device's size. The resource comes up at once: its NBD export \
-            carries the resource's name, and every change to it is logged under ROOT/resource-NAME.
+            carries the resource's name, and every change to it is logged under ROOT/resource-NAME. \
+            With --lvm VG --size SIZE instead of DEVICE, marsd creates the logical volume VG/NAME of that \
+            size (through liblvm2cmd; lvm rounds it up to whole extents) as the data device; a refusal \
+            (no such volume group, not enough free space, the name taken) leaves nothing behind.
             """
     )
 
     @Argument(help: ArgumentHelp("The resource name: \(SafeName.rule)."))
     var name: String
 
-    @Argument(help: "The data device: a regular file or a block device.")
-    var device: String
+    @Argument(help: "The data device: a regular file or a block device (not with --lvm).")
+    var device: String?
+
+    @Option(help: ArgumentHelp("Create the data device as logical volume NAME in this volume group.", valueName: "vg"))
+    var lvm: String?
+
+    @Option(help: ArgumentHelp("The logical volume's size with --lvm: bytes, or with K, M, G, T (powers of 1024).", valueName: "size"))
+    var size: String?
 
     @OptionGroup var options: ControlOptions
 
+    func validate() throws {
+        try validateDeviceChoice(device: device, lvm: lvm)
+        if lvm != nil, size == nil { throw ValidationError("--lvm needs --size") }
+        if lvm == nil, size != nil { throw ValidationError("--size goes with --lvm (without it, the size is the device's)") }
+        if let size { _ = try parseSize(size) }
+    }
+
     func run() throws {
+        if let lvm {
+            try options.perform(ControlRequest(command: .createResource, name: name, volumeGroup: lvm, size: try parseSize(size ?? "")))
+            return
+        }
         // marsd runs elsewhere: a relative path means the caller's directory, so send it absolute.
-        try options.perform(ControlRequest(command: .createResource, name: name, device: try ControlOptions.absolute(device)))
+        try options.perform(ControlRequest(command: .createResource, name: name, device: try ControlOptions.absolute(device ?? "")))
     }
 }
 
@@ -151,20 +172,30 @@ struct JoinResource: ParsableCommand {
             size. The device is copied from the primary while it keeps writing (only chunks that differ cross \
             the network; zero chunks as a length), the log is fetched and replayed from the sync's start, and \
             the replica is UpToDate once replay passes the primary's position at the end of the copy. Until then \
-            view shows it Inconsistent. The sync resumes where it was after a restart of either host.
+            view shows it Inconsistent. The sync resumes where it was after a restart of either host. With \
+            --lvm VG instead of DEVICE, marsd creates logical volume VG/NAME of the resource's size as the device.
             """
     )
 
     @Argument(help: "The resource name.")
     var name: String
 
-    @Argument(help: "The local data device: a regular file or a block device.")
-    var device: String
+    @Argument(help: "The local data device: a regular file or a block device (not with --lvm).")
+    var device: String?
+
+    @Option(help: ArgumentHelp("Create the data device as logical volume NAME in this volume group.", valueName: "vg"))
+    var lvm: String?
 
     @OptionGroup var options: ControlOptions
 
+    func validate() throws { try validateDeviceChoice(device: device, lvm: lvm) }
+
     func run() throws {
-        try options.perform(ControlRequest(command: .joinResource, name: name, device: try ControlOptions.absolute(device)))
+        if let lvm {
+            try options.perform(ControlRequest(command: .joinResource, name: name, volumeGroup: lvm))
+            return
+        }
+        try options.perform(ControlRequest(command: .joinResource, name: name, device: try ControlOptions.absolute(device ?? "")))
     }
 }
 
@@ -270,14 +301,23 @@ struct Invalidate: ResourceCommand {
     static let command = ControlRequest.Command.invalidate
 }
 
-struct LeaveResource: ResourceCommand {
+struct LeaveResource: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Stop being a secondary of a resource.",
-        discussion: "Fetch, sync and replay stop and the local log goes; the data device stays as it is (the message says whether it is a consistent copy). The primary stops keeping log for this host."
+        discussion: """
+            Fetch, sync and replay stop and the local log goes; the data device stays as it is (the message \
+            says whether it is a consistent copy). The primary stops keeping log for this host. With \
+            --remove-lv, the logical volume made by --lvm goes too: refused before anything happens while it \
+            is mounted or open elsewhere, and removed only when libdevmapper counts no opens.
+            """
     )
     @Argument(help: "The resource name.") var name: String
+    @Flag(help: "Remove the logical volume that create-resource or join-resource --lvm made.") var removeLv = false
     @OptionGroup var options: ControlOptions
-    static let command = ControlRequest.Command.leaveResource
+
+    func run() throws {
+        try options.perform(ControlRequest(command: .leaveResource, name: name, removeVolume: removeLv))
+    }
 }
 
 struct DeleteResource: ResourceCommand {
@@ -313,11 +353,13 @@ struct Up: ResourceCommand {
     static let command = ControlRequest.Command.up
 }
 
-struct Down: ResourceCommand {
+struct Down: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Take a resource down: close its export and write its log back to the data device.",
         discussion: """
-            Returns when the data device holds every acknowledged write. When it cannot (the data device \
+            An attached resource's /dev/mars/NAME is detached first; while it is in use (mounted, held by \
+            a device stacked on it, open in a process) down is refused with the users named, unless \
+            --force. Returns when the data device holds every acknowledged write. When it cannot (the data device \
             fails, or the log could not be written for 10 s and writes that were never flushed were given \
             up), the resource is down all the same, and marsadm says what the device lacks and exits with \
             status 1; view shows it until the resource is up again ('marsadm up' replays what the log \
@@ -328,9 +370,14 @@ struct Down: ResourceCommand {
     @Argument(help: "The resource name.")
     var name: String
 
+    @Flag(help: "Detach its local device even while it is in use (its users get I/O errors).")
+    var force = false
+
     @OptionGroup var options: ControlOptions
 
-    static let command = ControlRequest.Command.down
+    func run() throws {
+        try options.perform(ControlRequest(command: .down, name: name, force: force))
+    }
 }
 
 struct View: ParsableCommand {
@@ -366,4 +413,32 @@ struct View: ParsableCommand {
 struct MarsadmError: Error, CustomStringConvertible {
     let description: String
     init(_ description: String) { self.description = description }
+}
+
+/// A data device is either given or made by --lvm.
+func validateDeviceChoice(device: String?, lvm: String?) throws {
+    switch (device, lvm) {
+    case (nil, nil): throw ValidationError("give the data device, or --lvm VG to create it as a logical volume")
+    case (.some, .some): throw ValidationError("give either the data device or --lvm, not both")
+    default: break
+    }
+}
+
+/// "1048576", "64M", "10G", "1T" (powers of 1024; an optional "iB" or "B" after the unit).
+func parseSize(_ text: String) throws -> UInt64 {
+    var digits = Substring(text)
+    for suffix in ["iB", "B"] where digits.hasSuffix(suffix) && digits.count > suffix.count {
+        digits = digits.dropLast(suffix.count)
+        break
+    }
+    let shifts: [Character: UInt64] = ["K": 10, "k": 10, "M": 20, "m": 20, "G": 30, "g": 30, "T": 40, "t": 40]
+    var shift: UInt64 = 0
+    if let unit = digits.last, let unitShift = shifts[unit] {
+        shift = unitShift
+        digits = digits.dropLast()
+    }
+    guard let value = UInt64(digits), value > 0, value <= UInt64.max >> shift else {
+        throw ValidationError("--size \(text) is not a size: give bytes, or a number with K, M, G or T (for example 20G)")
+    }
+    return value << shift
 }

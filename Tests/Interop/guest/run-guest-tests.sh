@@ -121,14 +121,8 @@ file -L "$(command -v busybox)" 2>/dev/null | grep -q 'statically linked' ||
     die "busybox is not static; install busybox-static"
 
 # ---------------------------------------------------------------- kernel
-if [ -z "$KERNEL" ]; then
-    KERNEL=$(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1 || true)
-    [ -n "$KERNEL" ] || die "no /boot/vmlinuz-*; install linux-image-amd64"
-fi
-[ -r "$KERNEL" ] || die "kernel $KERNEL not readable"
-KVER=${GUEST_KERNEL_VERSION:-$(basename "$KERNEL" | sed 's/^vmlinuz-//')}
-MODDIR=/lib/modules/$KVER
-[ -f "$MODDIR/modules.dep" ] || die "no $MODDIR/modules.dep for kernel $KERNEL"
+source "$HERE/guestlib.sh"
+guest_kernel "$KERNEL"
 
 # ---------------------------------------------------------------- initramfs
 GUEST_MODULES=(virtio_pci virtio_blk virtio_net crc32c_generic crc32c_intel ext4 nbd)
@@ -136,66 +130,31 @@ GUEST_BINARIES=(/usr/sbin/nbd-client)
 MKE2FS=$(command -v mke2fs)
 CC=${CC:-gcc}
 
-# Emit "insmod-path [args]" lines for the guest, dependencies first.
-resolve_modules() {
-    local m line seen=" "
-    for m in "${GUEST_MODULES[@]}"; do
-        while read -r line; do
-            case "$line" in
-                insmod\ *)
-                    line=${line#insmod }
-                    local p=${line%% *}
-                    case "$seen" in *" $p "*) continue ;; esac
-                    seen="$seen$p "
-                    echo "$line"
-                    ;;
-                builtin\ *) ;;
-                *) ;;
-            esac
-        done < <(modprobe -S "$KVER" -D "$m" 2>/dev/null || true)
-    done
-}
-
-# Shared libraries (resolved paths) of the given dynamic executables.
-resolve_libs() {
-    ldd "$@" 2>/dev/null | awk '
-        /=> \// { print $3; next }
-        /^[ \t]*\/[^ ]+ \(/ { print $1 }' | sort -u
-}
-
-MODLINES=$(resolve_modules)
+MODLINES=$(resolve_modules "${GUEST_MODULES[@]}")
 [ -n "$MODLINES" ] || log "warning: no loadable modules resolved (all built in?)"
 MODFILES=$(printf '%s\n' "$MODLINES" | awk 'NF { print $1 }')
 LIBFILES=$(resolve_libs "$MKE2FS" "${GUEST_BINARIES[@]}")
 BUSYBOX=$(command -v busybox)
 INPUTS=$(printf '%s\n' "$KERNEL" "$BUSYBOX" "$MKE2FS" /etc/mke2fs.conf "${GUEST_BINARIES[@]}" \
-         "$HERE/guest-init.sh" "$HERE/pattern.awk" "$HERE/mars-dio.c" $MODFILES $LIBFILES)
+         "$HERE/guest-init.sh" "$HERE/guest-common.sh" "$HERE/guestlib.sh" "$HERE/pattern.awk" "$HERE/mars-dio.c" \
+         $MODFILES $LIBFILES)
 
 cache_key() {
     {
-        echo "swift-mars-guest-initramfs v1 $KVER"
+        echo "swift-mars-guest-initramfs v2 $KVER"
         printf '%s\n' "$MODLINES"
         # the builder itself: this file from the build marker on
         sed -n '/^# ---- initramfs builder/,/^# ---- end initramfs builder/p' "${BASH_SOURCE[0]}"
-        local f
-        for f in $INPUTS; do
-            printf '%s ' "$f"
-            sha256sum <"$f" | cut -d' ' -f1
-        done
+        # shellcheck disable=SC2086
+        hash_inputs $INPUTS
     } | sha256sum | cut -c1-16
 }
 
 # ---- initramfs builder (everything between these markers is part of the cache key)
 build_initramfs() { # build_initramfs OUTFILE
-    local out=$1 st f dest
+    local out=$1 st f
     st=$(mktemp -d "${TMPDIR:-/tmp}/mars-initramfs.XXXXXX")
-    mkdir -p "$st"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,usr/bin,usr/sbin,lib,lib64}
-    cp "$BUSYBOX" "$st/bin/busybox"
-    local applet
-    for applet in $("$BUSYBOX" --list); do
-        case "$applet" in mke2fs|mkfs.ext2) continue ;; esac
-        [ -e "$st/bin/$applet" ] || ln -s busybox "$st/bin/$applet"
-    done
+    install_busybox "$st" mke2fs mkfs.ext2
     cp "$MKE2FS" "$st/sbin/mke2fs"
     ln -sf mke2fs "$st/sbin/mkfs.ext4"
     cp /etc/mke2fs.conf "$st/etc/mke2fs.conf"
@@ -204,55 +163,20 @@ build_initramfs() { # build_initramfs OUTFILE
     for f in "${GUEST_BINARIES[@]}"; do
         cp "$f" "$st/sbin/$(basename "$f")"
     done
-    for f in $LIBFILES; do
-        dest=$st$f
-        mkdir -p "$(dirname "$dest")"
-        cp -L "$f" "$dest"
-    done
-    # usrmerge: make /lib64 and /usr/lib paths resolve either way
-    [ -e "$st/lib64/ld-linux-x86-64.so.2" ] || [ ! -e "$st/usr/lib64/ld-linux-x86-64.so.2" ] ||
-        ln -s ../usr/lib64/ld-linux-x86-64.so.2 "$st/lib64/ld-linux-x86-64.so.2"
-    : >"$st/etc/modules.list"
-    local line path args base
-    while read -r line; do
-        [ -n "$line" ] || continue
-        path=${line%% *}
-        args=""
-        [ "$path" = "$line" ] || args=${line#* }
-        base=$(basename "$path")
-        case "$base" in
-            *.ko) cp "$path" "$st/lib/$base" ;;
-            *.ko.xz) xz -dc "$path" >"$st/lib/${base%.xz}"; base=${base%.xz} ;;
-            *.ko.zst) zstd -qdc "$path" >"$st/lib/${base%.zst}"; base=${base%.zst} ;;
-            *.ko.gz) gzip -dc "$path" >"$st/lib/${base%.gz}"; base=${base%.gz} ;;
-            *) die "unexpected module file $path" ;;
-        esac
-        echo "/lib/$base $args" >>"$st/etc/modules.list"
-    done <<<"$MODLINES"
+    # shellcheck disable=SC2086
+    install_libs "$st" $LIBFILES
+    install_modules "$st" "$MODLINES"
     cp "$HERE/guest-init.sh" "$st/init"
     chmod 755 "$st/init"
+    cp "$HERE/guest-common.sh" "$st/etc/guest-common.sh"
     cp "$HERE/pattern.awk" "$st/etc/pattern.awk"
-    ln -s /proc/mounts "$st/etc/mtab"
-    echo "root:x:0:0:root:/:/bin/sh" >"$st/etc/passwd"
-    echo "root:x:0:" >"$st/etc/group"
-    (cd "$st" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
-        cpio --null -o -H newc -R 0:0 --quiet) >"$out.tmp.$$"
-    mv "$out.tmp.$$" "$out"
+    pack_cpio "$st" "$out"
     rm -rf "$st"
 }
 # ---- end initramfs builder
 
-mkdir -p "$CACHE_DIR"
-KEY=$(cache_key)
-INITRAMFS=$CACHE_DIR/initramfs-$KVER-$KEY.cpio
-if [ "$REBUILD" = 1 ] || [ ! -s "$INITRAMFS" ]; then
-    log "building initramfs $INITRAMFS"
-    build_initramfs "$INITRAMFS"
-    # keep the newest three
-    ls -1t "$CACHE_DIR"/initramfs-*.cpio 2>/dev/null | tail -n +4 | xargs -r rm -f
-else
-    log "using cached initramfs $INITRAMFS"
-fi
+INITRAMFS=$(cached_initramfs "$(cache_key)" build_initramfs)
+[ -s "$INITRAMFS" ] || exit 2
 if [ "$BUILD_ONLY" = 1 ]; then
     echo "$INITRAMFS"
     exit 0

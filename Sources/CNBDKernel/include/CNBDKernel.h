@@ -1,0 +1,27 @@
+#ifndef CNBDKERNEL_H
+#define CNBDKERNEL_H
+
+// The kernel's NBD client driven over generic netlink (family "nbd"), without libnl: the caller
+// has done the NBD handshake on each socket and hands over the sockets in transmission phase.
+// Every function returns 0 or -errno.
+
+#include <stdint.h>
+
+/// NBD_CMD_CONNECT: /dev/nbd`*index` (or the first free device when `*index` is -1) serves
+/// `size` bytes over `sockets`, with the server's transmission flags. Requests time out after
+/// `timeout_seconds`; when every socket is dead, requests wait `dead_timeout_seconds` for a
+/// reconfigure before they fail. On success `*index` is the device's index.
+int cnbd_connect(const int *sockets, int count, uint64_t size, uint64_t block_size, uint64_t server_flags,
+                 uint64_t timeout_seconds, uint64_t dead_timeout_seconds, int32_t *index);
+
+/// NBD_CMD_RECONFIGURE: replaces the dead sockets of /dev/nbd`index` with `sockets`.
+int cnbd_reconfigure(int32_t index, const int *sockets, int count);
+
+/// NBD_CMD_DISCONNECT: ends /dev/nbd`index`'s connection; the device goes back to size 0.
+int cnbd_disconnect(int32_t index);
+
+/// NBD_CMD_STATUS: 1 when /dev/nbd`index` is connected, 0 when not. -ENOENT when the kernel has
+/// no "nbd" netlink family (module not loaded, or too old).
+int cnbd_connected(int32_t index);
+
+#endif
