@@ -7,9 +7,9 @@
 
 const int CLVM_SUCCEEDED = LVM2_COMMAND_SUCCEEDED;
 
-// lvm2_run is not reentrant: one command at a time, with one handle for the process.
+// lvm2_run is not reentrant: one command at a time. Each command gets its own handle, released
+// after it, so nothing lvm opened or cached outlives the command inside the long-running marsd.
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static void *handle;
 static char *collected;
 static size_t collected_capacity;
 static size_t collected_length;
@@ -28,16 +28,18 @@ static void collect(int level, const char *file, int line, int dm_errno, const c
 
 int clvm_run(const char *command_line, char *errors, size_t capacity) {
     pthread_mutex_lock(&lock);
-    if (!handle) {
-        lvm2_log_fn(collect);
-        handle = lvm2_init();
-        if (handle) lvm2_disable_dmeventd_monitoring(handle);
-    }
     collected = errors;
     collected_capacity = capacity;
     collected_length = 0;
     if (capacity) errors[0] = 0;
-    int result = handle ? lvm2_run(handle, command_line) : LVM2_INIT_FAILED;
+    lvm2_log_fn(collect);
+    void *handle = lvm2_init();
+    int result = LVM2_INIT_FAILED;
+    if (handle) {
+        lvm2_disable_dmeventd_monitoring(handle);
+        result = lvm2_run(handle, command_line);
+        lvm2_exit(handle);
+    }
     collected = NULL;
     pthread_mutex_unlock(&lock);
     return result;

@@ -1,3 +1,4 @@
+import ControlProtocol
 import LocalDevice
 import LogicalVolumes
 import NIOPosix
@@ -36,31 +37,43 @@ extension ResourceManager {
         }
     }
 
-    /// Leaves the resource and removes its logical volume: refused before anything happens while
-    /// another user has the volume open; the volume goes only when libdevmapper counts no opens.
-    func leaveResourceRemovingVolume(_ name: String) async throws -> String {
-        guard let resource = state.withLock({ $0.resources[name] }) else { return "" }
-        guard let group = resource.config.volumeGroup else {
-            throw DaemonError(
-                "the data device \(resource.config.device) of \(name) was not made with --lvm: leave without --remove-lv and remove it yourself"
-            )
+    /// Leaves the resource (a command like the others) and then removes its logical volume:
+    /// refused before anything happens while another user has the volume open. The replica's
+    /// handles of the device are released asynchronously after the leave, so the removal runs
+    /// after the command and waits (5 s at most) for libdevmapper to count no opens.
+    func leaveResourceRemovingVolume(_ request: ControlRequest) async -> ControlResponse {
+        let left: Result<(message: String, group: String, name: String, device: String), any Error> = await commands.run {
+            do {
+                let name = try self.existingName(request)
+                guard let config = self.state.withLock({ $0.resources[name]?.config }) else { throw DaemonError("there is no resource '\(name)'") }
+                guard let group = config.volumeGroup else {
+                    throw DaemonError(
+                        "the data device \(config.device) of \(name) was not made with --lvm: leave without --remove-lv and remove it yourself"
+                    )
+                }
+                let users = DeviceUsers.of(config.device)
+                guard users.isEmpty else {
+                    throw DaemonError("\(config.device) is in use: \(users.joined(separator: "; ")). Unmount it and stop what holds it, then leave again")
+                }
+                return .success((try await self.leaveResource(name), group, name, config.device))
+            } catch {
+                return .failure(error)
+            }
         }
-        let device = resource.config.device
-        let users = DeviceUsers.of(device)
-        guard users.isEmpty else {
-            throw DaemonError("\(device) is in use: \(users.joined(separator: "; ")). Unmount it and stop what holds it, then leave again")
+        guard case .success(let (message, group, name, device)) = left else {
+            if case .failure(let error) = left { return ControlResponse(error: "\(error)") }
+            return ControlResponse(error: "leave-resource failed")
         }
-        let left = try await leaveResource(name)
-        // The replica's threads close their handles of the device as they end, shortly after the leave.
-        for _ in 0..<100 where ((try? LogicalVolumes.openCount(device)) ?? 0) > 0 {
-            try await Task.sleep(for: .milliseconds(100))
+        // Bounded: a user that opens the volume now keeps it, and the error says so.
+        for _ in 0..<50 where ((try? LogicalVolumes.openCount(device)) ?? 0) > 0 {
+            try? await Task.sleep(for: .milliseconds(100))
         }
         do {
             try await NIOThreadPool.singleton.runIfActive { try LogicalVolumes.remove(name, in: group) }
         } catch {
-            throw DaemonError("\(left); but logical volume \(group)/\(name) stays: \(error)")
+            return ControlResponse(error: "\(message); but logical volume \(group)/\(name) stays: \(error)")
         }
-        return "\(left); logical volume \(group)/\(name) removed"
+        return ControlResponse(message: "\(message); logical volume \(group)/\(name) removed")
     }
 
     private func checkNameIsFree(_ name: String) throws {

@@ -78,7 +78,7 @@ final class ResourceManager: Sendable {
     let logger: Logger
     let state = Mutex(State())
     /// Serializes commands: a resource going up or down is never raced by another command.
-    private let commands = CommandQueue()
+    let commands = CommandQueue()
     let cluster: ClusterService
     /// The retention holds last stored per resource (retention.json), so unchanged holds are not
     /// written again.
@@ -190,6 +190,9 @@ final class ResourceManager: Sendable {
                 return ControlResponse(error: "\(error)")
             }
         }
+        if request.command == .leaveResource, request.removeVolume == true {
+            return await leaveResourceRemovingVolume(request)
+        }
         return await commands.run {
             do {
                 switch request.command {
@@ -214,11 +217,7 @@ final class ResourceManager: Sendable {
                     guard let device = request.device else { throw DaemonError("join-resource needs a device path or --lvm") }
                     return ControlResponse(message: try await self.joinResource(name: name, device: device))
                 case .leaveResource:
-                    let name = try self.existingName(request)
-                    if request.removeVolume == true {
-                        return ControlResponse(message: try await self.leaveResourceRemovingVolume(name))
-                    }
-                    return ControlResponse(message: try await self.leaveResource(name))
+                    return ControlResponse(message: try await self.leaveResource(try self.existingName(request)))
                 case .deleteResource:
                     return ControlResponse(message: try await self.deleteResource(try self.existingName(request)))
                 case .invalidate:

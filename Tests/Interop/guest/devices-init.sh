@@ -200,22 +200,8 @@ scenario_lvm() {
     check lvm/volume-kept-after-refusal lv_exists vgb/r1
     kill "$holder"
     wait "$holder" 2>/dev/null
-    # marsd itself still holds the replica's device after the leave (a leak outside the LVM code):
-    # libdevmapper's open count catches it and the volume stays. Reported as a skip, not a pass,
-    # until the leak is fixed; any other outcome is a failure.
-    if adm s leave-resource r1 --remove-lv >/tmp/leave.out 2>&1; then
-        pass lvm/leave-remove-lv
-        check lvm/volume-removed nothing_left s vgb r1
-    elif grep -q "left resource r1.*logical volume vgb/r1 stays: logical volume vgb/r1 is open (the kernel counts" /tmp/leave.out; then
-        skip lvm/leave-remove-lv "marsd keeps the replica's device open after leave-resource: $(tr '\n' ' ' </tmp/leave.out)"
-        check lvm/left-although-volume-kept sh -c '! marsadm view r1 --control /run/marsd-s/control.sock >/dev/null 2>&1'
-        kill "$(marsd_pid s)"
-        wait "$(marsd_pid s)" 2>/dev/null
-        check lvm/volume-free-once-marsd-stopped lvremove -q -y vgb/r1
-        check lvm/marsd-restarts start_marsd s --peer 127.0.0.2:7702
-    else
-        fail lvm/leave-remove-lv "$(tr '\n' ' ' </tmp/leave.out)"
-    fi
+    check lvm/leave-remove-lv adm s leave-resource r1 --remove-lv
+    check lvm/volume-removed nothing_left s vgb r1
     expect_refusal lvm/remove-lv-needs-lvm "was not made with --lvm" sh -c 'lvcreate -q -y -n plain -L 64m vgb >/dev/null &&
         marsadm join-resource r1 /dev/vgb/plain --control /run/marsd-s/control.sock >/dev/null &&
         marsadm leave-resource r1 --remove-lv --control /run/marsd-s/control.sock'

@@ -4,7 +4,6 @@
 # Results go to the second serial port (/dev/ttyS1) as lines:
 #   GUEST-PASS <check>            a check passed
 #   GUEST-FAIL <check> [detail]   a check failed
-#   GUEST-SKIP <check> reason     a check that could not run (counted as skipped, never passed)
 #   GUEST-INFO <key> <value...>   facts the host needs (block size, timings)
 #   GUEST-DONE failed=0|1         the script ran to its end
 # Everything (including these lines) is also echoed to the kernel console (ttyS0), which the
@@ -29,7 +28,6 @@ out() {
 FAILED=0
 pass() { out "GUEST-PASS $1"; }
 fail() { out "GUEST-FAIL $*"; FAILED=1; }
-skip() { out "GUEST-SKIP $*"; }
 info() { out "GUEST-INFO $*"; }
 now() { cut -d' ' -f1 /proc/uptime; }
 
