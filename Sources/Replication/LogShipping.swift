@@ -128,7 +128,7 @@ public final class PeerSession: @unchecked Sendable {
             link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "'\(request.segment)' is no segment name")))
             return
         }
-        let window = min(max(request.window, 1 << 20), 256 << 20)
+        let window = min(max(request.window, FetchStream.minimumWindow), 256 << 20)
         let stream = FetchStream(link: link, log: log, resource: request.resource, segment: segment, offset: request.offset, window: window, logger: logger)
         streams[request.resource] = stream
         stream.pump()
@@ -186,6 +186,9 @@ final class FetchStream {
 
     /// Bytes of one segmentData message.
     static let chunk: UInt64 = 1 << 20
+    /// The least window served, whatever a peer asks for: a receiver acknowledges whole records
+    /// only, so a window smaller than the largest record would never open again.
+    static let minimumWindow = UInt64(LogRecordLayout.recordSize(payload: LogRecordLayout.maxPayload)) + chunk
     /// How often a stream at the durable end looks for more.
     static let tailPoll: TimeAmount = .milliseconds(5)
 

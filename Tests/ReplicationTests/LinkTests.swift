@@ -21,7 +21,7 @@ final class TwoHosts: @unchecked Sendable {
     let primaryDevice: BlockDevice
     static let size: UInt64 = 4 << 20
 
-    init() throws {
+    init(segmentSize: UInt64 = 256 << 10) throws {
         var template = Array("/tmp/mars-link-XXXXXX".utf8CString)
         guard let made = mkdtemp(&template) else { throw ReplicationError("mkdtemp failed") }
         path = String(cString: made)
@@ -31,7 +31,7 @@ final class TwoHosts: @unchecked Sendable {
             try file.truncate(to: Self.size)
         }
         var configuration = LogEngineConfiguration(host: "alpha")
-        configuration.segmentSize = 256 << 10
+        configuration.segmentSize = segmentSize
         configuration.spaceLimit = 128 << 20
         let directory = try POSIXDirectory(path: path + "/primary-log")
         try LogEngine.create(in: directory, configuration: configuration, epoch: 1)
@@ -132,6 +132,50 @@ final class Acks: LogCompletionTarget {
         let firstDifference = device.indices.first { device[$0] != expected[$0] }
         #expect(firstDifference == nil, "first difference at byte \(firstDifference ?? 0) (seed \(seed))")
         #expect(handler.fetchedBy.withLock { $0["beta"] } == durable)
+        await listener.stop()
+        try await group.shutdownGracefully()
+    }
+
+    /// A replica acknowledges whole records only, so the primary serves at least the largest
+    /// record and a chunk beyond the acknowledged position, whatever window the replica asks for
+    /// (a smaller window never opens again after a record larger than it).
+    @Test func theWindowHoldsTheLargestRecord() async throws {
+        let hosts = try TwoHosts(segmentSize: 30 << 20)
+        defer { hosts.cleanUp() }
+        let acks = Acks()
+        for token in 0..<40 {
+            _ = hosts.primary.submit(offset: 0, change: .write([UInt8](repeating: UInt8(token), count: 1 << 20)), fua: false, target: acks, token: token)
+        }
+        _ = hosts.primary.flush(target: acks, token: 1000)
+        let appended = hosts.primary.status.appendedLSN
+        for _ in 0..<1000 where hosts.primary.status.durableLSN < appended { try await Task.sleep(for: .milliseconds(10)) }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let logger = Logger(label: "test")
+        let listener = try await PeerListener.start(
+            on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
+        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), pool: .singleton, logger: logger) }
+        let address = PeerAddress(host: "127.0.0.1", port: try #require(listener.port))
+        let link = try await PeerLink.connect(to: address, group: group, credentials: Self.credentials("beta"), logger: logger).get()
+        let received = Mutex<UInt64>(0)
+        try await link.eventLoop.submit {
+            link.onMessage = { message in
+                if case .segmentData(let data) = message { received.withLock { $0 += UInt64(data.bytes.readableBytes) } }
+            }
+        }.get()
+        let first = hosts.primary.shippingSnapshot().segments[0].name.fileName
+        link.send(.fetch(FetchRequest(resource: "vm1", segment: first, offset: 0, window: 1 << 20)))
+        // Never acknowledged: the stream stops at its window.
+        var last: UInt64 = 0
+        var quiet = 0
+        for _ in 0..<200 where quiet < 10 {
+            try await Task.sleep(for: .milliseconds(100))
+            let now = received.withLock { $0 }
+            quiet = now == last ? quiet + 1 : 0
+            last = now
+        }
+        let largest = UInt64(LogRecordLayout.recordSize(payload: LogRecordLayout.maxPayload))
+        #expect(received.withLock { $0 } > largest, "\(received.withLock { $0 }) bytes sent before the first acknowledgement")
+        link.close()
         await listener.stop()
         try await group.shutdownGracefully()
     }
