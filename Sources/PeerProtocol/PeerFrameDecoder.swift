@@ -51,16 +51,16 @@ public struct PeerFrameDecoder: Sendable {
         }
     }
 
-    /// The size of the frame at the front (length prefix included), once its prefix is there.
-    private var pendingFrameBytes: Int {
-        guard let length = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) else { return 0 }
-        return 4 + min(Int(length), PeerWire.maxFrameBody)
+    /// The body length of the frame at the front, once its 4-byte prefix is there.
+    private var frontBodyLength: Int? {
+        buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self).map(Int.init)
     }
 
+    /// The size of the frame at the front (length prefix included), once its prefix is there.
+    private var pendingFrameBytes: Int { frontBodyLength.map { 4 + min($0, PeerWire.maxFrameBody) } ?? 0 }
+
     private mutating func decodeNext() throws(PeerProtocolError) -> PeerMessage? {
-        guard let length = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self).map(Int.init) else {
-            return nil
-        }
+        guard let length = frontBodyLength else { return nil }
         guard length <= PeerWire.maxFrameBody else {
             throw PeerProtocolError("frame of \(length) bytes exceeds the \(PeerWire.maxFrameBody)-byte limit")
         }
