@@ -65,7 +65,9 @@ int clinux_eventfd(void) {
 
 void clinux_keep_large_allocations_in_heap(void) {
     mallopt(M_MMAP_THRESHOLD, 64 << 20);
-    mallopt(M_TRIM_THRESHOLD, 128 << 20);
+    /* An arena whose buffers were all freed (a resource's writes written back) gives back its top at
+       once, not at the next malloc_trim: another thread's arena does not reuse it. */
+    mallopt(M_TRIM_THRESHOLD, 16 << 20);
 }
 
 void clinux_release_free_memory(void) {

@@ -22,7 +22,8 @@ public struct ResourceSettings: Sendable {
     public var cacheMode: CacheMode = .buffered
     public var segmentSize: UInt64 = 256 << 20
     public var spaceLimit: UInt64 = 64 << 30
-    public var pendingCapacity = 64 << 20
+    /// The memory every resource's pending changes share (`--log-pending-mib`).
+    public var pendingMemory = PendingMemory(capacity: 64 << 20)
     /// Where this host listens for peers (`--peer`).
     public var peerAddress: String?
     /// Where other hosts reach it (`--peer-advertise`, e.g. through NAT or a proxy); `peerAddress` when nil.
@@ -41,7 +42,7 @@ public struct ResourceSettings: Sendable {
         var configuration = LogEngineConfiguration(host: host)
         configuration.segmentSize = segmentSize
         configuration.spaceLimit = spaceLimit
-        configuration.pendingCapacity = pendingCapacity
+        configuration.pendingMemory = pendingMemory
         return configuration
     }
 }

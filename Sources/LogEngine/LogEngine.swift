@@ -15,9 +15,9 @@ public struct LogEngineConfiguration: Sendable {
     /// Bytes all segments of the resource may take together. When the log reaches it, new writes
     /// wait until writeback frees whole segments (docs/log-format.md, "When the log area fills").
     public var spaceLimit: UInt64 = 64 << 30
-    /// Payload bytes of logged changes not yet written back that are held in memory; beyond it new
-    /// writes wait.
-    public var pendingCapacity = 64 << 20
+    /// Where the payloads of logged changes not yet written back are held, with the budget the
+    /// host's engines share; beyond it new writes wait.
+    public var pendingMemory = PendingMemory(capacity: 64 << 20)
     /// The largest write payload one record holds (readers refuse larger records); larger writes
     /// are submitted in parts.
     public var maxRecordPayload = 32 << 20
@@ -231,7 +231,7 @@ public struct LogEngineStatus: Sendable, Equatable {
 /// and the spare preparer (a written segment file ready for the writer). Requests arrive on event
 /// loops and never block: a write that finds no room waits in a queue, in order, and its reply waits
 /// with it.
-public final class LogEngine: Sendable {
+public final class LogEngine: PendingMemoryWaiter {
     struct SegmentInfo {
         var name: SegmentName
         var firstLSN: UInt64
@@ -370,6 +370,7 @@ public final class LogEngine: Sendable {
             if let refusal = refusal(state) { return .refused(refusal) }
             if !state.waitingWrites.isEmpty || !hasRoom(state, for: change) {
                 state.waitingWrites.append(write)
+                waitForPendingMemoryIfNeeded(state)
                 if state.waitingWrites.count == 1 {
                     // Once per wait, not per waiting write: both threads re-check under the lock
                     // before they sleep, and writeback signals the checkpointer again when it is urgent.
@@ -507,6 +508,7 @@ public final class LogEngine: Sendable {
         prepareWake.signal()
         for thread in threads.withLock({ $0 }) { thread.join() }
         threads.withLock { $0 = [] }
+        wake(monitor.withLock { $0.pending.release() })
         return monitor.withLock { state in
             LogShutdownResult(
                 appendedLSN: state.nextLSN, durableLSN: state.durableLSN, writebackLSN: state.writebackLSN,
@@ -530,6 +532,7 @@ public final class LogEngine: Sendable {
         prepareWake.broadcast()
         for thread in threads.withLock({ $0 }) { thread.join() }
         threads.withLock { $0 = [] }
+        wake(monitor.withLock { $0.pending.release() })
     }
 
     // MARK: - Admission (under the lock)
@@ -601,7 +604,27 @@ public final class LogEngine: Sendable {
             _ = state.waitingWrites.popFirst()
             if !admit(next, &state) { acknowledged.append((next.target, LogCompletion(token: next.token, error: nil))) }
         }
+        if state.logFailure == nil { waitForPendingMemoryIfNeeded(state) }
         return acknowledged
+    }
+
+    /// When the oldest waiting write waits for pending memory that other engines hold, asks to be
+    /// called when they give some back. (If they gave it back just before, this engine's own
+    /// writeback still admits the write: a map that holds nothing takes any change.)
+    private func waitForPendingMemoryIfNeeded(_ state: State) {
+        guard let first = state.waitingWrites.first, !state.pending.isEmpty else { return }
+        let held = if case .write(let bytes) = first.change { bytes.count } else { 0 }
+        if !state.pending.hasRoom(for: held) { configuration.pendingMemory.wait(self) }
+    }
+
+    /// Memory another engine gave back: admit what waits for it.
+    func pendingMemoryFreed() {
+        deliver(monitor.withLock { state in admitWaiting(&state) })
+    }
+
+    /// Calls those that wait for the pending memory given back, with no lock held.
+    func wake(_ waiters: [any PendingMemoryWaiter]) {
+        for waiter in waiters { waiter.pendingMemoryFreed() }
     }
 
     func failedWaiters(_ state: inout State, _ error: LogEngineError) -> [Waiter] {

@@ -48,8 +48,8 @@ public struct WritebackBatch: Sendable, Equatable {
 /// replaced, and its changes leave the map when the batch is on the device. Because the next batch
 /// starts only after that, an older change can never land on the device after a newer one, even
 /// when a new change to the same range arrives while a batch is being written.
-/// The map holds at most `capacity` bytes (payloads and a fixed overhead per change); the caller
-/// waits for `hasRoom` (backpressure).
+/// The map draws the bytes it holds (payloads and a fixed overhead per change) from a `PendingMemory`
+/// the host's engines share; the caller waits for `hasRoom` (backpressure).
 public struct PendingWriteMap: Sendable {
     private struct Entry: Sendable {
         var lsn: UInt64
@@ -63,16 +63,22 @@ public struct PendingWriteMap: Sendable {
     /// of them are being written back.
     private var entries = FIFO<Entry>()
     private var batchCount = 0
-    public let capacity: Int
+    public let memory: PendingMemory
+    /// The bytes this map holds of `memory`.
     public private(set) var heldBytes = 0
 
+    public init(memory: PendingMemory) {
+        self.init(memory: memory, extentsPerChunk: 256)
+    }
+
+    /// A map with a memory budget of its own.
     public init(capacity: Int) {
-        self.init(capacity: capacity, extentsPerChunk: 256)
+        self.init(memory: PendingMemory(capacity: capacity))
     }
 
     /// `extentsPerChunk`: small values let tests cross chunk boundaries often.
-    init(capacity: Int, extentsPerChunk: Int) {
-        self.capacity = capacity
+    init(memory: PendingMemory, extentsPerChunk: Int) {
+        self.memory = memory
         self.extents = ExtentList(chunkCapacity: extentsPerChunk)
     }
 
@@ -80,9 +86,9 @@ public struct PendingWriteMap: Sendable {
     public var count: Int { entries.count }
 
     /// Whether a change of `bytes` payload bytes fits now. An empty map takes any one change, so a
-    /// change larger than the capacity cannot wait forever.
+    /// change larger than the capacity, or one that meets memory other maps hold, cannot wait forever.
     public func hasRoom(for bytes: Int) -> Bool {
-        entries.isEmpty || heldBytes + bytes + PendingContent.changeOverhead <= capacity
+        entries.isEmpty || memory.hasRoom(for: bytes + PendingContent.changeOverhead)
     }
 
     /// Records a change at `lsn` (newer than every change in the map) covering `offset`.
@@ -92,6 +98,7 @@ public struct PendingWriteMap: Sendable {
         guard length > 0 else { return }
         entries.append(Entry(lsn: lsn, offset: offset, content: content))
         heldBytes += content.heldBytes
+        memory.take(content.heldBytes)
         let end = offset + length
         // Only the first overlapped extent can start before the new one, and only the last can
         // end after it: their outer parts stay visible.
@@ -170,19 +177,32 @@ public struct PendingWriteMap: Sendable {
     }
 
     /// The batch is on the data device: its changes leave the map (bytes newer changes replaced in
-    /// the meantime stay visible through those changes).
-    public mutating func finishWriteback(_ batch: WritebackBatch) {
+    /// the meantime stay visible through those changes). Returns who waits for the memory given
+    /// back: call them once no lock is held.
+    @discardableResult
+    mutating func finishWriteback(_ batch: WritebackBatch) -> [any PendingMemoryWaiter] {
         precondition(
             batch.lsns.count == batchCount && batch.lsns.first == entries.first?.lsn && batch.lsns.last == entries[batchCount - 1].lsn,
             "not the batch in flight"
         )
         let newest = entries[batchCount - 1].lsn
-        for index in 0..<batchCount { heldBytes -= entries[index].content.heldBytes }
+        var freed = 0
+        for index in 0..<batchCount { freed += entries[index].content.heldBytes }
+        heldBytes -= freed
         entries.removeFirst(batchCount)
         batchCount = 0
         // The batch holds the oldest changes: every extent still showing one of them goes, in one
         // pass (removing them one by one moved the array once per change, under the engine's lock).
         extents.removeAll { $0.lsn <= newest }
+        return memory.giveBack(freed)
+    }
+
+    /// Gives back everything the map holds, when its engine stops with changes not written back
+    /// (recovery writes them back at the next start); the map is not used after. Returns who waits
+    /// for the memory.
+    mutating func release() -> [any PendingMemoryWaiter] {
+        defer { heldBytes = 0 }
+        return memory.giveBack(heldBytes)
     }
 
     /// Appends the parts of `entry` no newer change has replaced.

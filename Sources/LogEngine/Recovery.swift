@@ -107,7 +107,7 @@ extension LogEngine {
 
         var state = State(
             epoch: epoch, nextLSN: endLSN, durableLSN: endLSN, writebackLSN: endLSN,
-            pending: PendingWriteMap(capacity: configuration.pendingCapacity),
+            pending: PendingWriteMap(memory: configuration.pendingMemory),
             segments: kept + [SegmentInfo(name: name, firstLSN: endLSN, fileSize: segment.fileSize)]
         )
         state.appliedLSN = endLSN

@@ -325,16 +325,17 @@ extension LogEngine {
                     failed = true
                     continue
                 }
-                let (acknowledged, urgent) = monitor.withLock { state in
-                    state.pending.finishWriteback(batch)
+                let (acknowledged, urgent, memoryWaiters) = monitor.withLock { state in
+                    let memoryWaiters = state.pending.finishWriteback(batch)
                     let acknowledged = admitWaiting(&state)
                     state.appliedLSN = min(state.pending.oldestLSN ?? state.durableLSN, state.durableLSN)
                     state.lastApplied = .now
                     if failed { state.writebackFailure = nil }
-                    return (acknowledged, checkpointUrgent(state))
+                    return (acknowledged, checkpointUrgent(state), memoryWaiters)
                 }
                 failed = false
                 deliver(acknowledged)
+                wake(memoryWaiters)
                 if urgent { checkpointWake.signal() }
             }
         }

@@ -2,6 +2,7 @@ import ArgumentParser
 import BlockStore
 import ControlProtocol
 import Daemon
+import LogEngine
 import Logging
 import Replication
 import NBDServer
@@ -50,7 +51,7 @@ struct Serve: AsyncParsableCommand {
     )
     var logRetentionMib: Int?
 
-    @Option(help: "MiB of logged writes not yet written back that one resource holds in memory for reads (payloads, and 128 bytes per change); beyond it writes wait.")
+    @Option(help: "MiB of logged writes not yet written back that this host's resources together hold in memory for reads (payloads, and 128 bytes per change); beyond it writes wait.")
     var logPendingMib = 64
 
     @Option(
@@ -167,7 +168,7 @@ struct Serve: AsyncParsableCommand {
         configuration.resources.root = root
         configuration.resources.segmentSize = UInt64(logSegmentMib) << 20
         configuration.resources.spaceLimit = UInt64(logSpaceMib) << 20
-        configuration.resources.pendingCapacity = logPendingMib << 20
+        configuration.resources.pendingMemory = PendingMemory(capacity: logPendingMib << 20)
         configuration.resources.retentionLimit = logRetentionMib.map { UInt64($0) << 20 }
         configuration.cacheMode = cache
         configuration.controlSocketPath = control

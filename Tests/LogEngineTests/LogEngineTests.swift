@@ -120,13 +120,13 @@ struct SimulatedResource {
     /// `spaceLimit` nil: the smallest the configuration allows (no room for spare segments).
     init(
         deviceSize: UInt64 = 256 << 10, segmentSize: UInt64 = 8 << 10, maxRecord: Int = 16 << 10, pending: Int = 32 << 10,
-        spaceLimit: UInt64? = nil
+        spaceLimit: UInt64? = nil, sharing pendingMemory: PendingMemory? = nil
     ) throws {
         self.deviceSize = deviceSize
         var configuration = LogEngineConfiguration(host: "hostA")
         configuration.segmentSize = segmentSize
         configuration.maxRecordPayload = maxRecord
-        configuration.pendingCapacity = pending
+        configuration.pendingMemory = pendingMemory ?? PendingMemory(capacity: pending)
         configuration.spaceLimit = spaceLimit ?? 2 * (segmentSize + UInt64(maxRecord + 52))
         self.configuration = configuration
         let device = try disk.directory("dev").open("data", create: true)
@@ -645,6 +645,46 @@ func waitForWriteback(_ engine: LogEngine) {
             #expect(try resource.device().read(count: 4096, at: UInt64(token) * 4096) == [UInt8](repeating: UInt8(token + 1), count: 4096))
         }
         engine.shutdown()
+    }
+
+    /// Invariant 7 across resources: the engines of a host share one pending budget. A write that
+    /// waits for memory another engine holds is admitted when that engine writes back, not only
+    /// when its own device moves; an engine that holds nothing always takes one change; an engine
+    /// that stops gives back what it held.
+    @Test func enginesShareOnePendingBudget() throws {
+        let change = 4096 + PendingContent.changeOverhead
+        let memory = PendingMemory(capacity: 6 * change)
+        let first = try SimulatedResource(segmentSize: 1 << 20, sharing: memory)
+        let second = try SimulatedResource(segmentSize: 1 << 20, sharing: memory)
+        let firstGate = ControlledFile(try first.device())
+        let secondGate = ControlledFile(try second.device())
+        firstGate.control.blocked.withLock { $0 = true }
+        secondGate.control.blocked.withLock { $0 = true }
+        let firstEngine = try first.open(device: firstGate)
+        let secondEngine = try second.open(device: secondGate)
+        let target = Completions()
+        func write(_ engine: LogEngine, _ token: Int) -> LogAdmission {
+            engine.submit(offset: UInt64(token % 32) * 4096, change: .write([UInt8](repeating: UInt8(token), count: 4096)), fua: false, target: target, token: token)
+        }
+        for token in 0..<6 { #expect(write(firstEngine, token) == .acknowledged) }
+        #expect(write(firstEngine, 6) == .waiting, "the shared budget is full")
+        #expect(write(secondEngine, 100) == .acknowledged, "an engine that holds nothing takes one change")
+        #expect(write(secondEngine, 101) == .waiting, "the first engine holds the budget")
+        #expect(memory.heldBytes == 7 * change)
+        usleep(50_000)
+        #expect(target.outcome(101) == nil)
+        firstGate.control.blocked.withLock { $0 = false }
+        #expect(target.wait(101, seconds: 10) == nil, "the first engine's writeback admits the second's write")
+        #expect(secondEngine.status.pendingChanges == 2, "the second engine's device has not moved")
+        #expect(target.wait(6) == nil)
+        waitForWriteback(firstEngine)
+        firstEngine.shutdown()
+        #expect(memory.heldBytes == 2 * change)
+        // The second device fails: its changes stay pending until the engine stops.
+        secondGate.control.failure.withLock { $0 = EIO }
+        secondGate.control.blocked.withLock { $0 = false }
+        secondEngine.halt()
+        #expect(memory.heldBytes == 0, "a stopped engine gives back what it held")
     }
 
     /// Writes waiting for room in the pending map do not make a checkpoint urgent (its device sync

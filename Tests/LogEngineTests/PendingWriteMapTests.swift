@@ -100,6 +100,30 @@ struct PendingWriteMapTests {
         #expect(map.heldBytes == overhead)
     }
 
+    /// Maps that share a memory see each other's changes; one that holds nothing takes anything;
+    /// giving back memory someone waits for returns the waiter, once.
+    @Test func mapsShareTheirMemory() {
+        final class Waiter: PendingMemoryWaiter {
+            func pendingMemoryFreed() {}
+        }
+        let overhead = PendingContent.changeOverhead
+        let memory = PendingMemory(capacity: 100 + 2 * overhead)
+        var first = PendingWriteMap(memory: memory)
+        var second = PendingWriteMap(memory: memory)
+        first.insert(lsn: 1, offset: 0, content: .data([UInt8](repeating: 1, count: 60)))
+        second.insert(lsn: 1, offset: 0, content: .data([UInt8](repeating: 2, count: 30)))
+        #expect(memory.heldBytes == 90 + 2 * overhead)
+        #expect(!first.hasRoom(for: 11) && !second.hasRoom(for: 11), "room is what both maps left")
+        #expect(PendingWriteMap(memory: memory).hasRoom(for: 10_000), "a map that holds nothing takes anything")
+        let waiter = Waiter()
+        memory.wait(waiter)
+        memory.wait(waiter)
+        #expect(first.finishWriteback(first.beginWriteback()!).count == 1, "the waiter, once")
+        #expect(memory.heldBytes == 30 + overhead)
+        #expect(second.release().isEmpty, "nobody waits any more")
+        #expect(memory.heldBytes == 0 && second.heldBytes == 0)
+    }
+
     /// Invariant 7: changes without payload (trims, zeroes) and tiny writes are bounded too.
     @Test func manySmallChangesFillTheMap() {
         var map = PendingWriteMap(capacity: 64 << 10)
@@ -123,7 +147,7 @@ struct PendingWriteMapTests {
         let size = 4096
         var device = (0..<size).map { _ in UInt8.random(in: 0...255, using: &rng) }
         var logical = device
-        var map = PendingWriteMap(capacity: 1 << 20, extentsPerChunk: [2, 3, 4, 256][Int(seed % 4)])
+        var map = PendingWriteMap(memory: PendingMemory(capacity: 1 << 20), extentsPerChunk: [2, 3, 4, 256][Int(seed % 4)])
         var inFlight: WritebackBatch?
         var lsn: UInt64 = 0
         for _ in 0..<800 {

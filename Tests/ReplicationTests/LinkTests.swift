@@ -142,6 +142,9 @@ final class Acks: LogCompletionTarget {
     @Test func theWindowHoldsTheLargestRecord() async throws {
         let hosts = try TwoHosts(segmentSize: 30 << 20)
         defer { hosts.cleanUp() }
+        // As the daemon does for a member: without it writeback retires (and recycles) the segment
+        // being read.
+        hosts.primary.setRetention(0, for: "beta")
         let acks = Acks()
         for token in 0..<40 {
             _ = hosts.primary.submit(offset: 0, change: .write([UInt8](repeating: UInt8(token), count: 1 << 20)), fua: false, target: acks, token: token)
