@@ -28,6 +28,13 @@ public struct HistoryWalk: Sendable {
 /// newest segment only. Recovery replays through `visit`; `marsadm log-verify` and `log-dump` use
 /// the same walk.
 public enum LogHistory {
+    /// What recovery reports when it cuts the newest segment after its last valid record. A reused
+    /// segment file still holds its earlier records' bytes there, which cannot be told from an
+    /// append a crash cut short; neither was acknowledged as durable.
+    static func cutTail(of segment: SegmentName, at offset: Int, _ defect: RecordDefect) -> String {
+        "cutting \(segment) at byte \(offset), after its last valid record (\(defect) there): a torn tail (an append the crash cut short, never acknowledged) or bytes left from the file's earlier use as a segment"
+    }
+
     /// A segment's place in the history is checked from its header before any of its records is
     /// visited: recovery must not replay records of a segment that does not continue the one before
     /// (a missing or forked segment) and only then find out. `begin` sees each accepted header first.

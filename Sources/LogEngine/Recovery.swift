@@ -65,7 +65,7 @@ extension LogEngine {
         switch newest.scan.end {
         case .end(let offset): end = offset
         case .tornTail(let offset, let defect):
-            report("cutting a torn tail off \(newest.name) at byte \(offset) (\(defect))")
+            report(LogHistory.cutTail(of: newest.name, at: offset, defect))
             end = offset
         case .corrupt(let offset, _): end = offset  // the walk throws for corruption; kept total
         }

@@ -167,7 +167,7 @@ public final class ReplicaLog: ShippingSource {
                 switch walked.scan.end {
                 case .end(let offset): end = UInt64(offset)
                 case .tornTail(let offset, let defect):
-                    report("cutting a torn tail off \(walked.name) at byte \(offset) (\(defect))")
+                    report(LogHistory.cutTail(of: walked.name, at: offset, defect))
                     end = UInt64(offset)
                 case .corrupt(let offset, _): end = UInt64(offset)
                 }
