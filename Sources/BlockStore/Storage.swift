@@ -1,4 +1,5 @@
 import CLinux
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -269,15 +270,21 @@ public struct POSIXDirectory: StorageDirectory {
     }
 }
 
-/// An exclusive lock on a file (flock), held until this value is gone or the process ends: one
-/// daemon per root directory. The file holds the holder's process id, for the message another
-/// process shows when it finds the lock taken.
+/// An exclusive lock on a file (flock), held until `release`, until this value is gone or until
+/// the process ends: one daemon per root directory. The file holds the holder's process id, for
+/// the message another process shows when it finds the lock taken.
 public final class FileLock: Sendable {
-    private let fd: Int32
+    private let fd: Mutex<Int32?>
 
-    private init(fd: Int32) { self.fd = fd }
+    private init(fd: Int32) { self.fd = Mutex(fd) }
 
-    deinit { Glibc.close(fd) }
+    deinit { release() }
+
+    /// Gives the lock up now, not whenever the last reference goes (a daemon that has stopped
+    /// lets the next one take its root at once).
+    public func release() {
+        if let fd = fd.withLock({ held in defer { held = nil }; return held }) { Glibc.close(fd) }
+    }
 
     /// Takes the lock on `path` (created if missing), or returns the holder's process id (0 if
     /// unknown) when another process has it.

@@ -541,6 +541,11 @@ final class ResourceManager: Sendable {
         }
     }
 
+    /// Lets another marsd take the root: call it once nothing of this one runs any more.
+    func releaseRoot() {
+        rootLock.release()
+    }
+
     var identity: ClusterIdentity? { state.withLock { $0.identity } }
 
     func status() -> [ResourceStatus] {

@@ -176,12 +176,14 @@ public struct StandaloneServer: Service {
         try? await gracefulShutdown()
         logger.info("marsd shutting down")
         gossip.cancel()
+        await gossip.value
         await control?.stop()
         await peers?.stop()
         await server.stop()
         await resources.shutdown()
         try await group.shutdownGracefully()
         try? await peerGroup.shutdownGracefully()
+        resources.releaseRoot()
     }
 
     private func listenerDescriptions(_ server: NBDServer) -> [String] {
