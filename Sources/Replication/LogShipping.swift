@@ -180,6 +180,10 @@ final class FetchStream {
     private var file: (any StorageFile)?
     private var sent: UInt64
     private var acknowledged: UInt64
+    /// Segments the stream has moved past whose bytes the peer has not all acknowledged yet, oldest
+    /// first. They count towards the window too: without them each segment end opened a whole new
+    /// window while the last one's bytes were still in flight.
+    private var earlier: [(segment: String, firstLSN: UInt64, end: UInt64, acknowledged: UInt64)] = []
     private let window: UInt64
     private var stopped = false
     private var scheduled = false
@@ -205,14 +209,30 @@ final class FetchStream {
 
     func stop() { stopped = true }
 
+    /// Bytes sent that the peer has not acknowledged.
+    private var inFlight: UInt64 {
+        earlier.reduce(sent - acknowledged) { $0 + $1.end - $1.acknowledged }
+    }
+
     /// Takes an acknowledgement; returns the LSN the peer now holds.
     func acknowledged(_ ack: FetchAck) -> UInt64? {
-        guard ack.segment == segment.fileName else { return nil }
-        // A peer cannot acknowledge what it was not sent (it would open the window beyond it).
-        acknowledged = min(max(acknowledged, ack.offset), sent)
+        // A peer cannot acknowledge what it was not sent (it would open the window beyond it), and
+        // acknowledges in log order: a later segment's acknowledgement covers the earlier ones.
+        let held: (firstLSN: UInt64?, offset: UInt64)
+        if ack.segment == segment.fileName {
+            earlier.removeAll()
+            acknowledged = min(max(acknowledged, ack.offset), sent)
+            held = (segmentFirstLSN, acknowledged)
+        } else if let index = earlier.firstIndex(where: { $0.segment == ack.segment }) {
+            earlier.removeFirst(index)
+            earlier[0].acknowledged = min(max(earlier[0].acknowledged, ack.offset), earlier[0].end)
+            held = (earlier[0].firstLSN, earlier[0].acknowledged)
+        } else {
+            return nil
+        }
         pump()
-        guard let first = segmentFirstLSN, acknowledged >= UInt64(SegmentHeader.size) else { return nil }
-        return first + acknowledged - UInt64(SegmentHeader.size)
+        guard let first = held.firstLSN, held.offset >= UInt64(SegmentHeader.size) else { return nil }
+        return first + held.offset - UInt64(SegmentHeader.size)
     }
 
     func pump() {
@@ -239,8 +259,8 @@ final class FetchStream {
                 }
                 return
             }
-            while sent < end, sent - acknowledged < window, link.isWritable {
-                let count = min(Self.chunk, end - sent, window - (sent - acknowledged))
+            while sent < end, inFlight < window, link.isWritable {
+                let count = min(Self.chunk, end - sent, window - inFlight)
                 let bytes: ByteBuffer
                 do {
                     if file == nil { file = try log.logDirectory.open(segment.fileName, create: false) }
@@ -267,6 +287,9 @@ final class FetchStream {
             }
             let next = snapshot.segments[index + 1].name
             link.send(.segmentEnd(SegmentEnd(resource: resource, segment: segment.fileName, size: end, next: next.fileName)))
+            if acknowledged < end, let first = segmentFirstLSN {
+                earlier.append((segment.fileName, first, end, acknowledged))
+            }
             segment = next
             segmentFirstLSN = snapshot.segments[index + 1].firstLSN
             file = nil

@@ -183,6 +183,52 @@ final class Acks: LogCompletionTarget {
         try await group.shutdownGracefully()
     }
 
+    /// Bytes of a segment the stream has moved past count towards the window until acknowledged:
+    /// segments smaller than the window do not each open a window of their own.
+    @Test func theWindowSpansSegmentEnds() async throws {
+        let hosts = try TwoHosts(segmentSize: 4 << 20)
+        defer { hosts.cleanUp() }
+        // As the daemon does for a member: without it writeback retires (and recycles) the segment
+        // being read.
+        hosts.primary.setRetention(0, for: "beta")
+        let acks = Acks()
+        for token in 0..<60 {
+            _ = hosts.primary.submit(offset: 0, change: .write([UInt8](repeating: UInt8(token), count: 1 << 20)), fua: false, target: acks, token: token)
+        }
+        _ = hosts.primary.flush(target: acks, token: 1000)
+        let appended = hosts.primary.status.appendedLSN
+        for _ in 0..<1000 where hosts.primary.status.durableLSN < appended { try await Task.sleep(for: .milliseconds(10)) }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let logger = Logger(label: "test")
+        let listener = try await PeerListener.start(
+            on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
+        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), pool: .singleton, logger: logger) }
+        let address = PeerAddress(host: "127.0.0.1", port: try #require(listener.port))
+        let link = try await PeerLink.connect(to: address, group: group, credentials: Self.credentials("beta"), logger: logger).get()
+        let received = Mutex<UInt64>(0)
+        try await link.eventLoop.submit {
+            link.onMessage = { message in
+                if case .segmentData(let data) = message { received.withLock { $0 += UInt64(data.bytes.readableBytes) } }
+            }
+        }.get()
+        let first = hosts.primary.shippingSnapshot().segments[0].name.fileName
+        link.send(.fetch(FetchRequest(resource: "vm1", segment: first, offset: 0, window: 40 << 20)))
+        // Never acknowledged: the stream stops at its window.
+        var last: UInt64 = 0
+        var quiet = 0
+        for _ in 0..<200 where quiet < 10 {
+            try await Task.sleep(for: .milliseconds(100))
+            let now = received.withLock { $0 }
+            quiet = now == last ? quiet + 1 : 0
+            last = now
+        }
+        let sent = received.withLock { $0 }
+        #expect(sent > 36 << 20 && sent <= 40 << 20, "\(sent) bytes sent across segments of 4 MiB before the first acknowledgement")
+        link.close()
+        await listener.stop()
+        try await group.shutdownGracefully()
+    }
+
     /// The initial sync copies exactly what differs: random data, zero chunks, holes on either side,
     /// chunks already equal; afterwards the replica's device equals the primary's.
     @Test func syncCopiesWhatDiffers() async throws {
