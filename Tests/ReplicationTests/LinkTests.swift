@@ -140,59 +140,28 @@ final class Acks: LogCompletionTarget {
     /// record and a chunk beyond the acknowledged position, whatever window the replica asks for
     /// (a smaller window never opens again after a record larger than it).
     @Test func theWindowHoldsTheLargestRecord() async throws {
-        let hosts = try TwoHosts(segmentSize: 30 << 20)
-        defer { hosts.cleanUp() }
-        // As the daemon does for a member: without it writeback retires (and recycles) the segment
-        // being read.
-        hosts.primary.setRetention(0, for: "beta")
-        let acks = Acks()
-        for token in 0..<40 {
-            _ = hosts.primary.submit(offset: 0, change: .write([UInt8](repeating: UInt8(token), count: 1 << 20)), fua: false, target: acks, token: token)
-        }
-        _ = hosts.primary.flush(target: acks, token: 1000)
-        let appended = hosts.primary.status.appendedLSN
-        for _ in 0..<1000 where hosts.primary.status.durableLSN < appended { try await Task.sleep(for: .milliseconds(10)) }
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let logger = Logger(label: "test")
-        let listener = try await PeerListener.start(
-            on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
-        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), pool: .singleton, logger: logger) }
-        let address = PeerAddress(host: "127.0.0.1", port: try #require(listener.port))
-        let link = try await PeerLink.connect(to: address, group: group, credentials: Self.credentials("beta"), logger: logger).get()
-        let received = Mutex<UInt64>(0)
-        try await link.eventLoop.submit {
-            link.onMessage = { message in
-                if case .segmentData(let data) = message { received.withLock { $0 += UInt64(data.bytes.readableBytes) } }
-            }
-        }.get()
-        let first = hosts.primary.shippingSnapshot().segments[0].name.fileName
-        link.send(.fetch(FetchRequest(resource: "vm1", segment: first, offset: 0, window: 1 << 20)))
-        // Never acknowledged: the stream stops at its window.
-        var last: UInt64 = 0
-        var quiet = 0
-        for _ in 0..<200 where quiet < 10 {
-            try await Task.sleep(for: .milliseconds(100))
-            let now = received.withLock { $0 }
-            quiet = now == last ? quiet + 1 : 0
-            last = now
-        }
+        let sent = try await bytesSentUnacknowledged(megabytes: 40, segmentSize: 30 << 20, window: 1 << 20)
         let largest = UInt64(LogRecordLayout.recordSize(payload: LogRecordLayout.maxPayload))
-        #expect(received.withLock { $0 } > largest, "\(received.withLock { $0 }) bytes sent before the first acknowledgement")
-        link.close()
-        await listener.stop()
-        try await group.shutdownGracefully()
+        #expect(sent > largest, "\(sent) bytes sent before the first acknowledgement")
     }
 
     /// Bytes of a segment the stream has moved past count towards the window until acknowledged:
     /// segments smaller than the window do not each open a window of their own.
     @Test func theWindowSpansSegmentEnds() async throws {
-        let hosts = try TwoHosts(segmentSize: 4 << 20)
+        let sent = try await bytesSentUnacknowledged(megabytes: 60, segmentSize: 4 << 20, window: 40 << 20)
+        #expect(sent > 36 << 20 && sent <= 40 << 20, "\(sent) bytes sent across segments of 4 MiB before the first acknowledgement")
+    }
+
+    /// What a fetch that is never acknowledged receives of a log of `megabytes` 1 MiB writes, once
+    /// the stream has stopped at its window.
+    private func bytesSentUnacknowledged(megabytes: Int, segmentSize: UInt64, window: UInt64) async throws -> UInt64 {
+        let hosts = try TwoHosts(segmentSize: segmentSize)
         defer { hosts.cleanUp() }
         // As the daemon does for a member: without it writeback retires (and recycles) the segment
         // being read.
         hosts.primary.setRetention(0, for: "beta")
         let acks = Acks()
-        for token in 0..<60 {
+        for token in 0..<megabytes {
             _ = hosts.primary.submit(offset: 0, change: .write([UInt8](repeating: UInt8(token), count: 1 << 20)), fua: false, target: acks, token: token)
         }
         _ = hosts.primary.flush(target: acks, token: 1000)
@@ -212,8 +181,7 @@ final class Acks: LogCompletionTarget {
             }
         }.get()
         let first = hosts.primary.shippingSnapshot().segments[0].name.fileName
-        link.send(.fetch(FetchRequest(resource: "vm1", segment: first, offset: 0, window: 40 << 20)))
-        // Never acknowledged: the stream stops at its window.
+        link.send(.fetch(FetchRequest(resource: "vm1", segment: first, offset: 0, window: window)))
         var last: UInt64 = 0
         var quiet = 0
         for _ in 0..<200 where quiet < 10 {
@@ -222,11 +190,10 @@ final class Acks: LogCompletionTarget {
             quiet = now == last ? quiet + 1 : 0
             last = now
         }
-        let sent = received.withLock { $0 }
-        #expect(sent > 36 << 20 && sent <= 40 << 20, "\(sent) bytes sent across segments of 4 MiB before the first acknowledgement")
         link.close()
         await listener.stop()
         try await group.shutdownGracefully()
+        return received.withLock { $0 }
     }
 
     /// The initial sync copies exactly what differs: random data, zero chunks, holes on either side,
