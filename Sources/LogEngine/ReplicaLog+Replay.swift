@@ -129,6 +129,8 @@ extension ReplicaLog {
                 try LogEngine.replay(record, onto: device)
             }
             try device.sync()
+            // Applied: its payloads go before the next batch is read, or replay would hold two.
+            batch.records = []
             let more = monitor.withLock { state -> [LocalSegment]? in
                 guard !state.stopping, !state.replayPaused, Self.availableLSN(state) > batch.endLSN else { return nil }
                 return state.segments
