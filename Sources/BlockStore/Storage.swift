@@ -24,9 +24,14 @@ public protocol StorageFile: AnyObject, Sendable {
     /// Makes `[offset, offset+length)` read as zeroes: deallocated (`keepAllocated` false) or
     /// allocated zeroes; falls back to writing zeroes where the device cannot do either.
     func zero(offset: UInt64, length: UInt64, keepAllocated: Bool) throws(SystemError)
+    /// Starts writing `[offset, offset+length)` back without waiting (a hint: the next `sync` has
+    /// less left to wait for). Files without a page cache ignore it.
+    func startWriteback(offset: UInt64, length: UInt64)
 }
 
 extension StorageFile {
+    public func startWriteback(offset: UInt64, length: UInt64) {}
+
     /// Writes zeroes over `[offset, offset+length)` from the shared block of zeroes: written blocks,
     /// where `zero` may leave unwritten extents. Between blocks, stops when `proceed` returns false;
     /// returns whether the whole range was written.
@@ -185,6 +190,11 @@ public final class POSIXFile: StorageFile {
 
     public func sync() throws(SystemError) {
         _ = try Syscall.retrying("fdatasync", name) { fdatasync(fd) }
+    }
+
+    public func startWriteback(offset: UInt64, length: UInt64) {
+        // A hint: a failure here shows at the next sync, which is the durability point.
+        _ = clinux_start_writeback(fd, offset, length)
     }
 
     public func truncate(to size: UInt64) throws(SystemError) {

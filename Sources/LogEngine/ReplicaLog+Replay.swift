@@ -127,6 +127,8 @@ extension ReplicaLog {
         while true {
             for record in batch.records where record.type.carriesRange {
                 try LogEngine.replay(record, onto: device)
+                // The batch's device sync then waits for less: the disk works while replay reads on.
+                if record.type == .write { device.startWriteback(offset: record.offset, length: record.length) }
             }
             try device.sync()
             // Applied: its payloads go before the next batch is read, or replay would hold two.

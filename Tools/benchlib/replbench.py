@@ -308,7 +308,16 @@ def job_replay(a, alpha, beta, rnd):
     nbytes = int(a.seq_gib * GiB)
     out = {}
 
+    # Each timed phase starts with alpha's writeback done and no dirty pages: otherwise the phase
+    # after the other one's 2 GiB competed with writing them back (round 1's replay ran at a third
+    # of round 2's, in both orders of the code before and after session 13).
+    def settle():
+        for name in ("solo", "repl"):
+            wait_until(f"alpha to write {name} back", lambda: alpha.res(name)["log"]["writebackLSN"] >= lsn(alpha, name, "durableLSN"), 600)
+        os.sync()
+
     def solo():
+        settle()
         c0 = alpha.cpu()
         r = fio(alpha.uri("solo"), "write", "1m", 8, size=size, end_fsync=True)
         out["solo_mibs"] = r["mibs"]
@@ -317,6 +326,7 @@ def job_replay(a, alpha, beta, rnd):
     def backlog():
         beta.adm("pause-replay", "repl")
         replayed0 = lsn(beta, "repl", "replayedLSN")
+        settle()
         ca0, cb0 = alpha.cpu(), beta.cpu()
         t0 = time.monotonic()
         r = fio(alpha.uri("repl"), "write", "1m", 8, size=size, end_fsync=True)
@@ -331,6 +341,7 @@ def job_replay(a, alpha, beta, rnd):
         out["backlog_alpha_ms_per_gib"] = (ca1 - ca0) * 1000 / a.seq_gib
         out["fetch_beta_ms_per_gib"] = (cb1 - cb0) * 1000 / a.seq_gib
         # The backlog is local now; replay it.
+        settle()
         start_lsn = lsn(beta, "repl", "replayedLSN")
         cb2 = beta.cpu()
         t1 = time.monotonic()
@@ -671,8 +682,10 @@ def main():
         devsize = max(int(a.seq_gib * GiB), 2 * GiB)
         for name in ("repl", "solo"):
             for h in (alpha, beta) if name == "repl" else (alpha,):
+                # Allocated, as a logical volume is: a sparse file made each round's first writes
+                # allocate blocks, which the replay's device syncs wait for and the log does not.
                 with open(os.path.join(h.dir, f"{name}.img"), "wb") as f:
-                    f.truncate(devsize)
+                    os.posix_fallocate(f.fileno(), 0, devsize)
             alpha.adm("create-resource", name, os.path.join(alpha.dir, f"{name}.img"))
         join_resource(beta, "repl", os.path.join(beta.dir, "repl.img"))
         beta.adm("wait-resource", "repl", "--timeout", "120")
