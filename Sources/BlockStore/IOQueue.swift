@@ -12,9 +12,7 @@ import Glibc
 /// operation's completion has been reaped. That is what makes the type safe to hand to the kernel
 /// or to a worker thread, hence `@unchecked Sendable`.
 public enum IOOperation: @unchecked Sendable {
-    /// `offload`: run it beside the submitting thread, not inside the submit call (see `LoopIO`);
-    /// only io_uring tells the two apart, the thread engine always runs it on a worker.
-    case read(fd: Int32, buffer: UnsafeMutableRawPointer, count: Int, offset: UInt64, offload: Bool = false)
+    case read(fd: Int32, buffer: UnsafeMutableRawPointer, count: Int, offset: UInt64)
     /// `durable` asks for the data to be on stable storage when the write completes (RWF_DSYNC).
     case write(fd: Int32, buffer: UnsafeRawPointer, count: Int, offset: UInt64, durable: Bool)
     /// A gathered write from `count` iovecs (each buffer kept alive like the others).

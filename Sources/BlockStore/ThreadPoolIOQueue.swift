@@ -61,7 +61,7 @@ public final class ThreadPoolIOQueue: IOQueue, @unchecked Sendable {
     /// Runs one operation synchronously; loops over short transfers like io_uring's kernel side.
     public static func execute(_ operation: IOOperation) -> Int32 {
         switch operation {
-        case .read(let fd, let buffer, let count, let offset, _):
+        case .read(let fd, let buffer, let count, let offset):
             return transfer(count) { done in pread(fd, buffer + done, count - done, off_t(offset) + off_t(done)) }
         case .write(let fd, let buffer, let count, let offset, let durable):
             let written = transfer(count) { done in

@@ -50,8 +50,8 @@ public final class URingIOQueue: IOQueue {
 
     private func prepare(_ operation: IOOperation, tag: UInt64) -> Int32 {
         switch operation {
-        case .read(let fd, let buffer, let count, let offset, let offload):
-            return curing_prep_read(ring, fd, buffer, UInt32(count), offset, offload ? 1 : 0, tag)
+        case .read(let fd, let buffer, let count, let offset):
+            return curing_prep_read(ring, fd, buffer, UInt32(count), offset, tag)
         case .write(let fd, let buffer, let count, let offset, let durable):
             return curing_prep_write(ring, fd, buffer, UInt32(count), offset, durable ? RWF_DSYNC_FLAG : 0, tag)
         case .writev(let fd, let iovecs, let count, let offset, let durable):

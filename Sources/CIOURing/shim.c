@@ -34,11 +34,10 @@ int curing_register_eventfd(curing_t *r, int eventfd) { return io_uring_register
 
 unsigned curing_sq_space_left(curing_t *r) { return io_uring_sq_space_left(&r->ring); }
 
-int curing_prep_read(curing_t *r, int fd, void *buf, unsigned n, uint64_t off, int offload, uint64_t ud) {
+int curing_prep_read(curing_t *r, int fd, void *buf, unsigned n, uint64_t off, uint64_t ud) {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
     if (!sqe) return -EBUSY;
     io_uring_prep_read(sqe, fd, buf, n, off);
-    if (offload) sqe->flags |= IOSQE_ASYNC;
     io_uring_sqe_set_data64(sqe, ud);
     return 0;
 }

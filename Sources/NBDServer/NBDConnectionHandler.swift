@@ -663,14 +663,6 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
 
     private let inlineWriteLimit = 1 << 20
 
-    /// Buffered READs from this size run on an io_uring worker. io_uring copies cached pages inside
-    /// the submit call, on the event loop, which also copies every reply into the socket; on a
-    /// worker the page-cache copy of one READ runs beside the loop's send of another, as nbdkit's
-    /// threads do. Measured over TCP: 1 MiB READs gain throughput at less CPU per request, 256 KiB
-    /// and 64 KiB random READs lose both (the hand-off costs more than the copy it moves; see
-    /// BENCHMARKS.md, issue 18).
-    private let offloadReadsFrom = 1 << 20
-
     /// IOV_MAX on Linux: a WRITE gathered from more received buffers than this is copied into one.
     private let maxWriteVectors = 1024
 
@@ -704,8 +696,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         let offset = item.offset + UInt64(item.done)
         let fd = device.descriptor(offset: offset, length: count, address: address)
         if item.command == .read {
-            let offload = fd == device.bufferedFD && count >= offloadReadsFrom
-            io.enqueue(.read(fd: fd, buffer: address, count: count, offset: offset, offload: offload), for: self, token: token)
+            io.enqueue(.read(fd: fd, buffer: address, count: count, offset: offset), for: self, token: token)
         } else {
             io.enqueue(
                 .write(fd: fd, buffer: address, count: count, offset: offset, durable: item.flags.contains(.fua)),

@@ -163,9 +163,9 @@ struct ServerTests {
         await harness.stop()
     }
 
-    /// Large READs (run on io_uring workers) and small ones (run inside the submit call) pipelined
-    /// with a WRITE keep their replies' framing, simple and structured, over both transports, from
-    /// the page cache and from the disk. The data is random so that a wrong range shows.
+    /// Large and small READs pipelined with a WRITE keep their replies' framing, simple and
+    /// structured, over both transports, from the page cache and from the disk. The data is random
+    /// so that a wrong range shows.
     @Test(arguments: [Transport.unix, .tcp])
     func largeAndSmallReadsPipelined(transport: Transport) async throws {
         let harness = try await ServerHarness(size: 16 << 20) {

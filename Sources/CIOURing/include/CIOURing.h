@@ -20,10 +20,7 @@ int curing_register_eventfd(curing_t *ring, int eventfd);
 unsigned curing_sq_space_left(curing_t *ring);
 
 /// Each prep returns 0, or -EBUSY when the submission queue is full. `rw_flags` takes RWF_* values.
-/// `offload` (IOSQE_ASYNC): run the read on a kernel worker even when it could complete inside the
-/// submit call, as a buffered read of cached pages does.
-int curing_prep_read(curing_t *ring, int fd, void *buf, unsigned nbytes, uint64_t offset, int offload,
-                     uint64_t user_data);
+int curing_prep_read(curing_t *ring, int fd, void *buf, unsigned nbytes, uint64_t offset, uint64_t user_data);
 int curing_prep_write(curing_t *ring, int fd, const void *buf, unsigned nbytes, uint64_t offset,
                       int rw_flags, uint64_t user_data);
 /// `iov` points to `nr` struct iovec (opaque here so this header needs no <sys/uio.h>).
