@@ -57,6 +57,15 @@ func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
     (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ Int(seed)) }
 }
 
+/// `count` bytes (a multiple of 8) from `random`: unlike `pattern`, no stretch repeats another.
+func randomBytes(_ count: Int, _ random: inout SplitMix64) -> [UInt8] {
+    var bytes = [UInt8](repeating: 0, count: count)
+    bytes.withUnsafeMutableBytes { raw in
+        for index in stride(from: 0, to: count, by: 8) { raw.storeBytes(of: random.next(), toByteOffset: index, as: UInt64.self) }
+    }
+    return bytes
+}
+
 @Suite("NBD server over real sockets", .serialized)
 struct ServerTests {
     /// WRITE, FUA WRITE, FLUSH and READ round-trip on both engines and both cache modes.
@@ -153,10 +162,7 @@ struct ServerTests {
         let length = 3 << 19
         let writes: [(offset: UInt64, flags: NBDCommandFlags)] = [(1 << 20, []), (4 << 20, .fua), ((8 << 20) + 12_345, [])]
         for write in writes {
-            var data = [UInt8](repeating: 0, count: length)
-            data.withUnsafeMutableBytes { bytes in
-                for index in stride(from: 0, to: length, by: 8) { bytes.storeBytes(of: random.next(), toByteOffset: index, as: UInt64.self) }
-            }
+            let data = randomBytes(length, &random)
             #expect(try client.write(data, at: write.offset, flags: write.flags) == 0, "WRITE at \(write.offset)")
             #expect(try client.read(length, at: write.offset) == data, "READ at \(write.offset)")
         }
@@ -180,10 +186,7 @@ struct ServerTests {
         }
         let client = try connect()
         var random = SplitMix64(state: TestSeed.make("largeAndSmallReadsPipelined"))
-        var model = [UInt8](repeating: 0, count: 8 << 20)
-        model.withUnsafeMutableBytes { bytes in
-            for index in stride(from: 0, to: bytes.count, by: 8) { bytes.storeBytes(of: random.next(), toByteOffset: index, as: UInt64.self) }
-        }
+        let model = randomBytes(8 << 20, &random)
         #expect(try client.write(model, at: 0) == 0)
         // Two large READs, a small one and a WRITE, all in flight together.
         let reads: [(cookie: UInt64, range: Range<Int>)] = [(1, 12_345..<(12_345 + (1 << 20))), (2, 0..<4096), (4, (5 << 20)..<((5 << 20) + (64 << 10)))]
