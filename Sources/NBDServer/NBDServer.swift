@@ -22,6 +22,9 @@ public struct NBDServerConfiguration: Sendable {
     public var pageCacheWrites: PageCacheWritePolicy = .inline
     /// Payload bytes all connections of one event loop may hold together (see `LoopIO`).
     public var bufferBudgetPerLoop = 256 << 20
+    /// Sizes of the buffers a connection's socket is read into: a WRITE payload is gathered from
+    /// as many of them as it spans.
+    public var receiveBuffers = AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 << 10, maximum: 1 << 20)
 
     public init() {}
 }
@@ -102,9 +105,7 @@ public final class NBDServer: Sendable {
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.autoRead, value: false)
-            .childChannelOption(
-                .recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 << 10, maximum: 1 << 20)
-            )
+            .childChannelOption(.recvAllocator, value: configuration.receiveBuffers)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
         if tcp {
             bootstrap = bootstrap.childChannelOption(.tcpOption(.tcp_nodelay), value: 1)

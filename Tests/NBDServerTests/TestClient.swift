@@ -66,9 +66,9 @@ final class TestClient {
     }
 
     /// Connects over TCP and negotiates with GO.
-    static func connected(tcpPort: Int, export: String = "disk") throws -> TestClient {
+    static func connected(tcpPort: Int, export: String = "disk", structured: Bool = false) throws -> TestClient {
         let client = try TestClient(tcpPort: tcpPort)
-        try client.handshake(export: export, structured: false)
+        try client.handshake(export: export, structured: structured)
         return client
     }
 
