@@ -1,6 +1,7 @@
 import BlockStore
 import Cluster
 import LocalDevice
+import LogEngine
 import LogicalVolumes
 import Logging
 import NBDProtocol
@@ -42,8 +43,8 @@ extension ResourceManager {
             cluster.set(key, entry, by: host)
             return "resource \(name) keeps its \(current) bytes; the pending resize to \(pending) bytes is cancelled"
         case .shrink:
-            try applySize(name, wanted, host: host)
-            return "resource \(name) shrunk to \(wanted) bytes (forced): clients see the new size, the data devices keep theirs"
+            let note = try applySize(name, wanted, host: host)
+            return "resource \(name) shrunk to \(wanted) bytes (forced): clients see the new size, the data devices keep theirs" + note
         case .grow:
             let device = export.device
             var grown = ""
@@ -60,10 +61,14 @@ extension ResourceManager {
             }
             entry.wanted = wanted
             cluster.set(key, entry, by: host)
-            if let waiting = settleResize(name, host: host) {
-                return grown + "resource \(name) grows \(waiting); it grows once every member is ready ('marsadm view \(name)' shows it)"
+            switch settleResize(name, host: host) {
+            case .waiting(let why)?:
+                return grown + "resource \(name) grows \(why); it grows once every member is ready ('marsadm view \(name)' shows it)"
+            case .applied(let note)?:
+                return grown + "resource \(name) has \(wanted) bytes now" + note
+            case nil:
+                throw DaemonError("resource \(name) went down during the resize: 'marsadm up \(name)', then resize it again")
             }
-            return grown + "resource \(name) has \(wanted) bytes now" + attachedNote(name)
         }
     }
 
@@ -88,29 +93,36 @@ extension ResourceManager {
         }
     }
 
+    /// What settling a pending resize did.
+    enum ResizeProgress {
+        /// The size is raised; what became of /dev/mars/NAME.
+        case applied(String)
+        /// Not yet, and why.
+        case waiting(String)
+    }
+
     /// Raises the size when every member is ready for the wanted one; otherwise says who is not.
-    /// Returns nil when nothing is pending (any more).
+    /// nil when nothing is pending.
     @discardableResult
-    func settleResize(_ name: String, host: String) -> String? {
+    func settleResize(_ name: String, host: String) -> ResizeProgress? {
         guard let pending = pendingResize(name, host: host) else { return nil }
         switch pending.settlement {
         case .settled(let size):
             do {
-                try applySize(name, size, host: host)
-                return nil
+                return .applied(try applySize(name, size, host: host))
             } catch {
                 logger.error("resize of \(name) to \(size) bytes: \(error)")
-                return "\(error)"
+                return .waiting("to \(size) bytes, but it cannot be stored (tried again every 2 s): \(error)")
             }
         case .waiting:
-            return pending.description
+            return .waiting(pending.description)
         }
     }
 
     /// The pending resize of `name` on its primary as things stand: who is ready for it, in words
     /// for view and the command's answer.
     private func pendingResize(_ name: String, host: String) -> (settlement: ResourceSize.Settlement, description: String)? {
-        guard let config = state.withLock({ $0.resources[name]?.config }), config.role == "primary",
+        guard let resource = state.withLock({ $0.resources[name] }), resource.config.role == "primary", let engine = resource.engine,
             let device = exports.exports.first(where: { $0.descriptor.name == name })?.device,
             let wanted = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name))?.wanted
         else { return nil }
@@ -121,10 +133,15 @@ extension ResourceManager {
             guard cluster.value(String.self, ClusterService.needsSyncKey(name, member)) == nil else { continue }
             ready[member] = entry.readySize ?? 0
         }
-        let settlement = ResourceSize.settle(current: config.size, wanted: wanted, ready: ready)
+        // A member that has just joined holds the log from its sync's start on, before its state
+        // reaches this host by gossip: it counts too.
+        for holder in engine.retentionHolds.keys where ready[holder] == nil {
+            ready[holder] = 0
+        }
+        let settlement = ResourceSize.settle(current: resource.config.size, wanted: wanted, ready: ready)
         guard case .waiting(let hosts) = settlement else { return (settlement, "to \(wanted) bytes: every member is ready") }
         let waiting = hosts.map { member -> String in
-            guard let entry = members[member] else { return "\(member) (its data device has \(ready[member] ?? 0) bytes)" }
+            guard let entry = members[member] else { return "\(member) (no state of it has arrived yet)" }
             let readiness = entry.readySize.map { "ready to \($0) bytes" } ?? "not ready"
             return "\(member) (\(readiness)\(entry.resizeProblem.map { ": \($0)" } ?? ""))"
         }
@@ -133,12 +150,20 @@ extension ResourceManager {
 
     /// The primary serves `size` from now on: resource.json first (a restart serves what it
     /// says), then the export, the cluster (members replay within it) and /dev/mars/NAME.
-    private func applySize(_ name: String, _ size: UInt64, host: String) throws {
+    /// Returns what became of /dev/mars/NAME, for the operator.
+    private func applySize(_ name: String, _ size: UInt64, host: String) throws -> String {
         try updateConfig(name) { $0.size = size }
         exports.exports.first { $0.descriptor.name == name }?.resize(to: size)
         cluster.set(ClusterService.resourceKey(name), ResourceEntry(size: size, primary: host), by: host)
         logger.notice("resource \(name) has \(size) bytes now")
-        try resizeAttachedDevice(name)
+        guard let index = state.withLock({ $0.resources[name]?.config.attachedDevice }) else { return "" }
+        do {
+            try resizeAttachedDevice(name)
+            return "; \(links.path(of: name)) (/dev/nbd\(index)) too (resize2fs grows a filesystem on it online)"
+        } catch {
+            logger.error("resource \(name): \(error)")
+            return "; but \(error)"
+        }
     }
 
     /// Tells the kernel the size of the resource's /dev/nbdN, when it is attached.
@@ -149,11 +174,6 @@ extension ResourceManager {
         } catch {
             throw DaemonError("\(links.path(of: name)) (/dev/nbd\(index)) keeps its old size: \(error); 'marsadm detach' and 'attach' give it the new one")
         }
-    }
-
-    private func attachedNote(_ name: String) -> String {
-        guard let index = state.withLock({ $0.resources[name]?.config.attachedDevice }) else { return "" }
-        return "; \(links.path(of: name)) (/dev/nbd\(index)) too (resize2fs grows a filesystem on it online)"
     }
 
     /// A secondary's step: follow the size the primary set, and for a wanted size grow the data

@@ -38,9 +38,11 @@ final class DaemonHarness {
         return path
     }
 
-    func start() async throws {
+    /// `peer`: where it listens for other marsd (none: a host on its own).
+    func start(peer: String? = nil) async throws {
         var configuration = ServeConfiguration()
         configuration.resources.root = root
+        configuration.resources.peerAddress = peer
         configuration.resources.segmentSize = 1 << 20
         configuration.resources.spaceLimit = 128 << 20
         configuration.controlSocketPath = control
@@ -54,6 +56,15 @@ final class DaemonHarness {
         running = Task { try await group.run() }
         for _ in 0..<200 where access(control, F_OK) != 0 { try await Task.sleep(for: .milliseconds(25)) }
         try #require(access(control, F_OK) == 0, "marsd did not start")
+    }
+
+    /// Starts marsd in a new cluster with resource vm1 on an image of `size` bytes; returns the image's path.
+    func startWithResource(size: Int) async throws -> String {
+        let path = image("vm1.img", size: size)
+        try await start()
+        #expect(try send(ControlRequest(command: .createCluster, host: "alpha")).error == nil)
+        #expect(try send(ControlRequest(command: .createResource, name: "vm1", device: path)).error == nil)
+        return path
     }
 
     func stop() async throws {
@@ -129,10 +140,7 @@ struct DaemonTests {
     @Test func resizeOnline() async throws {
         let harness = DaemonHarness()
         defer { harness.remove() }
-        let image = harness.image("vm1.img", size: 8 << 20)
-        try await harness.start()
-        #expect(try harness.send(ControlRequest(command: .createCluster, host: "alpha")).error == nil)
-        #expect(try harness.send(ControlRequest(command: .createResource, name: "vm1", device: image)).error == nil)
+        let image = try await harness.startWithResource(size: 8 << 20)
         let before = try TestClient.connected(harness.nbd, export: "vm1")
 
         let unknown = try harness.send(ControlRequest(command: .resize, name: "nope", size: 16 << 20))
@@ -174,10 +182,7 @@ struct DaemonTests {
     @Test func aWriteLargerThanALogRecord() async throws {
         let harness = DaemonHarness()
         defer { harness.remove() }
-        let image = harness.image("vm1.img", size: 96 << 20)
-        try await harness.start()
-        #expect(try harness.send(ControlRequest(command: .createCluster, host: "alpha")).error == nil)
-        #expect(try harness.send(ControlRequest(command: .createResource, name: "vm1", device: image)).error == nil)
+        let image = try await harness.startWithResource(size: 96 << 20)
         let client = try TestClient.connected(harness.nbd, export: "vm1")
         let data = pattern(Int(NBDLimits.advertisedMaxPayload) + (8 << 20) + 512, seed: 6)
         let offset: UInt64 = (1 << 20) + 512

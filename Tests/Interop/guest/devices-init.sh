@@ -253,9 +253,14 @@ scenario_resize() {
     expect_refusal resize/does-not-fit "free space" adm q resize r2 100G
     check resize/refusals-change-nothing nothing_resized
 
+    # Old data where the primary's LV will grow (the extents a removed LV leaves behind), zeroes
+    # where the secondary's will: only the tail copy makes the two devices equal.
+    check resize/old-data-in-free-extents sh -c 'lvcreate -q -y -n junk -L 128m vga >/dev/null &&
+        head -c 134217728 /dev/urandom >/dev/vga/junk && sync && lvremove -q -y vga/junk >/dev/null'
     check resize/grow adm q resize r2 128M || marsd_log q
-    check resize/primary-size wait_size q r2 134217728 || { marsd_log q; marsd_log t; return; }
     check resize/primary-lv-grown lv_size_is /dev/vga/r2 134217728
+    check resize/primary-tail-holds-old-data sh -c '! cmp -s -n 67108864 /dev/vga/r2 /dev/zero 67108864 0'
+    check resize/primary-size wait_size q r2 134217728 || { marsd_log q; marsd_log t; return; }
     check resize/secondary-lv-grown lv_size_is /dev/vgb/r2 134217728
     check resize/secondary-size wait_size t r2 134217728
     check resize/kernel-device-grown sh -c '[ "$(blockdev --getsize64 /dev/mars/r2)" = 134217728 ]'
