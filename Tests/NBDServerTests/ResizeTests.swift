@@ -10,7 +10,7 @@ import Glibc
 #endif
 
 /// resize across two marsd in this process (peer links on loopback): the secondary cannot grow a
-/// plain file itself and says so, the primary waits for it; once its device has room it copies
+/// plain file itself and says so, the primary waits for it (across restarts of both); once its device has room it copies
 /// the new tail (old bytes on the primary's side, zeroes on its own: only the copy makes them
 /// equal), the primary raises the size, and writes beyond the old end reach the secondary.
 /// In DaemonTests' serialized suite: `send` blocks a thread of the concurrency pool while the
@@ -46,7 +46,7 @@ extension DaemonTests {
         #expect(try secondary.send(ControlRequest(command: .joinCluster, host: "beta", token: token, peer: "127.0.0.1:\(port)")).error == nil)
         let primaryImage = primary.image("vm1.img", size: Int(Self.oldSize))
         #expect(try primary.send(ControlRequest(command: .createResource, name: "vm1", device: primaryImage)).error == nil)
-        let client = try TestClient.connected(primary.nbd, export: "vm1")
+        var client = try TestClient.connected(primary.nbd, export: "vm1")
         let head = pattern(65536, seed: 3)
         #expect(try client.write(head, at: 1 << 20, flags: .fua) == 0)
 
@@ -69,6 +69,14 @@ extension DaemonTests {
         #expect(named, "\((try? vm1(primary))??.resize ?? "no resize shown")")
         #expect(try vm1(primary)?.size == Self.oldSize)
         #expect(try client.write([1], at: Self.oldSize) == UInt32(NBDError.noSpace.rawValue), "nobody writes the tail before it is copied")
+
+        // Both restart while it is pending, the secondary first: it goes on from what they stored.
+        try await secondary.stop()
+        try await primary.stop()
+        try await secondary.start(peer: "127.0.0.1:\(port + 1)")
+        try await primary.start(peer: "127.0.0.1:\(port)")
+        client = try TestClient.connected(primary.nbd, export: "vm1")
+        #expect(try vm1(primary)?.resize?.contains("to 16777216 bytes, waiting for beta") == true)
 
         #expect(truncate(secondaryImage, off_t(Self.newSize)) == 0)
         let raised = try await eventually(30) { try vm1(primary)?.size == Self.newSize }
