@@ -70,6 +70,12 @@ extension DaemonTests {
         #expect(try vm1(primary)?.size == Self.oldSize)
         #expect(try client.write([1], at: Self.oldSize) == UInt32(NBDError.noSpace.rawValue), "nobody writes the tail before it is copied")
 
+        // Resizing to the current size cancels it; asking again brings it back.
+        let cancelled = try primary.send(ControlRequest(command: .resize, name: "vm1", size: Self.oldSize))
+        #expect(cancelled.message?.contains("the pending resize to 16777216 bytes is cancelled") == true, "\(cancelled)")
+        #expect(try vm1(primary)?.resize == nil)
+        #expect(try primary.send(ControlRequest(command: .resize, name: "vm1", size: Self.newSize)).error == nil)
+
         // Both restart while it is pending, the secondary first: it goes on from what they stored.
         try await secondary.stop()
         try await primary.stop()
