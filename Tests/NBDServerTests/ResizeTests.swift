@@ -84,6 +84,20 @@ extension DaemonTests {
         client = try TestClient.connected(primary.nbd, export: "vm1")
         #expect(try vm1(primary)?.resize?.contains("to 16777216 bytes, waiting for beta") == true)
 
+        // A host that joins now is refused (its sync would not know the tail), and nothing is left of it.
+        let third = DaemonHarness()
+        defer { third.remove() }
+        try await third.start(peer: "127.0.0.1:\(port + 2)")
+        #expect(try third.send(ControlRequest(command: .joinCluster, host: "gamma", token: token, peer: "127.0.0.1:\(port)")).error == nil)
+        let thirdImage = third.image("vm1.img", size: Int(Self.oldSize))
+        let refused = try await eventually(20) {
+            try third.send(ControlRequest(command: .joinResource, name: "vm1", device: thirdImage)).error?.contains(
+                "resource vm1 is being resized to 16777216 bytes: join it once that is done") == true
+        }
+        #expect(refused)
+        #expect(try third.send(ControlRequest(command: .view)).status?.resources.isEmpty == true)
+        try await third.stop()
+
         #expect(truncate(secondaryImage, off_t(Self.newSize)) == 0)
         let raised = try await eventually(30) { try vm1(primary)?.size == Self.newSize }
         #expect(raised, "\((try? vm1(primary))??.resize ?? "no resize shown")")
