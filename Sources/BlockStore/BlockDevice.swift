@@ -1,4 +1,5 @@
 import CLinux
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -43,7 +44,10 @@ public final class BlockDevice: Sendable {
     public let path: String
     public let kind: Kind
     public let identity: DeviceIdentity
-    public let size: UInt64
+    /// The device's capacity as last read: at open, and again by `refreshSize` after it grew (an
+    /// LV extended while open). Everything that bounds I/O by the device reads it here.
+    public var size: UInt64 { capacity.load(ordering: .relaxed) }
+    private let capacity: Atomic<UInt64>
     public let readOnly: Bool
     public let cacheMode: CacheMode
     /// Used for buffered I/O, fallocate, lseek and fdatasync.
@@ -109,13 +113,22 @@ public final class BlockDevice: Sendable {
             }
         }
         self.path = path
-        self.size = size
+        self.capacity = Atomic(size)
         self.readOnly = readOnly
         self.cacheMode = cacheMode
         self.bufferedFD = fd
         self.directFD = directFD
         self.directMemoryAlignment = memoryAlignment
         self.directOffsetAlignment = offsetAlignment
+    }
+
+    /// Reads the capacity again (a block device's size as the kernel has it now, a file's length)
+    /// and returns it.
+    @discardableResult
+    public func refreshSize() throws(SystemError) -> UInt64 {
+        let end = try Syscall.retrying("lseek", path) { lseek(bufferedFD, 0, SEEK_END) }
+        capacity.store(UInt64(end), ordering: .relaxed)
+        return UInt64(end)
     }
 
     deinit {

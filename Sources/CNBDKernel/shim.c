@@ -155,6 +155,16 @@ int cnbd_reconfigure(int32_t index, const int *sockets, int count) {
     return transact(&request, NULL);
 }
 
+int cnbd_resize(int32_t index, uint64_t size) {
+    uint16_t family;
+    int result = nbd_family(&family);
+    if (result < 0) return result;
+    struct message request;
+    start(&request, family, NBD_CMD_RECONFIGURE);
+    if (put_u32(&request, NBD_ATTR_INDEX, (uint32_t)index) < 0 || put_u64(&request, NBD_ATTR_SIZE_BYTES, size) < 0) return -EMSGSIZE;
+    return transact(&request, NULL);
+}
+
 int cnbd_disconnect(int32_t index) {
     uint16_t family;
     int result = nbd_family(&family);

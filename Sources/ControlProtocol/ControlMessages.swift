@@ -40,6 +40,8 @@ public struct ControlRequest: Codable, Sendable, Equatable {
         case attach
         /// Disconnects /dev/mars/NAME (refused while it is in use, unless `force`).
         case detach
+        /// Gives resource `name` `size` bytes (on its primary; growing, or shrinking with `force`).
+        case resize
     }
 
     public var command: Command
@@ -49,11 +51,11 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var token: String?
     public var peer: String?
     public var timeout: Double?
-    /// detach, down: go on although the resource's local device is in use.
+    /// detach, down: go on although the resource's local device is in use. resize: shrink.
     public var force: Bool?
     /// create-resource, join-resource: make the data device as a logical volume NAME in this volume group.
     public var volumeGroup: String?
-    /// create-resource with `volumeGroup`: the logical volume's size in bytes.
+    /// create-resource with `volumeGroup`: the logical volume's size in bytes. resize: the new size.
     public var size: UInt64?
     /// leave-resource: remove the logical volume made by --lvm too.
     public var removeVolume: Bool?
@@ -218,12 +220,15 @@ public struct ResourceStatus: Codable, Sendable, Equatable {
     public var replication: ReplicationStatus?
     /// The local block device serving the resource (marsadm attach): "/dev/mars/NAME -> /dev/nbdN".
     public var attached: String?
+    /// A resize not settled yet: the size it wants and what it waits for.
+    public var resize: String?
 
     public init(
         name: String, device: String, size: UInt64, role: String, wanted: String, state: String, error: String? = nil, log: LogStatus? = nil,
-        replication: ReplicationStatus? = nil, attached: String? = nil
+        replication: ReplicationStatus? = nil, attached: String? = nil, resize: String? = nil
     ) {
         self.attached = attached
+        self.resize = resize
         self.replication = replication
         self.name = name
         self.device = device

@@ -19,8 +19,11 @@ struct HostEntry: Codable, Equatable {
 
 /// A resource as the cluster knows it (`resource/<name>`, written by its designated primary).
 struct ResourceEntry: Codable, Equatable {
+    /// The logical size: what the primary serves and every member replays within (ResourceSize).
     var size: UInt64
     var primary: String
+    /// The size a resize asks for, until the primary settles it (nil: no resize pending).
+    var wanted: UInt64? = nil
 }
 
 /// A member's state of a resource (`resource/<name>/member/<host>`, owned by that host): what view
@@ -34,6 +37,11 @@ struct MemberEntry: Codable, Equatable {
     var replayedLSN: UInt64
     /// Wall-clock ms of this state.
     var updated: UInt64
+    /// How far this member's data device has the capacity and the primary's content, during a
+    /// resize (ResourceSize.ready); nil when no resize is pending.
+    var readySize: UInt64? = nil
+    /// Why this member cannot get ready for a pending resize (lvextend refused, say).
+    var resizeProblem: String? = nil
 
     func sameState(as other: MemberEntry) -> Bool {
         var other = other

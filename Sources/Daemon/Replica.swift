@@ -50,7 +50,20 @@ final class Replica: Sendable {
 
     func setSync(_ client: SyncClient?) { sync.withLock { $0 = client } }
 
-    func setSyncTask(_ task: Task<Void, Never>?) { syncTask.withLock { $0 = task } }
+    /// Runs `body` as this replica's sync task (the initial sync, or a resize's tail copy) unless
+    /// one runs already: one copy onto the device at a time.
+    func startSyncTask(_ body: @escaping @Sendable () async -> Void) {
+        syncTask.withLock { task in
+            guard task == nil else { return }
+            task = Task { [self] in
+                await body()
+                // Done (or cancelled): the next copy may start. stopSync took it out already when it cancelled it.
+                if !Task.isCancelled { syncTask.withLock { $0 = nil } }
+            }
+        }
+    }
+
+    var isSyncing: Bool { syncTask.withLock { $0 != nil } }
 
     /// Stops the sync where it is (its offset is persisted) and waits for it.
     func stopSync() async {

@@ -82,6 +82,12 @@ extension ResourceManager {
         } catch {
             logger.error("resource \(name): its device /dev/nbd\(index) could not be reconnected: \(error). 'marsadm detach --force \(name)' and 'marsadm attach \(name)' make a new one")
         }
+        // The kernel keeps the size it had: a resize settled while marsd was gone from it reaches it now.
+        do {
+            try resizeAttachedDevice(name)
+        } catch {
+            logger.error("resource \(name): \(error)")
+        }
     }
 
     /// Does the NBD handshake on marsd's own socket, then gives the socket to the kernel: as a

@@ -121,6 +121,12 @@ extension ResourceManager: PeerRequestHandler {
             )
         }
         guard entry.primary != identity.host else { throw DaemonError("this host is the primary of '\(name)'") }
+        if let wanted = entry.wanted {
+            throw DaemonError(
+                "resource \(name) is being resized to \(wanted) bytes: join it once that is done ('marsadm view \(name)' on \(entry.primary) "
+                    + "shows what it waits for; 'marsadm resize \(name) \(entry.size)' there cancels it)"
+            )
+        }
         let device: BlockDevice
         do {
             device = try BlockDevice(path: path, cacheMode: settings.cacheMode)
@@ -187,7 +193,7 @@ extension ResourceManager: PeerRequestHandler {
                     throw DaemonError("the data device \(config.device) has \(device.size) bytes, the resource needs \(config.size)")
                 }
                 let log = try ReplicaLog.open(
-                    directory: resource.directory, device: POSIXFile(device: device), deviceSize: config.size,
+                    directory: resource.directory, device: POSIXFile(device: device), deviceSize: device.size,
                     replayPaused: sync.endLSN == nil || config.replayPaused == true, spaceLimit: spaceLimit
                 ) { [logger = self.logger] message in logger.notice("replica log of \(name): \(message)") }
                 return (device, log)
@@ -234,11 +240,17 @@ extension ResourceManager: PeerRequestHandler {
     /// Runs the initial sync until it is done, reconnecting after failures; then records where the
     /// replica becomes consistent (the primary's durable end after the copy) and lets replay run.
     func startSync(_ name: String, replica: Replica) {
-        let task = Task { [self] in
+        keepSyncing(name, replica: replica) { [self] in try await runSync(name, replica: replica) }
+    }
+
+    /// Runs `copy` as the replica's sync task until it succeeds, after a failure again and again
+    /// (0.2 s doubling to 5 s apart), until the task is cancelled.
+    func keepSyncing(_ name: String, replica: Replica, _ copy: @escaping @Sendable () async throws -> Void) {
+        replica.startSyncTask { [self] in
             var delay: Duration = .milliseconds(200)
             while !Task.isCancelled {
                 do {
-                    try await runSync(name, replica: replica)
+                    try await copy()
                     return
                 } catch {
                     if Task.isCancelled { return }
@@ -248,25 +260,14 @@ extension ResourceManager: PeerRequestHandler {
                 }
             }
         }
-        replica.setSyncTask(task)
     }
 
     private func runSync(_ name: String, replica: Replica) async throws {
-        guard let config = state.withLock({ $0.resources[name]?.config }), let sync = config.sync, let credentials else { return }
-        guard let address = primaryAddress(of: name) else { throw DaemonError("no address is known for the primary of \(name)") }
-        let link = try await PeerLink.connect(to: address.address, group: peerGroup, credentials: credentials, logger: logger).get()
-        defer { link.close() }
-        let client = SyncClient(
-            resource: name, device: replica.device, size: config.size, start: sync.offset, loop: link.eventLoop,
-            pool: NIOThreadPool.singleton, logger: logger
-        ) { [weak self] offset in self?.recordSyncOffset(name, offset) }
-        replica.setSync(client)
-        try await withTaskCancellationHandler {
-            try await client.run(over: link).get()
-        } onCancel: {
-            link.close()
-        }
-        let end = try await ask(address.host, .logPosition(resource: name)) { message in
+        guard let config = state.withLock({ $0.resources[name]?.config }), let sync = config.sync else { return }
+        guard let primary = try await copyFromPrimary(name, replica: replica, from: sync.offset, to: config.size, checkpoint: { [weak self] offset in
+            self?.recordSyncOffset(name, offset)
+        }) else { return }
+        let end = try await ask(primary, .logPosition(resource: name)) { message in
             if case .syncPosition(let position) = message { return position.lsn }
             return nil
         }
@@ -275,6 +276,30 @@ extension ResourceManager: PeerRequestHandler {
         let paused = state.withLock { $0.resources[name]?.config.replayPaused == true }
         replica.log.setReplayPaused(paused)
         logger.notice("sync of \(name) done; consistent once replay reaches LSN \(end)")
+    }
+
+    /// Makes bytes `start..<end` of the replica's device equal to the primary's device (only
+    /// chunks that differ travel); `checkpoint` gets offsets every byte before which is durably
+    /// copied. Returns the primary's host name, nil when this host is in no cluster.
+    @discardableResult
+    func copyFromPrimary(
+        _ name: String, replica: Replica, from start: UInt64, to end: UInt64, checkpoint: @escaping @Sendable (UInt64) -> Void
+    ) async throws -> String? {
+        guard let credentials else { return nil }
+        guard let address = primaryAddress(of: name) else { throw DaemonError("no address is known for the primary of \(name)") }
+        let link = try await PeerLink.connect(to: address.address, group: peerGroup, credentials: credentials, logger: logger).get()
+        defer { link.close() }
+        let client = SyncClient(
+            resource: name, device: replica.device, size: end, start: start, loop: link.eventLoop, pool: NIOThreadPool.singleton,
+            logger: logger, checkpoint: checkpoint
+        )
+        replica.setSync(client)
+        try await withTaskCancellationHandler {
+            try await client.run(over: link).get()
+        } onCancel: {
+            link.close()
+        }
+        return address.host
     }
 
     private func recordSyncOffset(_ name: String, _ offset: UInt64) {
@@ -297,7 +322,7 @@ extension ResourceManager: PeerRequestHandler {
         state.withLock { $0.resources[name]?.config = config }
     }
 
-    private func primaryAddress(of name: String) -> (host: String, address: PeerAddress)? {
+    func primaryAddress(of name: String) -> (host: String, address: PeerAddress)? {
         guard let entry = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name)),
             let host = cluster.hosts()[entry.primary], let address = try? PeerAddress(parsing: host.address)
         else { return nil }
@@ -501,6 +526,7 @@ extension ResourceManager: PeerRequestHandler {
                 enforceRetention(credentials.local.host)
                 holdForOtherMembers(credentials.local.host)
                 observePrimaries()
+                await commands.run { await self.advanceResizes(credentials.local.host) }
                 announceMembership(credentials.local.host)
                 await cluster.gossipRound(group: peerGroup, credentials: credentials)
             }
@@ -581,10 +607,14 @@ extension ResourceManager: PeerRequestHandler {
         let resources = state.withLock { Array($0.resources.values) }
         for resource in resources {
             let own = ownState(of: resource)
-            let entry = MemberEntry(
+            var entry = MemberEntry(
                 role: resource.config.role, disk: own.disk, replication: own.replication, fetchedLSN: own.fetchedLSN ?? 0,
                 replayedLSN: own.replayedLSN ?? 0, updated: wallClockMilliseconds()
             )
+            if cluster.value(ResourceEntry.self, ClusterService.resourceKey(resource.config.name))?.wanted != nil {
+                entry.readySize = readySize(of: resource)
+                entry.resizeProblem = resizeProblems.withLock { $0[resource.config.name] }
+            }
             // The timestamp alone changes nothing worth a gossip: compare without it.
             let key = ClusterService.memberKey(resource.config.name, host)
             if let old = cluster.value(MemberEntry.self, key), old.sameState(as: entry) { continue }

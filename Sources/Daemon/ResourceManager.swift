@@ -84,6 +84,9 @@ final class ResourceManager: Sendable {
     /// The retention holds last stored per resource (retention.json), so unchanged holds are not
     /// written again.
     let storedHolds = Mutex<[String: [String: UInt64]]>([:])
+    /// Why this host's replica of a resource cannot get ready for a pending resize, by resource:
+    /// gossiped with its state, so the primary's view names it.
+    let resizeProblems = Mutex<[String: String]>([:])
     /// The event loops peer links run on.
     let peerGroup: any EventLoopGroup
 
@@ -247,6 +250,11 @@ final class ResourceManager: Sendable {
                     return ControlResponse(message: try await self.attach(try self.existingName(request)))
                 case .detach:
                     return ControlResponse(message: try await self.detach(try self.existingName(request), force: request.force ?? false))
+                case .resize:
+                    guard let size = request.size else { throw DaemonError("resize needs the new size") }
+                    return ControlResponse(
+                        message: try await self.resize(try self.existingName(request), to: size, force: request.force ?? false)
+                    )
                 case .down:
                     let name = try self.existingName(request)
                     // Its local device first: a mounted filesystem must not lose its disk to a down.
@@ -429,12 +437,11 @@ final class ResourceManager: Sendable {
 
     /// Opens the device, recovers the log (replaying it onto the device), and opens the export.
     ///
-    /// The size rule, enforced here and only here: a resource's size is the `size` in its
-    /// resource.json (the device's size at create-resource, until a resize, which comes with LVM
-    /// support). Recovery accepts records within it and the export advertises it, never the
-    /// device's current size: a device that grew (an LV extended) serves the same size, so clients
-    /// cannot write where the next recovery would refuse; one that shrank below it keeps the
-    /// resource down with an error that says so.
+    /// The export advertises the `size` in resource.json (the device's size at create-resource,
+    /// changed only by a resize: `ResourceSize` has the rule), never the device's current size: a
+    /// device that grew (an LV extended ahead of a resize) serves the same size. Recovery accepts
+    /// records within the device itself (a forced shrink leaves records beyond the size in the
+    /// log); a device that shrank below the size keeps the resource down with an error that says so.
     func bringUp(_ name: String) async throws {
         guard let resource = state.withLock({ $0.resources[name] }), resource.engine == nil, resource.replica == nil else { return }
         if resource.config.role == "secondary" {
@@ -466,7 +473,7 @@ final class ResourceManager: Sendable {
                 }
                 let engine = try LogEngine.open(
                     directory: resource.directory, device: POSIXFile(device: device),
-                    deviceSize: resource.config.size, configuration: settings.engineConfiguration(host: identity.host),
+                    deviceSize: device.size, configuration: settings.engineConfiguration(host: identity.host),
                     retentionHolds: holds
                 ) { message in
                     logger.notice("recovery of \(name): \(message)")
@@ -557,6 +564,7 @@ final class ResourceManager: Sendable {
         return (resources.map { resource in
             var status = Self.status(of: resource, recovering: exports.isPending(resource.config.name), links: settings.deviceLinks)
             status.replication = replicationStatus(of: resource)
+            status.resize = pendingResizeDescription(of: resource)
             return status
         } + broken).sorted { $0.name < $1.name }
     }

@@ -55,6 +55,9 @@ struct ResourceConfig: Codable, Equatable {
     /// The volume group of the data device when marsd made it as a logical volume (--lvm), so
     /// leave-resource --remove-lv may remove it.
     var volumeGroup: String?
+    /// A secondary's data device equals the primary's (up to replay) below this offset; nil: the
+    /// size. Beyond the size when a resize copied the new tail ahead of the primary raising it.
+    var syncedSize: UInt64?
 }
 
 /// The persisted state of a replica's initial sync (resumable after a restart of either side).

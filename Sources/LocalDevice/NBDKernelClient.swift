@@ -29,6 +29,13 @@ public enum NBDKernelClient {
         try Syscall.check("NBD_CMD_RECONFIGURE", "/dev/nbd\(index)", cnbd_reconfigure(index, &sockets, 1))
     }
 
+    /// Gives connected `/dev/nbd<index>` a new size while it stays connected and in use (the only
+    /// way on a device set up over netlink: the kernel refuses NBD_SET_SIZE and every other ioctl
+    /// there but DISCONNECT and CLEAR_SOCK, and it never asks the server for the size again).
+    public static func resize(index: Int32, to size: UInt64) throws(SystemError) {
+        try Syscall.check("NBD_CMD_RECONFIGURE (size)", "/dev/nbd\(index)", cnbd_resize(index, size))
+    }
+
     public static func disconnect(index: Int32) throws(SystemError) {
         try Syscall.check("NBD_CMD_DISCONNECT", "/dev/nbd\(index)", cnbd_disconnect(index))
     }

@@ -1,4 +1,5 @@
 import BlockStore
+import Synchronization
 import TransactionLog
 
 extension ReplicaLog {
@@ -54,6 +55,17 @@ extension ReplicaLog {
         }
     }
 
+    /// Whether a record ending at `end` lies within the data device: against the capacity last
+    /// seen, then against the device as it is now, since a resize grows it while replay runs.
+    /// Replay never writes beyond the device: a record past it stops replay (the resize protocol
+    /// grows every member's device before any client may write there).
+    private func fitsDevice(end: UInt64) -> Bool {
+        if end <= deviceSize.load(ordering: .relaxed) { return true }
+        guard let now = try? device.size() else { return false }
+        deviceSize.store(now, ordering: .relaxed)
+        return end <= now
+    }
+
     /// Reads the records after `position` up to the batch size (at least one record), across
     /// segments, checking each (checksum, position, epoch) as it goes.
     private func readBatch(from segments: [LocalSegment], position: UInt64, epoch: UInt64) throws -> ReplayBatch {
@@ -90,9 +102,10 @@ extension ReplicaLog {
                         throw ReplicaLogError(.fork, segment: segment.name.fileName, offset: found.offset,
                             "a record of epoch \(record.epoch) where the history is at epoch \(batch.endEpoch)")
                     }
-                    if record.type.carriesRange, record.offset + record.length > deviceSize {
+                    if record.type.carriesRange, !fitsDevice(end: record.offset + record.length) {
                         throw ReplicaLogError(.corrupt, segment: segment.name.fileName, offset: found.offset,
-                            "a record for bytes \(record.offset)..<\(record.offset + record.length) of a \(deviceSize)-byte device")
+                            "a record for bytes \(record.offset)..<\(record.offset + record.length) of a "
+                                + "\(deviceSize.load(ordering: .relaxed))-byte device")
                     }
                     batch.records.append(record)
                     batch.bytes += UInt64(record.encodedSize)

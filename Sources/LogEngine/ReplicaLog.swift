@@ -123,7 +123,8 @@ public final class ReplicaLog: ShippingSource {
 
     let directory: any StorageDirectory
     let device: any StorageFile
-    let deviceSize: UInt64
+    /// The data device's capacity as last seen: replay applies no record beyond it (see `fitsDevice`).
+    let deviceSize: Atomic<UInt64>
     let monitor: Monitor<State>
     let replayWake = Condition()
     let idle = Condition()
@@ -224,7 +225,7 @@ public final class ReplicaLog: ShippingSource {
         self.spaceLimit = spaceLimit
         self.directory = directory
         self.device = device
-        self.deviceSize = deviceSize
+        self.deviceSize = Atomic(deviceSize)
         self.monitor = Monitor(state)
         self.positionBox = PositionBox(position)
         self.appendingBox = AppendingBox(appending)

@@ -47,6 +47,18 @@ public enum LogicalVolumes {
         return device
     }
 
+    /// Grows `volume` in `group` to at least `size` bytes (whole extents), online: lvm's own
+    /// reason when it refuses (not enough free space in the group), and then nothing changed.
+    public static func extend(_ volume: String, in group: String, to size: UInt64) throws {
+        try validate(group, kind: "volume group")
+        try validate(volume, kind: "logical volume")
+        do {
+            try run("lvextend --yes --size \(size)b \(group)/\(volume)")
+        } catch {
+            throw LVMError("cannot grow logical volume \(group)/\(volume) to \(size) bytes: \(error)")
+        }
+    }
+
     /// How many opens the kernel counts on the logical volume at `device` (libdevmapper).
     public static func openCount(_ device: String) throws -> Int32 {
         var info = stat()

@@ -54,10 +54,15 @@ public struct RequestParser {
     /// WRITE payloads of at least this many bytes that are not complete yet are handed to the caller
     /// to gather (`.writeHeader`) instead of being waited for in one buffer.
     public var gatherPayloadsFrom: Int
+    /// The export's size when a request is checked: a resize may have changed it since the
+    /// handshake (default: the negotiated size).
+    public let exportSize: @Sendable () -> UInt64
 
-    public init(session: NegotiatedSession, gatherPayloadsFrom: Int = .max) {
+    public init(session: NegotiatedSession, gatherPayloadsFrom: Int = .max, exportSize: (@Sendable () -> UInt64)? = nil) {
         self.session = session
         self.gatherPayloadsFrom = gatherPayloadsFrom
+        let negotiated = session.export.size
+        self.exportSize = exportSize ?? { negotiated }
     }
 
     /// Takes one request off the front of `input` when it is complete (a WRITE with its payload).
@@ -157,11 +162,12 @@ public struct RequestParser {
             return (.invalid, "\(command): zero length")
         }
         let (end, overflow) = header.offset.addingReportingOverflow(UInt64(header.length))
-        if overflow || end > session.export.size {
+        let size = exportSize()
+        if overflow || end > size {
             let error: NBDError = (command == .write || command == .writeZeroes) ? .noSpace : .invalid
             return (
                 error,
-                "\(command): range \(header.offset)+\(header.length) is beyond the end of the export (\(session.export.size) bytes)"
+                "\(command): range \(header.offset)+\(header.length) is beyond the end of the export (\(size) bytes)"
             )
         }
         if command == .read && header.length > NBDLimits.acceptedMaxPayload {

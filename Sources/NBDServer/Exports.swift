@@ -20,12 +20,16 @@ public final class ExportStatistics: Sendable {
 /// path passes it with every request, and one reference costs one retain where a struct of them
 /// cost one per field.
 public final class ServedExport: Sendable {
-    public let descriptor: ExportDescriptor
     public let device: BlockDevice
     public let log: LogEngine?
     public let statistics: ExportStatistics
     /// Set when the export is taken away; its connections close at their next request.
     let retired: Retired
+    private let name: String
+    private let summary: String
+    private let readOnly: Bool
+    /// What clients see; a resize changes it while the export is served.
+    private let currentSize: Atomic<UInt64>
 
     final class Retired: Sendable {
         let flag = Atomic<Bool>(false)
@@ -33,20 +37,36 @@ public final class ServedExport: Sendable {
 
     public var isRetired: Bool { retired.flag.load(ordering: .relaxed) }
 
+    /// What the handshake advertises: the size as it is now, so a client that connects after a
+    /// resize learns the new size.
+    public var descriptor: ExportDescriptor {
+        ExportDescriptor(name: name, description: summary, size: size, readOnly: readOnly)
+    }
+
+    /// The export's size now. Requests are checked against it (not the size their connection
+    /// negotiated), so a connection made before a resize may use the new end too: the kernel's
+    /// NBD client of /dev/mars/NAME learns the new size without reconnecting.
+    public var size: UInt64 { currentSize.load(ordering: .relaxed) }
+
     /// `size` is what clients see (default: the device's size). A resource passes its recorded size:
     /// a device that grew beyond it is not the resource's to hand out (see ResourceManager.bringUp).
     public init(name: String, description: String? = nil, device: BlockDevice, size: UInt64? = nil, log: LogEngine? = nil) {
         precondition(size.map { $0 <= device.size } ?? true, "an export cannot be larger than its device")
-        self.descriptor = ExportDescriptor(
-            name: name,
-            description: description ?? "\(device.kind.rawValue) \(device.path)",
-            size: size ?? device.size,
-            readOnly: device.readOnly
-        )
+        self.name = name
+        self.summary = description ?? "\(device.kind.rawValue) \(device.path)"
+        self.readOnly = device.readOnly
+        self.currentSize = Atomic(size ?? device.size)
         self.device = device
         self.log = log
         self.statistics = ExportStatistics()
         self.retired = Retired()
+    }
+
+    /// Serves `size` bytes from now on: new connections are told it, and every connection's
+    /// requests are checked against it. The device must have that capacity already.
+    public func resize(to size: UInt64) {
+        precondition(size <= device.size, "an export cannot be larger than its device")
+        currentSize.store(size, ordering: .relaxed)
     }
 }
 

@@ -344,7 +344,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             context.write(wrapOutboundOut(bytes), promise: nil)
             needsFlush = true
             structured = session.structuredReplies
-            phase = .transmission(RequestParser(session: session, gatherPayloadsFrom: limits.gatherWritesFrom), export)
+            phase = .transmission(
+                RequestParser(session: session, gatherPayloadsFrom: limits.gatherWritesFrom) { export.size }, export
+            )
             export.statistics.activeConnections.add(1, ordering: .relaxed)
             countedExport = export
             export.statistics.totalConnections.add(1, ordering: .relaxed)

@@ -139,10 +139,13 @@ public final class PeerSession: @unchecked Sendable {
     /// sync's start over the copy. The reading and hashing run on the pool; the answer goes out
     /// in one piece, its `syncCompared` last.
     private func compare(_ request: SyncCompare) {
-        guard let log = handler.primaryLog(of: request.resource), let size = handler.size(of: request.resource) else {
+        guard let log = handler.primaryLog(of: request.resource), let device = handler.dataDevice(of: request.resource) else {
             link.send(.fetchError(FetchError(resource: request.resource, code: .notPrimary, reason: "this host is not the primary of \(request.resource)")))
             return
         }
+        // The device's capacity, not the resource's size: during a resize the members copy the new
+        // tail before the size is raised.
+        let size = device.size
         guard request.offset <= size else {
             link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "offset \(request.offset) is beyond the device's \(size) bytes")))
             return
@@ -151,7 +154,7 @@ public final class PeerSession: @unchecked Sendable {
             link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "chunk size \(request.chunkSize) is not between 1 byte and 1 MiB")))
             return
         }
-        let comparison = SyncComparison(request: request, size: size, device: handler.dataDevice(of: request.resource), allocator: link.allocator) {
+        let comparison = SyncComparison(request: request, size: size, device: device, allocator: link.allocator) {
             buffer, offset throws(SystemError) in try log.readDataDevice(into: buffer, at: offset)
         }
         let link = link

@@ -34,3 +34,33 @@ struct Detach: ParsableCommand {
         try options.perform(ControlRequest(command: .detach, name: name, force: force))
     }
 }
+
+struct Resize: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Grow a resource online (on its primary), or shrink it with --force.",
+        discussion: """
+            Growing: the primary's data device must hold SIZE bytes; a logical volume made with --lvm is \
+            grown to it (lvextend), any other device must be grown beforehand. The wanted size then goes to \
+            every member through the cluster metadata: each grows its own logical volume (--lvm) and copies \
+            the new tail from the primary, which no client can write yet. Once every member is ready, the \
+            primary raises the resource's size: clients that connect from then on see it, connected ones may \
+            use it, and /dev/mars/NAME gets it at once (netlink reconfigure), so a mounted filesystem grows \
+            online with resize2fs or xfs_growfs. No downtime, no full sync. Until then 'marsadm view NAME' on \
+            the primary shows which member it waits for and why; resizing to the current size cancels it. \
+            Shrinking is refused unless --force: then clients see the smaller size at once (shrink the \
+            filesystem first); the data devices keep their size.
+            """
+    )
+    @Argument(help: "The resource name.") var name: String
+    @Argument(help: ArgumentHelp("The new size: bytes, or with K, M, G, T (powers of 1024).", valueName: "size")) var size: String
+    @Flag(help: "Shrink the resource (whatever lies beyond the new size is cut off for its users).") var force = false
+    @OptionGroup var options: ControlOptions
+
+    func validate() throws {
+        _ = try parseSize(size, what: "SIZE")
+    }
+
+    func run() throws {
+        try options.perform(ControlRequest(command: .resize, name: name, force: force, size: try parseSize(size, what: "SIZE")))
+    }
+}

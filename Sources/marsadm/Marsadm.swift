@@ -20,7 +20,7 @@ struct Marsadm: ParsableCommand {
         subcommands: [
             CreateCluster.self, JoinCluster.self, CreateResource.self, JoinResource.self, Up.self, Down.self, View.self,
             WaitResource.self, PauseFetch.self, ResumeFetch.self, PauseReplay.self, ResumeReplay.self, PauseSync.self, ResumeSync.self,
-            Invalidate.self, LeaveResource.self, DeleteResource.self, LeaveCluster.self, Attach.self, Detach.self, LogDump.self,
+            Invalidate.self, LeaveResource.self, DeleteResource.self, LeaveCluster.self, Attach.self, Detach.self, Resize.self, LogDump.self,
             LogVerify.self,
         ]
     )
@@ -425,7 +425,7 @@ func validateDeviceChoice(device: String?, lvm: String?) throws {
 }
 
 /// "1048576", "64M", "10G", "1T" (powers of 1024; an optional "iB" or "B" after the unit).
-func parseSize(_ text: String) throws -> UInt64 {
+func parseSize(_ text: String, what: String = "--size") throws -> UInt64 {
     var digits = Substring(text)
     for suffix in ["iB", "B"] where digits.hasSuffix(suffix) && digits.count > suffix.count {
         digits = digits.dropLast(suffix.count)
@@ -438,7 +438,7 @@ func parseSize(_ text: String) throws -> UInt64 {
         digits = digits.dropLast()
     }
     guard let value = UInt64(digits), value > 0, value <= UInt64.max >> shift else {
-        throw ValidationError("--size \(text) is not a size: give bytes, or a number with K, M, G or T (for example 20G)")
+        throw ValidationError("\(what) \(text) is not a size: give bytes, or a number with K, M, G or T (for example 20G)")
     }
     return value << shift
 }

@@ -1,4 +1,5 @@
 import NIOCore
+import Synchronization
 import TestSupport
 import Testing
 
@@ -92,6 +93,22 @@ struct RequestTests {
         guard case .reject(_, _, .noSpace, _) = plain.parse(&write) else { Issue.record("expected ENOSPC"); return }
         #expect(write.readableBytes == 0)
         #expect(error(structured, request(7, offset: end, length: 1)) == .invalid)
+    }
+
+    /// A connection's requests are checked against the export's size as it is now: after a resize
+    /// the new end is usable without a new handshake, and after a forced shrink the old end is not.
+    @Test func theEndFollowsAResize() {
+        let size = Mutex(disk.size)
+        let parser = RequestParser(session: NegotiatedSession(export: disk, structuredReplies: false, allocationContextID: nil)) {
+            size.withLock { $0 }
+        }
+        #expect(error(parser, request(0, offset: disk.size, length: 512)) == .invalid)
+        size.withLock { $0 = disk.size * 2 }
+        #expect(error(parser, request(0, offset: disk.size, length: 512)) == nil)
+        var write = request(1, offset: disk.size * 2 - 4, length: 4, payload: [1, 2, 3, 4])
+        guard case .request = parser.parse(&write) else { Issue.record("expected the write beyond the old end to be accepted"); return }
+        size.withLock { $0 = disk.size / 2 }
+        #expect(error(parser, request(1, offset: disk.size / 2, length: 4, payload: [1, 2, 3, 4])) == .noSpace)
     }
 
     /// offset + length overflowing 2^64 is out of range, never wrapped.

@@ -38,9 +38,11 @@ final class DaemonHarness {
         return path
     }
 
-    func start() async throws {
+    /// `peer`: where it listens for other marsd (none: a host on its own).
+    func start(peer: String? = nil) async throws {
         var configuration = ServeConfiguration()
         configuration.resources.root = root
+        configuration.resources.peerAddress = peer
         configuration.resources.segmentSize = 1 << 20
         configuration.resources.spaceLimit = 128 << 20
         configuration.controlSocketPath = control
@@ -54,6 +56,15 @@ final class DaemonHarness {
         running = Task { try await group.run() }
         for _ in 0..<200 where access(control, F_OK) != 0 { try await Task.sleep(for: .milliseconds(25)) }
         try #require(access(control, F_OK) == 0, "marsd did not start")
+    }
+
+    /// Starts marsd in a new cluster with resource vm1 on an image of `size` bytes; returns the image's path.
+    func startWithResource(size: Int) async throws -> String {
+        let path = image("vm1.img", size: size)
+        try await start()
+        #expect(try send(ControlRequest(command: .createCluster, host: "alpha")).error == nil)
+        #expect(try send(ControlRequest(command: .createResource, name: "vm1", device: path)).error == nil)
+        return path
     }
 
     func stop() async throws {
@@ -122,16 +133,56 @@ struct DaemonTests {
         try await harness.stop()
     }
 
+    /// resize on one host: refused with the reason while the device is too small, to shrink without
+    /// --force, for an unknown resource; then the size grows online (a connection made before
+    /// may use the new end, new ones are told it), survives a restart, and a forced shrink cuts
+    /// clients off at the new end.
+    @Test func resizeOnline() async throws {
+        let harness = DaemonHarness()
+        defer { harness.remove() }
+        let image = try await harness.startWithResource(size: 8 << 20)
+        let before = try TestClient.connected(harness.nbd, export: "vm1")
+
+        let unknown = try harness.send(ControlRequest(command: .resize, name: "nope", size: 16 << 20))
+        #expect(unknown.error?.contains("there is no resource 'nope'") == true)
+        let tooSmall = try harness.send(ControlRequest(command: .resize, name: "vm1", size: 16 << 20))
+        #expect(tooSmall.error?.contains("has 8388608 bytes, less than 16777216: grow it first") == true, "\(tooSmall)")
+        let shrink = try harness.send(ControlRequest(command: .resize, name: "vm1", size: 4 << 20))
+        #expect(shrink.error?.contains("--force") == true, "\(shrink)")
+        // Nothing half-made: the size is what it was, and no resize is pending.
+        let unchanged = try harness.send(ControlRequest(command: .view)).status?.resources.first
+        #expect(unchanged?.size == 8 << 20 && unchanged?.resize == nil)
+        #expect(try before.write([1], at: 8 << 20) == UInt32(NBDError.noSpace.rawValue))
+
+        #expect(truncate(image, 16 << 20) == 0)
+        let grown = try harness.send(ControlRequest(command: .resize, name: "vm1", size: 16 << 20))
+        #expect(grown.error == nil && grown.message == "resource vm1 has 16777216 bytes now", "\(grown)")
+        #expect(grown.status?.resources.first?.size == 16 << 20 && grown.status?.exports.first?.size == 16 << 20)
+        let tail = pattern(65536, seed: 9)
+        #expect(try before.write(tail, at: 12 << 20, flags: .fua) == 0, "the connection made before the resize uses the new end")
+        #expect(try TestClient.connected(harness.nbd, export: "vm1").exportSize == 16 << 20)
+        #expect(try harness.send(ControlRequest(command: .resize, name: "vm1", size: 16 << 20)).message == "resource vm1 has 16777216 bytes already")
+
+        try await harness.stop()
+        try await harness.start()
+        let restarted = try TestClient.connected(harness.nbd, export: "vm1")
+        #expect(restarted.exportSize == 16 << 20)
+        #expect(try restarted.read(65536, at: 12 << 20) == tail)
+
+        let forced = try harness.send(ControlRequest(command: .resize, name: "vm1", force: true, size: 12 << 20))
+        #expect(forced.error == nil && forced.status?.resources.first?.size == 12 << 20, "\(forced)")
+        #expect(try restarted.write([1], at: 12 << 20) == UInt32(NBDError.noSpace.rawValue), "the forced shrink cuts connections off")
+        #expect(try TestClient.connected(harness.nbd, export: "vm1").exportSize == 12 << 20)
+        try await harness.stop()
+    }
+
     /// A WRITE larger than a log record (accepted up to 64 MiB, records hold 32 MiB) is logged as
     /// consecutive records, acknowledged once all are durable (FUA), read back through the log, and
     /// written back whole.
     @Test func aWriteLargerThanALogRecord() async throws {
         let harness = DaemonHarness()
         defer { harness.remove() }
-        let image = harness.image("vm1.img", size: 96 << 20)
-        try await harness.start()
-        #expect(try harness.send(ControlRequest(command: .createCluster, host: "alpha")).error == nil)
-        #expect(try harness.send(ControlRequest(command: .createResource, name: "vm1", device: image)).error == nil)
+        let image = try await harness.startWithResource(size: 96 << 20)
         let client = try TestClient.connected(harness.nbd, export: "vm1")
         let data = pattern(Int(NBDLimits.advertisedMaxPayload) + (8 << 20) + 512, seed: 6)
         let offset: UInt64 = (1 << 20) + 512

@@ -17,6 +17,10 @@ int cnbd_connect(const int *sockets, int count, uint64_t size, uint64_t block_si
 /// NBD_CMD_RECONFIGURE: replaces the dead sockets of /dev/nbd`index` with `sockets`.
 int cnbd_reconfigure(int32_t index, const int *sockets, int count);
 
+/// NBD_CMD_RECONFIGURE with NBD_ATTR_SIZE_BYTES: /dev/nbd`index`, connected, gets `size` bytes
+/// at once (the kernel sets the disk's capacity and tells its users, e.g. for resize2fs); its
+/// connection stays. Since Linux 5.3 ("nbd: add netlink reconfigure resize support").
+int cnbd_resize(int32_t index, uint64_t size);
 /// NBD_CMD_DISCONNECT: ends /dev/nbd`index`'s connection; the device goes back to size 0.
 int cnbd_disconnect(int32_t index);
 

@@ -144,13 +144,16 @@ scenario_attach() {
 ensure_vgb() {
     vgs vgb >/dev/null 2>&1 || { pvcreate -q /dev/vdb && vgcreate -q vgb /dev/vdb; }
 }
-two_hosts() {
+two_hosts() { # two_hosts [PRIMARY SECONDARY PORT]: marsd PRIMARY (alpha, 127.0.0.1:PORT), SECONDARY (beta, 127.0.0.2:PORT+1)
+    _p=${1:-p}
+    _s=${2:-s}
+    _port=${3:-7701}
     ip link set lo up
     ensure_vga && ensure_vgb || return 1
-    start_marsd p --peer 127.0.0.1:7701 || return 1
-    start_marsd s --peer 127.0.0.2:7702 || return 1
-    token=$(adm p create-cluster --host alpha --json | sed -n 's/.*"token" *: *"\(mars1-[^"]*\)".*/\1/p')
-    [ -n "$token" ] && adm s join-cluster --host beta --token "$token" 127.0.0.1:7701
+    start_marsd "$_p" --peer "127.0.0.1:$_port" || return 1
+    start_marsd "$_s" --peer "127.0.0.2:$((_port + 1))" || return 1
+    token=$(adm "$_p" create-cluster --host alpha --json | sed -n 's/.*"token" *: *"\(mars1-[^"]*\)".*/\1/p')
+    [ -n "$token" ] && adm "$_s" join-cluster --host beta --token "$token" "127.0.0.1:$_port"
 }
 nothing_left() { # nothing_left ROOT VG NAME: no resource directory, no logical volume
     [ ! -e "/run/mars-$1/resource-$3" ] && ! lvs "$2/$3" >/dev/null 2>&1 && [ ! -e "/dev/$2/$3" ]
@@ -209,7 +212,77 @@ scenario_lvm() {
     wait "$(marsd_pid p)" "$(marsd_pid s)" 2>/dev/null
 }
 
-SCENARIOS_KNOWN=" smoke attach lvm "
+# resource_size ID NAME: the resource's size as marsd ID's view says.
+resource_size() {
+    marsadm view "$2" --json --control "/run/marsd-$1/control.sock" | sed -n 's/^ *"size" *: *\([0-9]*\).*/\1/p' | head -n 1
+}
+# wait_size ID NAME BYTES: until the view of marsd ID says the resource has BYTES (120 s at most).
+wait_size() {
+    _i=0
+    while [ "$(resource_size "$1" "$2")" != "$3" ]; do
+        [ $_i -lt 1200 ] || { echo "size of $2 on $1: $(resource_size "$1" "$2"), not $3"; adm "$1" view "$2"; return 1; }
+        usleep 100000
+        _i=$((_i + 1))
+    done
+}
+fs_kib() { df -k "$1" | awk 'NR == 2 { print $2 }'; }
+nothing_resized() { # r2 on q: still 64 MiB everywhere, no resize pending
+    [ "$(resource_size q r2)" = 67108864 ] && lv_size_is /dev/vga/r2 67108864 && lv_size_is /dev/vgb/r2 67108864 &&
+        [ "$(blockdev --getsize64 /dev/mars/r2)" = 67108864 ] && ! adm q view r2 | grep -q "r2: resize"
+}
+
+# resize on two marsd (LVs in vga and vgb): bad input refused with nothing changed; then online
+# growth under a mounted ext4 on /dev/mars/r2: both LVs grown, the new tail copied to the
+# secondary, the kernel's device resized, resize2fs online, files written beyond the old end,
+# and the secondary's device equal to the primary's.
+scenario_resize() {
+    check resize/two-hosts two_hosts q t 7711 || { marsd_log q; marsd_log t; return; }
+    check resize/create adm q create-resource r2 --lvm vga --size 64M || { marsd_log q; return; }
+    check resize/join join_when_known t r2 --lvm vgb || { marsd_log t; return; }
+    check resize/uptodate adm t wait-resource r2 --until uptodate --timeout 120
+    check resize/attach adm q attach r2 || { marsd_log q; return; }
+    check resize/mkfs /sbin/mke2fs -t ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 /dev/mars/r2 || return
+    mkdir -p /mnt/r2
+    check resize/mount mount -t ext4 /dev/mars/r2 /mnt/r2 || return
+    check resize/write-before write_set /mnt/r2 before
+
+    expect_refusal resize/shrink-refused "shrink the filesystem first, then resize with --force" adm q resize r2 32M
+    expect_refusal resize/not-primary "this host is a secondary of r2: resize it on its primary (alpha)" adm t resize r2 128M
+    expect_refusal resize/unknown-resource "there is no resource 'nope'" adm q resize nope 128M
+    expect_refusal resize/not-a-size "SIZE 12X is not a size" adm q resize r2 12X
+    expect_refusal resize/does-not-fit "free space" adm q resize r2 100G
+    check resize/refusals-change-nothing nothing_resized
+
+    # Old data where the primary's LV will grow (the extents a removed LV leaves behind), zeroes
+    # where the secondary's will: only the tail copy makes the two devices equal.
+    check resize/old-data-in-free-extents sh -c 'lvcreate -q -y -n junk -L 128m vga >/dev/null &&
+        head -c 134217728 /dev/urandom >/dev/vga/junk && sync && lvremove -q -y vga/junk >/dev/null'
+    check resize/grow adm q resize r2 128M || marsd_log q
+    check resize/primary-lv-grown lv_size_is /dev/vga/r2 134217728
+    check resize/primary-tail-holds-old-data sh -c '! cmp -s -n 67108864 /dev/vga/r2 /dev/zero 67108864 0'
+    check resize/primary-size wait_size q r2 134217728 || { marsd_log q; marsd_log t; return; }
+    check resize/secondary-lv-grown lv_size_is /dev/vgb/r2 134217728
+    check resize/secondary-size wait_size t r2 134217728
+    check resize/kernel-device-grown sh -c '[ "$(blockdev --getsize64 /dev/mars/r2)" = 134217728 ]'
+    _before=$(fs_kib /mnt/r2)
+    check resize/resize2fs-online /sbin/resize2fs /dev/mars/r2
+    check resize/filesystem-grew test "$(fs_kib /mnt/r2)" -gt $((_before + 40000))
+    # 70 MB more than the old device held: ext4 has to use blocks beyond its old end.
+    check resize/write-beyond-the-old-end sh -c 'head -c 70000000 /dev/urandom >/mnt/r2/fill && sha256sum /mnt/r2/fill >/tmp/fill.sha256 && sync'
+    check resize/write-after write_set /mnt/r2 after
+    check resize/files-intact verify_sets /mnt/r2 before after
+    check resize/secondary-uptodate adm t wait-resource r2 --until uptodate --timeout 120
+    check resize/umount umount /mnt/r2
+    check resize/fsck /sbin/e2fsck -fn /dev/mars/r2
+    check resize/detach adm q detach r2
+    check resize/down adm q down r2
+    check resize/down-secondary adm t down r2
+    check resize/devices-equal cmp -n 134217728 /dev/vga/r2 /dev/vgb/r2
+    kill "$(marsd_pid q)" "$(marsd_pid t)"
+    wait "$(marsd_pid q)" "$(marsd_pid t)" 2>/dev/null
+}
+
+SCENARIOS_KNOWN=" smoke attach lvm resize "
 for s in $SCENARIO; do
     case "$SCENARIOS_KNOWN" in
         *" $s "*) info "time-$s" "$(now)"; "scenario_$s" ;;
