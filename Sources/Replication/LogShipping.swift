@@ -245,6 +245,12 @@ final class FetchStream {
             guard let index = snapshot.segments.firstIndex(where: { $0.name == segment }) else {
                 if let oldest = snapshot.segments.first, segment.sequence < oldest.name.sequence {
                     fail(.segmentGone, "\(segment) is no longer in this host's log (the oldest is \(oldest.name))")
+                } else if let other = snapshot.segments.first(where: { $0.name.sequence == segment.sequence }) {
+                    // Another host wrote this place of the history here: the peer's history forks
+                    // from the primary's. A secondary serving others may itself be the one that
+                    // forked: the peer then asks the primary.
+                    let reason = "\(link.remote.host) asked for \(segment), but this host's log has \(other.name) there"
+                    fail(log is LogEngine ? .forked : .segmentGone, reason)
                 } else {
                     later()
                 }

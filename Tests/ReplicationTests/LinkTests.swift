@@ -152,6 +152,35 @@ final class Acks: LogCompletionTarget {
         #expect(sent > 36 << 20 && sent <= 40 << 20, "\(sent) bytes sent across segments of 4 MiB before the first acknowledgement")
     }
 
+    /// A peer that asks the primary for a segment another host wrote at that place of the history
+    /// has forked from it: the primary says so at once (it used to wait for that segment forever).
+    @Test func aSegmentOfAnotherHistoryIsAFork() async throws {
+        let hosts = try TwoHosts()
+        defer { hosts.cleanUp() }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let logger = Logger(label: "test")
+        let listener = try await PeerListener.start(
+            on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
+        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), pool: .singleton, logger: logger) }
+        let address = PeerAddress(host: "127.0.0.1", port: try #require(listener.port))
+        let link = try await PeerLink.connect(to: address, group: group, credentials: Self.credentials("beta"), logger: logger).get()
+        let refusal = Mutex<FetchError?>(nil)
+        try await link.eventLoop.submit {
+            link.onMessage = { message in
+                if case .fetchError(let error) = message { refusal.withLock { $0 = error } }
+            }
+        }.get()
+        let ours = hosts.primary.shippingSnapshot().segments[0].name
+        let theirs = try #require(SegmentName(sequence: ours.sequence, host: "gamma"))
+        link.send(.fetch(FetchRequest(resource: "vm1", segment: theirs.fileName, offset: 64, window: 40 << 20)))
+        for _ in 0..<100 where refusal.withLock({ $0 }) == nil { try await Task.sleep(for: .milliseconds(50)) }
+        let error = try #require(refusal.withLock { $0 }, "no answer to a fetch of \(theirs)")
+        #expect(error.errorCode == .forked && error.reason.contains(ours.fileName), "\(error)")
+        link.close()
+        await listener.stop()
+        try await group.shutdownGracefully()
+    }
+
     /// What a fetch that is never acknowledged receives of a log of `megabytes` 1 MiB writes, once
     /// the stream has stopped at its window.
     private func bytesSentUnacknowledged(megabytes: Int, segmentSize: UInt64, window: UInt64) async throws -> UInt64 {
