@@ -96,19 +96,14 @@ final class Acks: LogCompletionTarget {
         var random = SplitMix64(state: seed)
         let hosts = try TwoHosts()
         defer { hosts.cleanUp() }
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let logger = Logger(label: "test")
         let handler = OneResource(log: hosts.primary)
-        let listener = try await PeerListener.start(
-            on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
-        ) { link in PeerSession.serve(link, handler: handler, pool: .singleton, logger: logger) }
-        let port = try #require(listener.port)
+        let server = try await PeerServer.start(serving: handler)
         let start = hosts.primary.beginSyncHold(for: "beta")
         let replica = try hosts.openReplica(startLSN: start.lsn, epoch: start.epoch)
         let fetcher = ReplicaFetcher(
             resource: "vm1", log: replica, firstSegment: start.segment,
-            sources: { [("alpha", PeerAddress(host: "127.0.0.1", port: port))] }, group: group, pool: NIOThreadPool.singleton,
-            credentials: { Self.credentials("beta") }, logger: logger
+            sources: { [("alpha", server.address)] }, group: server.group, pool: NIOThreadPool.singleton,
+            credentials: { Self.credentials("beta") }, logger: server.logger
         )
         fetcher.start()
         let acks = Acks()
@@ -132,8 +127,7 @@ final class Acks: LogCompletionTarget {
         let firstDifference = device.indices.first { device[$0] != expected[$0] }
         #expect(firstDifference == nil, "first difference at byte \(firstDifference ?? 0) (seed \(seed))")
         #expect(handler.fetchedBy.withLock { $0["beta"] } == durable)
-        await listener.stop()
-        try await group.shutdownGracefully()
+        try await server.stop()
     }
 
     /// A replica acknowledges whole records only, so the primary serves at least the largest
@@ -157,13 +151,8 @@ final class Acks: LogCompletionTarget {
     @Test func aSegmentOfAnotherHistoryIsAFork() async throws {
         let hosts = try TwoHosts()
         defer { hosts.cleanUp() }
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let logger = Logger(label: "test")
-        let listener = try await PeerListener.start(
-            on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
-        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), pool: .singleton, logger: logger) }
-        let address = PeerAddress(host: "127.0.0.1", port: try #require(listener.port))
-        let link = try await PeerLink.connect(to: address, group: group, credentials: Self.credentials("beta"), logger: logger).get()
+        let server = try await PeerServer.start(serving: OneResource(log: hosts.primary))
+        let link = try await server.connect(as: Self.credentials("beta"))
         let refusal = Mutex<FetchError?>(nil)
         try await link.eventLoop.submit {
             link.onMessage = { message in
@@ -177,8 +166,7 @@ final class Acks: LogCompletionTarget {
         let error = try #require(refusal.withLock { $0 }, "no answer to a fetch of \(theirs)")
         #expect(error.errorCode == .forked && error.reason.contains(ours.fileName), "\(error)")
         link.close()
-        await listener.stop()
-        try await group.shutdownGracefully()
+        try await server.stop()
     }
 
     /// What a fetch that is never acknowledged receives of a log of `megabytes` 1 MiB writes, once
@@ -196,13 +184,8 @@ final class Acks: LogCompletionTarget {
         _ = hosts.primary.flush(target: acks, token: 1000)
         let appended = hosts.primary.status.appendedLSN
         for _ in 0..<1000 where hosts.primary.status.durableLSN < appended { try await Task.sleep(for: .milliseconds(10)) }
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let logger = Logger(label: "test")
-        let listener = try await PeerListener.start(
-            on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
-        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), pool: .singleton, logger: logger) }
-        let address = PeerAddress(host: "127.0.0.1", port: try #require(listener.port))
-        let link = try await PeerLink.connect(to: address, group: group, credentials: Self.credentials("beta"), logger: logger).get()
+        let server = try await PeerServer.start(serving: OneResource(log: hosts.primary))
+        let link = try await server.connect(as: Self.credentials("beta"))
         let received = Mutex<UInt64>(0)
         try await link.eventLoop.submit {
             link.onMessage = { message in
@@ -220,8 +203,7 @@ final class Acks: LogCompletionTarget {
             last = now
         }
         link.close()
-        await listener.stop()
-        try await group.shutdownGracefully()
+        try await server.stop()
         return received.withLock { $0 }
     }
 
@@ -255,17 +237,11 @@ final class Acks: LogCompletionTarget {
             }
         }
         try primaryFile.sync()
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let logger = Logger(label: "test")
-        let handler = OneResource(log: hosts.primary, device: hosts.primaryDevice)
-        let listener = try await PeerListener.start(
-            on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
-        ) { link in PeerSession.serve(link, handler: handler, pool: .singleton, logger: logger) }
-        let address = PeerAddress(host: "127.0.0.1", port: try #require(listener.port))
-        let link = try await PeerLink.connect(to: address, group: group, credentials: Self.credentials("beta"), logger: logger).get()
+        let server = try await PeerServer.start(serving: OneResource(log: hosts.primary, device: hosts.primaryDevice))
+        let link = try await server.connect(as: Self.credentials("beta"))
         let client = SyncClient(
             resource: "vm1", device: try BlockDevice(path: hosts.path + "/replica.img"), size: TwoHosts.size, start: 0,
-            loop: link.eventLoop, pool: NIOThreadPool.singleton, logger: logger
+            loop: link.eventLoop, pool: NIOThreadPool.singleton, logger: server.logger
         ) { _ in }
         try await client.run(over: link).get()
         let status = client.status
@@ -277,46 +253,60 @@ final class Acks: LogCompletionTarget {
         let firstDifference = primary.indices.first { primary[$0] != replica[$0] }
         #expect(firstDifference == nil, "first difference at byte \(firstDifference ?? 0) (seed \(seed))")
         link.close()
-        await listener.stop()
-        try await group.shutdownGracefully()
+        try await server.stop()
     }
 
     /// Peers reach each other over IPv6 as over IPv4.
     @Test func linksWorkOverIPv6() async throws {
         let hosts = try TwoHosts()
         defer { hosts.cleanUp() }
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let logger = Logger(label: "test")
-        let listener = try await PeerListener.start(
-            on: PeerAddress(host: "::1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
-        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), pool: .singleton, logger: logger) }
-        let address = try PeerAddress(parsing: "[::1]:\(try #require(listener.port))")
+        let server = try await PeerServer.start(serving: OneResource(log: hosts.primary), on: "::1")
         var credentials = Self.credentials("beta")
         credentials.sourceHost = "::1"
-        let link = try await PeerLink.connect(to: address, group: group, credentials: credentials, logger: logger).get()
+        let link = try await server.connect(as: credentials, to: try PeerAddress(parsing: "[::1]:\(server.address.port)"))
         #expect(link.remote.host == "alpha")
         link.close()
-        await listener.stop()
-        try await group.shutdownGracefully()
+        try await server.stop()
     }
 
     /// A peer with the wrong secret never gets a fetch answered, and the listener goes on serving.
     @Test func aWrongSecretIsRefused() async throws {
         let hosts = try TwoHosts()
         defer { hosts.cleanUp() }
+        let server = try await PeerServer.start(serving: OneResource(log: hosts.primary))
+        let wrong = Self.credentials("mallory", secret: [UInt8](repeating: 8, count: 32))
+        await #expect(throws: (any Error).self) {
+            _ = try await server.connect(as: wrong)
+        }
+        let link = try await server.connect(as: Self.credentials("beta"))
+        #expect(link.remote.host == "alpha")
+        link.close()
+        try await server.stop()
+    }
+}
+
+/// A primary's log served on a peer port of its own, as marsd serves it, as "alpha".
+struct PeerServer {
+    let group: MultiThreadedEventLoopGroup
+    let listener: PeerListener
+    let address: PeerAddress
+    let logger: Logger
+
+    static func start(serving handler: OneResource, on host: String = "127.0.0.1") async throws -> PeerServer {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let logger = Logger(label: "test")
         let listener = try await PeerListener.start(
-            on: PeerAddress(host: "127.0.0.1", port: 0), group: group, credentials: { Self.credentials("alpha") }, logger: logger
-        ) { link in PeerSession.serve(link, handler: OneResource(log: hosts.primary), pool: .singleton, logger: logger) }
-        let address = PeerAddress(host: "127.0.0.1", port: try #require(listener.port))
-        let wrong = Self.credentials("mallory", secret: [UInt8](repeating: 8, count: 32))
-        await #expect(throws: (any Error).self) {
-            _ = try await PeerLink.connect(to: address, group: group, credentials: wrong, logger: logger).get()
-        }
-        let link = try await PeerLink.connect(to: address, group: group, credentials: Self.credentials("beta"), logger: logger).get()
-        #expect(link.remote.host == "alpha")
-        link.close()
+            on: PeerAddress(host: host, port: 0), group: group, credentials: { LinkTests.credentials("alpha") }, logger: logger
+        ) { link in PeerSession.serve(link, handler: handler, pool: .singleton, logger: logger) }
+        let port = try #require(listener.port)
+        return PeerServer(group: group, listener: listener, address: PeerAddress(host: host, port: port), logger: logger)
+    }
+
+    func connect(as credentials: PeerCredentials, to address: PeerAddress? = nil) async throws -> PeerLink {
+        try await PeerLink.connect(to: address ?? self.address, group: group, credentials: credentials, logger: logger).get()
+    }
+
+    func stop() async throws {
         await listener.stop()
         try await group.shutdownGracefully()
     }
