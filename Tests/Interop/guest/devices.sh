@@ -136,15 +136,7 @@ fi
 
 NPASS=0
 NFAIL=0
-report() { # report PASS|FAIL name [detail]
-    local r=$1 n=$2
-    shift 2
-    if [ "$r" = PASS ]; then
-        NPASS=$((NPASS + 1)); echo "PASS devices/$n${*:+ ($*)}"
-    else
-        NFAIL=$((NFAIL + 1)); echo "FAIL devices/$n${*:+: $*}"
-    fi
-}
+REPORT_PREFIX=devices/
 
 # Two disks for volume groups, and the per-run settings as a second cpio archive.
 truncate -s 0 "$WORK/disk-a.img" "$WORK/disk-b.img"

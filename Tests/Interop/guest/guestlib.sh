@@ -1,5 +1,5 @@
 # Host-side helpers shared by the guest drivers (run-guest-tests.sh, devices.sh): the kernel, its
-# modules and the shared libraries of guest binaries, packing an initramfs. Sourced, not run.
+# modules and the shared libraries of guest binaries, packing an initramfs, result lines. Sourced, not run.
 # Expects die() and log() from the caller.
 
 # guest_kernel [PATH]: sets KERNEL, KVER and MODDIR (default: the newest /boot/vmlinuz-*).
@@ -125,4 +125,15 @@ cached_initramfs() {
         log "using cached initramfs $out"
     fi
     echo "$out"
+}
+
+# report PASS|FAIL name [detail]: one result line (named after $REPORT_PREFIX), counted in NPASS or NFAIL.
+report() {
+    local r=$1 n=${REPORT_PREFIX:-}$2
+    shift 2
+    if [ "$r" = PASS ]; then
+        NPASS=$((NPASS + 1)); echo "PASS $n${*:+ ($*)}"
+    else
+        NFAIL=$((NFAIL + 1)); echo "FAIL $n${*:+: $*}"
+    fi
 }

@@ -211,17 +211,6 @@ NBD_URI="nbd+unix:///$(urlencode "$EXPORT")?socket=$(urlencode "$SOCK")"
 
 NPASS=0
 NFAIL=0
-report() { # report PASS|FAIL name [detail]
-    local r=$1 n=$2
-    shift 2
-    if [ "$r" = PASS ]; then
-        NPASS=$((NPASS + 1))
-        echo "PASS $n${*:+ ($*)}"
-    else
-        NFAIL=$((NFAIL + 1))
-        echo "FAIL $n${*:+: $*}"
-    fi
-}
 
 EXPORT_SIZE=$(nbdinfo --size "$NBD_URI" 2>"$WORK/nbdinfo.err") || {
     report FAIL setup/host/nbdinfo-size "$(tail -n 1 "$WORK/nbdinfo.err")"
