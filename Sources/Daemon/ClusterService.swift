@@ -17,39 +17,6 @@ struct HostEntry: Codable, Equatable {
     var hostID: String
 }
 
-/// A resource as the cluster knows it (`resource/<name>`, written by its designated primary).
-struct ResourceEntry: Codable, Equatable {
-    /// The logical size: what the primary serves and every member replays within (ResourceSize).
-    var size: UInt64
-    var primary: String
-    /// The size a resize asks for, until the primary settles it (nil: no resize pending).
-    var wanted: UInt64? = nil
-}
-
-/// A member's state of a resource (`resource/<name>/member/<host>`, owned by that host): what view
-/// shows for other hosts, and what the primary's log retention follows.
-struct MemberEntry: Codable, Equatable {
-    var role: String
-    var disk: String
-    var replication: String
-    /// Primary: the durable end of its log. Secondary: the end of its local log.
-    var fetchedLSN: UInt64
-    var replayedLSN: UInt64
-    /// Wall-clock ms of this state.
-    var updated: UInt64
-    /// How far this member's data device has the capacity and the primary's content, during a
-    /// resize (ResourceSize.ready); nil when no resize is pending.
-    var readySize: UInt64? = nil
-    /// Why this member cannot get ready for a pending resize (lvextend refused, say).
-    var resizeProblem: String? = nil
-
-    func sameState(as other: MemberEntry) -> Bool {
-        var other = other
-        other.updated = updated
-        return self == other
-    }
-}
-
 /// The cluster metadata of this host: persisted under the root, spread by gossip with every other
 /// member every couple of seconds (each key owned by one host, newer logical clock wins).
 final class ClusterService: Sendable {
@@ -69,11 +36,12 @@ final class ClusterService: Sendable {
 
     // MARK: - Keys
 
-    static func hostKey(_ host: String) -> String { "host/" + host }
-    static func resourceKey(_ resource: String) -> String { "resource/" + resource }
-    static func memberKey(_ resource: String, _ host: String) -> String { "resource/\(resource)/member/\(host)" }
+    static func hostKey(_ host: String) -> String { MetadataKeys.host(host) }
+    static func resourceKey(_ resource: String) -> String { MetadataKeys.resource(resource) }
+    static func memberKey(_ resource: String, _ host: String) -> String { MetadataKeys.member(resource, host) }
+    static func wantedPrimaryKey(_ resource: String) -> String { MetadataKeys.wantedPrimary(resource) }
     /// Set by a primary that let `host` go (retention cap): only a new sync brings it back.
-    static func needsSyncKey(_ resource: String, _ host: String) -> String { "resource/\(resource)/needs-sync/\(host)" }
+    static func needsSyncKey(_ resource: String, _ host: String) -> String { MetadataKeys.needsSync(resource, host) }
 
     /// Whether `key` was deleted (a tombstone), as opposed to never known.
     func isDeleted(_ key: String) -> Bool {
@@ -111,7 +79,7 @@ final class ClusterService: Sendable {
     }
 
     func members(of resource: String) -> [String: MemberEntry] {
-        let prefix = "resource/\(resource)/member/"
+        let prefix = MetadataKeys.memberPrefix(resource)
         var result: [String: MemberEntry] = [:]
         for entry in metadata.withLock({ $0.entries(withPrefix: prefix) }) {
             guard let value = entry.value, let member = try? JSONDecoder().decode(MemberEntry.self, from: Data(value.utf8)) else { continue }

@@ -1,4 +1,5 @@
 import BlockStore
+import Cluster
 import LogEngine
 import Logging
 import PeerProtocol

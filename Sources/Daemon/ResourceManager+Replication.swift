@@ -1,4 +1,5 @@
 import BlockStore
+import Cluster
 import ControlProtocol
 import LogEngine
 import Logging

@@ -1,3 +1,4 @@
+import Cluster
 import ControlProtocol
 import LocalDevice
 import LogicalVolumes
