@@ -126,6 +126,15 @@ final class ClusterService: Sendable {
         return (try? metadata.withLock { try $0.encoded() }) ?? []
     }
 
+    private let roleKeysChanged = Mutex<(@Sendable (_ resources: [String]) -> Void)?>(nil)
+
+    /// Called after a merge changed a key the role machines act on (`MetadataKeys.resourceWithChangedRole`),
+    /// with the resources concerned (sorted), so the daemon re-evaluates them at once.
+    var onRoleKeysChanged: (@Sendable (_ resources: [String]) -> Void)? {
+        get { roleKeysChanged.withLock { $0 } }
+        set { roleKeysChanged.withLock { $0 = newValue } }
+    }
+
     private func merge(_ bytes: [UInt8], from peer: String) {
         let incoming: [MetadataEntry]
         do {
@@ -134,11 +143,24 @@ final class ClusterService: Sendable {
             logger.warning("gossip from \(peer) is unreadable: \(error)")
             return
         }
-        let result = metadata.withLock { $0.merge(incoming, now: wallClockMilliseconds()) }
+        let (result, resources) = metadata.withLock { metadata in
+            // The values before the merge, of the entries that may replace them (in a steady
+            // state almost none: a peer sends back what we have).
+            var before: [String: String?] = [:]
+            for entry in incoming where metadata.entries[entry.key]?.clock != entry.clock && before[entry.key] == nil {
+                before[entry.key] = .some(metadata.value(entry.key))
+            }
+            let result = metadata.merge(incoming, now: wallClockMilliseconds())
+            let resources = Set(result.changed.compactMap { entry in
+                MetadataKeys.resourceWithChangedRole(key: entry.key, old: before[entry.key] ?? nil, new: entry.value)
+            })
+            return (result, resources.sorted())
+        }
         if !result.rejected.isEmpty {
             logger.warning("gossip from \(peer): ignored \(result.rejected.count) entries dated more than 30 days ahead (check the clocks)")
         }
         if !result.changed.isEmpty { persist() }
+        if !resources.isEmpty { onRoleKeysChanged?(resources) }
     }
 
     /// One exchange with the peer at `address`: our metadata there, theirs back.
@@ -164,9 +186,17 @@ final class ClusterService: Sendable {
     /// Gossips with every other known host, each once, all at the same time: a host out of reach
     /// (a connect timeout) does not hold up the exchanges with the others.
     func gossipRound(group: any EventLoopGroup, credentials: PeerCredentials) async {
+        await push(to: Array(hosts().keys), group: group, credentials: credentials)
+    }
+
+    /// Gossips with `peers` now instead of at the next round (after a role key was written, so a
+    /// handover step costs one exchange, docs/handover.md §1.4); unknown hosts and this host are
+    /// skipped, the exchanges run at the same time and return when all ended.
+    func push(to peers: [String], group: any EventLoopGroup, credentials: PeerCredentials) async {
+        let known = hosts()
         await withTaskGroup(of: Void.self) { tasks in
-            for (host, entry) in hosts() where host != credentials.local.host {
-                guard let address = try? PeerAddress(parsing: entry.address) else { continue }
+            for host in Set(peers) where host != credentials.local.host {
+                guard let entry = known[host], let address = try? PeerAddress(parsing: entry.address) else { continue }
                 tasks.addTask {
                     do {
                         try await self.exchange(with: address, group: group, credentials: credentials)
