@@ -66,6 +66,11 @@ extension ResourceManager: PeerRequestHandler {
         if cluster.value(String.self, key) != nil { cluster.set(key, String?.none, by: host) }
     }
 
+    /// Fencing on it comes with forced failover (docs/handover.md §4.2, step 9); until then it is logged.
+    func staleSourceSeen(_ resource: String, epoch: UInt64, by peer: PeerIdentity) {
+        logger.warning("\(peer.host) fetches \(resource) at epoch \(epoch), newer than this host's history")
+    }
+
     /// The primary's own record of its members' holds (`ROOT/resource-NAME/retention.json`):
     /// stored when a sync begins and with each gossip round when they changed, so a restart
     /// keeps what a member that just joined (and nobody gossiped about yet) needs.
@@ -211,7 +216,7 @@ extension ResourceManager: PeerRequestHandler {
                         $0.key != entry.primary && $0.key != identity?.host && $0.value.role == "secondary" && $0.value.fetchedLSN > own
                     }.sorted { $0.value.fetchedLSN > $1.value.fetchedLSN }.map(\.key)
                     return ([entry.primary] + others).compactMap { host in
-                        hosts[host].flatMap { try? PeerAddress(parsing: $0.address) }.map { (host, $0) }
+                        hosts[host].flatMap { try? PeerAddress(parsing: $0.address) }.map { FetchSource(host: host, address: $0) }
                     }
                 },
                 group: peerGroup, pool: NIOThreadPool.singleton, credentials: { [weak self] in self?.credentials }, logger: logger

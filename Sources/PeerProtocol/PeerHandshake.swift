@@ -106,7 +106,7 @@ public struct PeerHandshake: Sendable {
 
     private mutating func receiveHello(_ hello: PeerHello) -> HandshakeAction {
         guard hello.version == PeerWire.version else {
-            return refuse("protocol version \(hello.version) is not supported (this host speaks \(PeerWire.version))")
+            return refuse(versionMismatch(peer: hello.host, peerVersion: hello.version))
         }
         guard hello.cluster == cluster else { return refuse("wrong cluster \(hello.cluster)") }
         guard hello.nonce.count == PeerWire.nonceBytes else {
@@ -129,7 +129,7 @@ public struct PeerHandshake: Sendable {
 
     private mutating func receiveChallenge(_ challenge: PeerChallenge) -> HandshakeAction {
         guard challenge.version == PeerWire.version else {
-            return refuse("protocol version \(challenge.version) is not supported (this host speaks \(PeerWire.version))")
+            return refuse(versionMismatch(peer: challenge.host, peerVersion: challenge.version))
         }
         guard challenge.nonce.count == PeerWire.nonceBytes else {
             return refuse("the nonce is \(challenge.nonce.count) bytes, not \(PeerWire.nonceBytes)")
@@ -143,6 +143,14 @@ public struct PeerHandshake: Sendable {
         }
         state = .awaitingWelcome(server: server)
         return .send(.authenticate(proof: transcript.proof(label: .client, secret: secret)))
+    }
+
+    /// Hosts of different versions never talk (no mixed cluster to reason about): the refusal,
+    /// read on either side, names both versions and the host to upgrade.
+    private func versionMismatch(peer: String, peerVersion: UInt16) -> String {
+        let older = peerVersion < PeerWire.version ? peer : local.host
+        return "\(local.host) speaks peer protocol version \(PeerWire.version), \(peer) version \(peerVersion): "
+            + "all hosts of a cluster must run the same version; upgrade marsd on \(older)"
     }
 
     private mutating func refuse(_ reason: String) -> HandshakeAction {

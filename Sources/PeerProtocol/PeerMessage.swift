@@ -43,12 +43,16 @@ public struct FetchRequest: Sendable, Equatable {
     public var segment: String
     public var offset: UInt64
     public var window: UInt64
+    /// The asker's history epoch at its end: a source whose own history is at an older epoch
+    /// answers `staleSource` (a primary learns from it that it was deposed).
+    public var epoch: UInt64
 
-    public init(resource: String, segment: String, offset: UInt64, window: UInt64) {
+    public init(resource: String, segment: String, offset: UInt64, window: UInt64, epoch: UInt64) {
         self.resource = resource
         self.segment = segment
         self.offset = offset
         self.window = window
+        self.epoch = epoch
     }
 }
 
@@ -106,6 +110,9 @@ public enum FetchErrorCode: UInt16, Sendable {
     case notPrimary = 3
     case forked = 4
     case internalError = 5
+    /// This host's history is at an older epoch than the asker's: it is no source for it (a
+    /// primary that answers this has been deposed).
+    case staleSource = 6
 }
 
 /// A fetch or sync that the sender cannot serve.
@@ -350,6 +357,7 @@ extension PeerMessage {
             w.writeField(m.segment)
             w.writeField(m.offset)
             w.writeField(m.window)
+            w.writeField(m.epoch)
         case .segmentData(let m):
             w.writeField(m.resource)
             w.writeField(m.segment)
@@ -446,7 +454,8 @@ extension PeerMessage {
                     resource: try r.string("resource"),
                     segment: try r.string("segment"),
                     offset: try r.integer(UInt64.self, "offset"),
-                    window: try r.integer(UInt64.self, "window")
+                    window: try r.integer(UInt64.self, "window"),
+                    epoch: try r.integer(UInt64.self, "epoch")
                 )
             )
         case 8:

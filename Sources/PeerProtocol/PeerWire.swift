@@ -3,8 +3,10 @@ import NIOCore
 /// Constants of the peer protocol: the TCP protocol hosts of a cluster speak to each other
 /// (handshake, gossip, log shipping, sync). Format: `docs/peer-protocol.md`.
 public enum PeerWire {
-    /// The protocol version a host sends in its hello and challenge.
-    public static let version: UInt16 = 1
+    /// The protocol version a host sends in its hello and challenge. Hosts of other versions are
+    /// refused: every host of a cluster runs the same one (2: `fetch` carries the asker's epoch,
+    /// `fetchError` has `staleSource`).
+    public static let version: UInt16 = 2
     public static let defaultPort = 7777
     /// The largest frame body (type byte and fields) either side sends or accepts.
     public static let maxFrameBody = 4 << 20

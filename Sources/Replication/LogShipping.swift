@@ -24,6 +24,10 @@ public protocol PeerRequestHandler: Sendable {
     /// `peer` starts an initial sync of `resource` (a join, or a repair after NeedsSync); its
     /// retention hold is set: persist it.
     func syncStarting(_ resource: String, by peer: PeerIdentity)
+    /// `peer` asked for `resource`'s log with a history at `epoch`, newer than this host's, and was
+    /// answered `staleSource`. A primary learns from it that it was deposed (and fences itself,
+    /// docs/handover.md §4.2).
+    func staleSourceSeen(_ resource: String, epoch: UInt64, by peer: PeerIdentity)
 }
 
 /// Serves one authenticated peer link: gossip, log fetches and initial sync requests.
@@ -126,6 +130,15 @@ public final class PeerSession: @unchecked Sendable {
         }
         guard let segment = SegmentName(fileName: request.segment) else {
             link.send(.fetchError(FetchError(resource: request.resource, code: .internalError, reason: "'\(request.segment)' is no segment name")))
+            return
+        }
+        let ownEpoch = log.shippingSnapshot().epoch
+        guard request.epoch <= ownEpoch else {
+            let reason = "this host's history of \(request.resource) is at epoch \(ownEpoch), \(link.remote.host)'s at epoch \(request.epoch): "
+                + "a newer epoch's history is not served from here"
+            logger.notice("fetch of \(request.resource) by \(link.remote.host): \(reason)")
+            link.send(.fetchError(FetchError(resource: request.resource, code: .staleSource, reason: reason)))
+            handler.staleSourceSeen(request.resource, epoch: request.epoch, by: link.remote)
             return
         }
         let window = min(max(request.window, FetchStream.minimumWindow), 256 << 20)
@@ -243,14 +256,8 @@ final class FetchStream {
         while true {
             let snapshot = log.shippingSnapshot()
             guard let index = snapshot.segments.firstIndex(where: { $0.name == segment }) else {
-                if let oldest = snapshot.segments.first, segment.sequence < oldest.name.sequence {
-                    fail(.segmentGone, "\(segment) is no longer in this host's log (the oldest is \(oldest.name))")
-                } else if let other = snapshot.segments.first(where: { $0.name.sequence == segment.sequence }) {
-                    // Another host wrote this place of the history here: the peer's history forks
-                    // from the primary's. A secondary serving others may itself be the one that
-                    // forked: the peer then asks the primary.
-                    let reason = "\(link.remote.host) asked for \(segment), but this host's log has \(other.name) there"
-                    fail(log is LogEngine ? .forked : .segmentGone, reason)
+                if let (code, reason) = Self.missing(segment, in: snapshot, primary: log is LogEngine, asker: link.remote.host) {
+                    fail(code, reason)
                 } else {
                     later()
                 }
@@ -305,6 +312,31 @@ final class FetchStream {
             sent = 0
             acknowledged = 0
         }
+    }
+
+    /// The answer to a fetch of `segment`, which `snapshot` does not hold; nil while it may still
+    /// come (its sequence is beyond the newest here).
+    static func missing(
+        _ segment: SegmentName, in snapshot: ShippingSnapshot, primary: Bool, asker: String
+    ) -> (FetchErrorCode, String)? {
+        guard let oldest = snapshot.segments.first, let newest = snapshot.segments.last, segment.sequence <= newest.name.sequence else {
+            return nil
+        }
+        if segment.sequence < oldest.name.sequence {
+            return (.segmentGone, "\(segment) is no longer in this host's log (the oldest is \(oldest.name))")
+        }
+        // This host's history went past that place with segments of its own: the asker's history
+        // forks from it. A secondary serving others may itself be the one that forked: the asker
+        // then asks another member (the primary).
+        let reason: String
+        if let other = snapshot.segments.first(where: { $0.name.sequence == segment.sequence }) {
+            reason = "\(asker) asked for \(segment), but this host's log has \(other.name) there"
+        } else {
+            let before = snapshot.segments.last { $0.name.sequence < segment.sequence }!.name
+            let after = snapshot.segments.first { $0.name.sequence > segment.sequence }!.name
+            reason = "\(asker) asked for \(segment), but this host's log goes from \(before) on to \(after)"
+        }
+        return (primary ? .forked : .segmentGone, reason)
     }
 
     private func later() {

@@ -37,14 +37,14 @@ public struct FetchState: Sendable, Equatable {
 /// the event loop, acknowledged once durable (the primary keeps a window in flight, so a long fat
 /// link stays full). Reconnects with backoff forever and resumes at the exact byte.
 public final class ReplicaFetcher: @unchecked Sendable {
-    /// Where the log can come from: the primary first, then other members that may have it.
-    public typealias SourceLookup = @Sendable () -> [(host: String, address: PeerAddress)]
+    /// Where the log can come from: the designated primary first, then other members that may have it.
+    public typealias SourceLookup = @Sendable () -> [FetchSource]
 
     private let resource: String
     private let log: ReplicaLog
     private let sources: SourceLookup
-    /// Which of `sources` the next connection tries: 0 is the primary; a failed source moves it on.
-    private var sourceIndex = 0
+    /// Which of `sources` the next connection asks. Event-loop confined.
+    private var choice = FetchSourceChoice()
     private let loop: any EventLoop
     private let group: any EventLoopGroup
     private let pool: NIOThreadPool
@@ -90,8 +90,25 @@ public final class ReplicaFetcher: @unchecked Sendable {
         loop.execute { [self] in
             guard !running else { return }
             running = true
+            // What sources answered before a pause may have changed meanwhile.
+            choice = FetchSourceChoice()
             state.withLock { $0.link = .connecting }
             connect()
+        }
+    }
+
+    /// The designated primary changed (a handover or failover): the link to another host is
+    /// dropped and the new primary asked from this log's exact end. The history goes on there, so
+    /// nothing is fetched twice and no sync is needed.
+    public func sourcesChanged() {
+        loop.execute { [self] in
+            choice.designationChanged()
+            guard running else { return }
+            let primary = sources().first?.host
+            state.withLock { $0.primary = primary }
+            if let link, link.remote.host == primary { return }
+            backoff = .milliseconds(200)
+            abandon(generation, "the designated primary of \(resource) is now \(primary ?? "nobody")")
         }
     }
 
@@ -115,12 +132,15 @@ public final class ReplicaFetcher: @unchecked Sendable {
             retry(attempt, "no primary is known for \(resource) yet")
             return
         }
-        let (host, address) = candidates[sourceIndex % candidates.count]
+        guard let source = choice.choose(from: candidates) else {
+            retry(attempt, "every member that could serve \(resource) holds an older epoch's history than this host; asking them again")
+            return
+        }
         state.withLock { state in
             state.primary = candidates[0].host
-            state.source = host
+            state.source = source.host
         }
-        PeerLink.connect(to: address, group: loop, credentials: credentials, logger: logger).hop(to: loop).whenComplete { [self] result in
+        PeerLink.connect(to: source.address, group: loop, credentials: credentials, logger: logger).hop(to: loop).whenComplete { [self] result in
             guard attempt == generation, running else {
                 if case .success(let link) = result { link.close() }
                 return
@@ -128,8 +148,7 @@ public final class ReplicaFetcher: @unchecked Sendable {
             switch result {
             case .failure(let error):
                 state.withLock { $0.link = .unreachable }
-                sourceIndex += 1  // the next member that may have the bytes
-                retry(attempt, "\(error)")
+                moveOn(from: source.host, attempt, "\(source.host): \(error)")
             case .success(let link):
                 established(link, attempt: attempt)
             }
@@ -148,15 +167,16 @@ public final class ReplicaFetcher: @unchecked Sendable {
     private func heartbeat(_ link: PeerLink, attempt: Int, since: NIODeadline = .now()) {
         loop.scheduleTask(in: Self.pingInterval) { [self] in
             guard attempt == generation, running, self.link === link else { return }
-            if sourceIndex % max(1, sources().count) != 0, NIODeadline.now() - since > Self.detourLimit {
-                sourceIndex = 0
+            if let primary = sources().first?.host, link.remote.host != primary, !choice.stale.contains(primary),
+                NIODeadline.now() - since > Self.detourLimit
+            {
+                choice.restartAtPrimary()
                 abandon(attempt, "trying the primary again after \(Self.detourLimit.nanoseconds / 1_000_000_000) s from \(link.remote.host)")
                 return
             }
             let silent = state.withLock { state in state.lastContact.map { wallClockMilliseconds() - $0 } ?? 0 }
             if silent > UInt64(Self.silenceLimit.nanoseconds / 1_000_000) {
-                sourceIndex += 1
-                abandon(attempt, "no message from \(link.remote.host) for \(silent / 1000) s")
+                moveOn(from: link.remote.host, attempt, "no message from \(link.remote.host) for \(silent / 1000) s")
                 return
             }
             link.send(.ping(wallClockMilliseconds()))
@@ -189,7 +209,12 @@ public final class ReplicaFetcher: @unchecked Sendable {
                 state.link = .connected
                 state.problem = nil
             }
-            link.send(.fetch(FetchRequest(resource: resource, segment: segment.fileName, offset: position?.offset ?? 0, window: Self.window)))
+            // The replayed epoch: the history's epoch at the fetched end is at least that, so a
+            // source is never told of an epoch this host does not hold.
+            let epoch = log.status.epoch
+            link.send(.fetch(FetchRequest(
+                resource: resource, segment: segment.fileName, offset: position?.offset ?? 0, window: Self.window, epoch: epoch
+            )))
         }
     }
 
@@ -203,11 +228,14 @@ public final class ReplicaFetcher: @unchecked Sendable {
             enqueue(attempt) { [log] in try log.receive(segment: name, offset: data.offset, bytes: Array(data.bytes.readableBytesView)) }
             uncommitted += count
             state.withLock { $0.bytesFetched += count }
+            choice.progressed()
         case .segmentEnd(let end) where end.resource == resource:
             guard let name = SegmentName(fileName: end.segment) else { return abandon(attempt, "'\(end.segment)' is no segment name") }
             enqueue(attempt) { [log] in try log.segmentEnded(name, size: end.size) }
         case .fetchError(let error) where error.resource == resource:
-            if error.errorCode == .forked {
+            let host = link?.remote.host ?? "the source"
+            switch error.errorCode {
+            case .forked:
                 logger.error("fetch of \(resource) stopped: \(error.reason)")
                 state.withLock { state in
                     state.forked = true
@@ -216,20 +244,22 @@ public final class ReplicaFetcher: @unchecked Sendable {
                 running = false
                 generation += 1
                 link?.close()
-            } else if error.errorCode == .segmentGone, sourceIndex % max(1, sources().count) != 0 {
-                // Another member replayed and removed what this one needs: the primary keeps it.
-                sourceIndex = 0
-                abandon(attempt, "\(link?.remote.host ?? "that member") no longer has it: \(error.reason)")
-            } else if error.errorCode == .segmentGone {
-                state.withLock { state in
-                    state.needsSync = true
-                    state.problem = error.reason
+            case .segmentGone:
+                // Another member (during a handover the old primary) may still have what this
+                // one removed: a sync only when none has it.
+                if choice.segmentGone(from: host, among: sources()) {
+                    needsSync("\(host): \(error.reason)")
+                } else {
+                    abandon(attempt, "\(host) no longer has it (\(error.reason)); asking another member")
                 }
-                logger.error("fetch of \(resource) stopped: \(error.reason)")
-                running = false
-                link?.close()
-            } else {
-                abandon(attempt, "\(link?.remote.host ?? "the primary") said: \(error.reason)")
+            case .staleSource:
+                if choice.staleSource(host, among: sources()) {
+                    needsSync("\(host): \(error.reason)")
+                } else {
+                    abandon(attempt, "\(host) is no source for this host's history: \(error.reason)")
+                }
+            default:
+                abandon(attempt, "\(host) said: \(error.reason)")
             }
         case .pong:
             break
@@ -291,6 +321,30 @@ public final class ReplicaFetcher: @unchecked Sendable {
         abandon(attempt, "\(error)")
     }
 
+    /// The link to `host` failed: the next source is tried, unless that leaves none that may have
+    /// the bytes this log needs.
+    private func moveOn(from host: String, _ attempt: Int, _ reason: String) {
+        if choice.failed(host, among: sources()) {
+            needsSync(reason)
+        } else {
+            abandon(attempt, reason)
+        }
+    }
+
+    /// No member has the log this replica needs any more: it stops for the operator (`invalidate`).
+    private func needsSync(_ lastAnswer: String) {
+        let asked = choice.lacking.union(choice.stale).sorted().joined(separator: ", ")
+        let reason = "no member has the log this replica needs any more (asked \(asked)); the last answer: \(lastAnswer). "
+            + "'marsadm invalidate \(resource)' syncs it again"
+        logger.error("fetch of \(resource) stopped: \(reason)")
+        state.withLock { state in
+            state.needsSync = true
+            state.problem = reason
+        }
+        running = false
+        link?.close()
+    }
+
     /// Drops the link and starts again from the local log's exact end.
     private func abandon(_ attempt: Int, _ reason: String) {
         guard attempt == generation else { return }
@@ -307,7 +361,12 @@ public final class ReplicaFetcher: @unchecked Sendable {
         let delay = backoff
         backoff = min(backoff * 2, .seconds(5))
         generation += 1
-        loop.scheduleTask(in: delay) { [self] in connect() }
+        // A later abandon (a source change) or stop supersedes this attempt.
+        let scheduled = generation
+        loop.scheduleTask(in: delay) { [self] in
+            guard scheduled == generation else { return }
+            connect()
+        }
     }
 }
 

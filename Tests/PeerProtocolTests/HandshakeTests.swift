@@ -59,10 +59,10 @@ struct HandshakeTests {
         #expect(server.start() == nil)
         let hello = try start(&client)
         #expect(client.start() == nil)
-        #expect(hello == .hello(PeerHello(version: 1, cluster: Self.cluster, host: clientIdentity.host, hostID: clientIdentity.hostID, nonce: Self.clientNonce)))
+        #expect(hello == .hello(PeerHello(version: 2, cluster: Self.cluster, host: clientIdentity.host, hostID: clientIdentity.hostID, nonce: Self.clientNonce)))
         let challenge = try answer(&server, try wire(hello))
         guard case .challenge(let c) = challenge else { Issue.record("expected a challenge, got \(challenge)"); return }
-        #expect(c.host == serverIdentity.host && c.hostID == serverIdentity.hostID && c.nonce == Self.serverNonce && c.version == 1)
+        #expect(c.host == serverIdentity.host && c.hostID == serverIdentity.hostID && c.nonce == Self.serverNonce && c.version == 2)
         let authenticate = try answer(&client, try wire(challenge))
         #expect(server.receive(try wire(authenticate)) == .sendAndEstablish(.welcome, clientIdentity))
         #expect(client.receive(try wire(.welcome)) == .established(serverIdentity))
@@ -110,7 +110,7 @@ struct HandshakeTests {
 
     @Test func forgedProof() {
         var server = makeServer()
-        _ = server.receive(.hello(PeerHello(version: 1, cluster: Self.cluster, host: "x", hostID: "y", nonce: Self.clientNonce)))
+        _ = server.receive(.hello(PeerHello(version: 2, cluster: Self.cluster, host: "x", hostID: "y", nonce: Self.clientNonce)))
         guard case .refuse(_, "wrong cluster secret") = server.receive(.authenticate(proof: bytes(32, 9))) else {
             Issue.record("a forged proof was accepted")
             return
@@ -124,10 +124,13 @@ struct HandshakeTests {
         #expect(server.receive(try start(&client)) == .refuse(.refused(reason: reason), reason: reason))
     }
 
-    @Test func wrongVersion() throws {
+    /// Every host of a cluster runs the same protocol version: a v1 host (before `fetch` carried
+    /// an epoch) is refused in the handshake, and the refusal names both versions and the host to
+    /// upgrade, whichever side reads it.
+    @Test func aVersion1PeerIsRefused() throws {
         var server = makeServer()
-        let hello = PeerHello(version: 2, cluster: Self.cluster, host: "alpha", hostID: "id-alpha", nonce: Self.clientNonce)
-        let reason = "protocol version 2 is not supported (this host speaks 1)"
+        let hello = PeerHello(version: 1, cluster: Self.cluster, host: "alpha", hostID: "id-alpha", nonce: Self.clientNonce)
+        let reason = "beta speaks peer protocol version 2, alpha version 1: all hosts of a cluster must run the same version; upgrade marsd on alpha"
         #expect(server.receive(.hello(hello)) == .refuse(.refused(reason: reason), reason: reason))
 
         var client = makeClient()
@@ -136,17 +139,26 @@ struct HandshakeTests {
             Issue.record("no challenge")
             return
         }
-        challenge.version = 3
-        guard case .refuse(_, let clientReason) = client.receive(.challenge(challenge)) else {
-            Issue.record("a version 3 challenge was accepted")
+        challenge.version = 1
+        guard case .refuse(.refused(let sentReason), let clientReason) = client.receive(.challenge(challenge)) else {
+            Issue.record("a version 1 challenge was accepted")
             return
         }
-        #expect(clientReason == "protocol version 3 is not supported (this host speaks 1)")
+        #expect(clientReason == "alpha speaks peer protocol version 2, beta version 1: all hosts of a cluster must run the same version; upgrade marsd on beta")
+        #expect(sentReason == clientReason)
+    }
+
+    /// A newer peer is refused too; then this host is the one to upgrade.
+    @Test func aNewerPeerIsRefused() throws {
+        var server = makeServer()
+        let hello = PeerHello(version: 3, cluster: Self.cluster, host: "alpha", hostID: "id-alpha", nonce: Self.clientNonce)
+        let reason = "beta speaks peer protocol version 2, alpha version 3: all hosts of a cluster must run the same version; upgrade marsd on beta"
+        #expect(server.receive(.hello(hello)) == .refuse(.refused(reason: reason), reason: reason))
     }
 
     @Test func shortNonceInAConstructedHello() {
         var server = makeServer()
-        let hello = PeerHello(version: 1, cluster: Self.cluster, host: "alpha", hostID: "id-alpha", nonce: bytes(8, 0))
+        let hello = PeerHello(version: 2, cluster: Self.cluster, host: "alpha", hostID: "id-alpha", nonce: bytes(8, 0))
         guard case .refuse = server.receive(.hello(hello)) else {
             Issue.record("an 8-byte nonce was accepted")
             return
@@ -200,7 +212,7 @@ struct HandshakeTests {
     @Test func afterRefusingEverythingFails() {
         var server = makeServer()
         _ = server.receive(.ping(1))
-        guard case .failed = server.receive(.hello(PeerHello(version: 1, cluster: Self.cluster, host: "a", hostID: "b", nonce: Self.clientNonce))) else {
+        guard case .failed = server.receive(.hello(PeerHello(version: 2, cluster: Self.cluster, host: "a", hostID: "b", nonce: Self.clientNonce))) else {
             Issue.record("a refused handshake went on")
             return
         }

@@ -23,12 +23,39 @@ struct MessageTests {
 
     /// Exact bytes of one message, so the layout in docs/peer-protocol.md is pinned.
     @Test func fetchLayout() {
-        let frame = PeerMessage.fetch(FetchRequest(resource: "r", segment: "s1", offset: 0x0102, window: 3)).encodedFrame()
+        let frame = PeerMessage.fetch(FetchRequest(resource: "r", segment: "s1", offset: 0x0102, window: 3, epoch: 0x0405)).encodedFrame()
         let expected: [UInt8] =
-            [24, 0, 0, 0, 7]
+            [32, 0, 0, 0, 7]
             + [1, 0, UInt8(ascii: "r")] + [2, 0, UInt8(ascii: "s"), UInt8(ascii: "1")]
-            + [0x02, 0x01, 0, 0, 0, 0, 0, 0] + [3, 0, 0, 0, 0, 0, 0, 0]
+            + [0x02, 0x01, 0, 0, 0, 0, 0, 0] + [3, 0, 0, 0, 0, 0, 0, 0] + [0x05, 0x04, 0, 0, 0, 0, 0, 0]
         #expect(frame == expected)
+    }
+
+    /// A version 1 fetch (no epoch) is a truncated version 2 one: refused, never read as epoch 0.
+    @Test func aFetchWithoutEpochIsRefused() {
+        let full = body(of: .fetch(FetchRequest(resource: "r", segment: "s1", offset: 1, window: 3, epoch: 4)))
+        #expect(decodeFailure(Array(full.dropLast(8))) == "message 'fetch' truncated in field 'epoch'")
+        #expect(decodeFailure(Array(full.dropLast(3))) == "message 'fetch' truncated in field 'epoch'")
+    }
+
+    /// `staleSource` is code 6 on the wire; codes this host does not know decode with their raw
+    /// value kept (a newer peer's code is no protocol error), and a short code field is.
+    @Test func staleSourceAndUnknownCodes() throws {
+        let stale = PeerMessage.fetchError(FetchError(resource: "vm1", code: .staleSource, reason: "at epoch 3"))
+        #expect(body(of: stale)[1 + 2 + 3 ..< 1 + 2 + 3 + 2] == [6, 0])
+        guard case .fetchError(let decoded) = try PeerMessage.decode(body: body(of: stale)) else {
+            Issue.record("not a fetchError")
+            return
+        }
+        #expect(decoded.errorCode == .staleSource && decoded.code == 6)
+        for code: UInt16 in [0, 7, 0xFFFF] {
+            guard case .fetchError(let unknown) = try PeerMessage.decode(body: body(of: .fetchError(FetchError(resource: "vm1", code: code, reason: "?")))) else {
+                Issue.record("not a fetchError")
+                return
+            }
+            #expect(unknown.code == code && unknown.errorCode == nil)
+        }
+        #expect(decodeFailure([11, 1, 0, UInt8(ascii: "r"), 6]) == "message 'fetchError' truncated in field 'code'")
     }
 
     @Test func encodeFrameAppends() throws {

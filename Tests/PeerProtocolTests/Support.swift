@@ -19,7 +19,7 @@ let sampleMessages: [PeerMessage] = [
     .welcome,
     .refused(reason: "wrong cluster secret"),
     .gossip(entries: Array("[{\"key\":\"k\"}]".utf8)),
-    .fetch(FetchRequest(resource: "vm1", segment: "log-000000007-alpha", offset: 4096, window: 8 << 20)),
+    .fetch(FetchRequest(resource: "vm1", segment: "log-000000007-alpha", offset: 4096, window: 8 << 20, epoch: 5)),
     .segmentData(SegmentData(resource: "vm1", segment: "log-000000007-alpha", offset: 64, bytes: bytes(100, 5))),
     .segmentEnd(SegmentEnd(resource: "vm1", segment: "log-000000007-alpha", size: 1 << 33, next: "log-000000008-beta")),
     .fetchAck(FetchAck(resource: "vm1", segment: "log-000000007-alpha", offset: 0x0102_0304_0506_0708)),
@@ -61,7 +61,7 @@ func randomMessage(using g: inout SplitMix64) -> PeerMessage {
     case 4: return .welcome
     case 5: return .refused(reason: text())
     case 6: return .gossip(entries: blob())
-    case 7: return .fetch(FetchRequest(resource: text(), segment: text(), offset: integer(), window: integer()))
+    case 7: return .fetch(FetchRequest(resource: text(), segment: text(), offset: integer(), window: integer(), epoch: integer()))
     case 8: return .segmentData(SegmentData(resource: text(), segment: text(), offset: integer(), bytes: blob()))
     case 9: return .segmentEnd(SegmentEnd(resource: text(), segment: text(), size: integer(), next: text()))
     case 10: return .fetchAck(FetchAck(resource: text(), segment: text(), offset: integer()))

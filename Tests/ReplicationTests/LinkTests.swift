@@ -14,67 +14,92 @@ import TransactionLog
 import Glibc
 #endif
 
-/// A temporary directory with a primary's log and device, and a replica's.
+/// A temporary directory with a primary's log and device, and replicas'.
 final class TwoHosts: @unchecked Sendable {
     let path: String
     let primary: LogEngine
     let primaryDevice: BlockDevice
+    /// Further primaries' logs (of another history), shut down with the first.
+    private let others = Mutex<[LogEngine]>([])
     static let size: UInt64 = 4 << 20
 
     init(segmentSize: UInt64 = 256 << 10) throws {
         var template = Array("/tmp/mars-link-XXXXXX".utf8CString)
         guard let made = mkdtemp(&template) else { throw ReplicationError("mkdtemp failed") }
         path = String(cString: made)
-        for name in ["primary-log", "replica-log"] { _ = try POSIXDirectory(path: path + "/" + name, create: true) }
-        for name in ["primary.img", "replica.img"] {
-            let file = try POSIXDirectory(path: path).open(name, create: true)
-            try file.truncate(to: Self.size)
-        }
-        var configuration = LogEngineConfiguration(host: "alpha")
-        configuration.segmentSize = segmentSize
-        configuration.spaceLimit = 128 << 20
-        let directory = try POSIXDirectory(path: path + "/primary-log")
-        try LogEngine.create(in: directory, configuration: configuration, epoch: 1)
-        primaryDevice = try BlockDevice(path: path + "/primary.img")
-        primary = try LogEngine.open(
-            directory: directory, device: POSIXFile(device: primaryDevice), deviceSize: Self.size, configuration: configuration
-        )
+        (primary, primaryDevice) = try Self.makePrimary(in: path, host: "alpha", epoch: 1, segmentSize: segmentSize)
+        try POSIXDirectory(path: path).open("replica.img", create: true).truncate(to: Self.size)
     }
 
-    func openReplica(startLSN: UInt64, epoch: UInt64) throws -> ReplicaLog {
-        let directory = try POSIXDirectory(path: path + "/replica-log")
+    private static func makePrimary(in path: String, host: String, epoch: UInt64, segmentSize: UInt64) throws -> (LogEngine, BlockDevice) {
+        let directory = try POSIXDirectory(path: path + "/\(host)-log", create: true)
+        try POSIXDirectory(path: path).open("\(host).img", create: true).truncate(to: Self.size)
+        var configuration = LogEngineConfiguration(host: host)
+        configuration.segmentSize = segmentSize
+        configuration.spaceLimit = 128 << 20
+        try LogEngine.create(in: directory, configuration: configuration, epoch: epoch)
+        let device = try BlockDevice(path: path + "/\(host).img")
+        let log = try LogEngine.open(
+            directory: directory, device: POSIXFile(device: device), deviceSize: Self.size, configuration: configuration
+        )
+        return (log, device)
+    }
+
+    /// Another primary's log, with a history of its own from `epoch` on (a newer primary's).
+    func openPrimary(host: String, epoch: UInt64) throws -> LogEngine {
+        let (log, _) = try Self.makePrimary(in: path, host: host, epoch: epoch, segmentSize: 256 << 10)
+        others.withLock { $0.append(log) }
+        return log
+    }
+
+    /// A replica on `host`, its log and device in files of that name.
+    func openReplica(on host: String = "replica", startLSN: UInt64, epoch: UInt64) throws -> ReplicaLog {
+        let directory = try POSIXDirectory(path: path + "/\(host)-log", create: true)
+        try POSIXDirectory(path: path).open("\(host).img", create: true).truncate(to: Self.size)
         try ReplicaLog.create(in: directory, startLSN: startLSN, epoch: epoch)
-        let device = try BlockDevice(path: path + "/replica.img")
+        let device = try BlockDevice(path: path + "/\(host).img")
         return try ReplicaLog.open(directory: directory, device: POSIXFile(device: device), deviceSize: Self.size, replayPaused: false)
+    }
+
+    /// The device of `host`'s replica (or primary).
+    func deviceBytes(of host: String = "replica") throws -> [UInt8] {
+        try POSIXDirectory(path: path).open("\(host).img", create: false).read(count: Int(Self.size), at: 0)
     }
 
     func cleanUp() {
         primary.shutdown()
+        for log in others.withLock({ $0 }) { log.shutdown() }
         _ = system("rm -rf '\(path)'")
     }
 }
 
-/// Serves one resource from a primary log, as the daemon does.
+/// Serves one resource from a log, as the daemon does: a primary's, or a secondary's (which
+/// serves fetches only).
 final class OneResource: PeerRequestHandler {
-    let log: LogEngine
+    let source: any ShippingSource
     let fetchedBy = Mutex<[String: UInt64]>([:])
+    /// Every `staleSourceSeen`: (resource, epoch, asker).
+    let staleSeen = Mutex<[String]>([])
 
-    init(log: LogEngine, device: BlockDevice? = nil) {
-        self.log = log
+    init(log: any ShippingSource, device: BlockDevice? = nil) {
+        self.source = log
         self.device = device
     }
 
-    func primaryLog(of resource: String) -> LogEngine? { resource == "vm1" ? log : nil }
-    func fetchSource(of resource: String) -> (any ShippingSource)? { primaryLog(of: resource) }
+    func primaryLog(of resource: String) -> LogEngine? { resource == "vm1" ? source as? LogEngine : nil }
+    func fetchSource(of resource: String) -> (any ShippingSource)? { resource == "vm1" ? source : nil }
     func size(of resource: String) -> UInt64? { resource == "vm1" ? TwoHosts.size : nil }
     func dataDevice(of resource: String) -> BlockDevice? { device }
     let device: BlockDevice?
     func gossip(_ entries: [UInt8], from peer: PeerIdentity) -> [UInt8] { entries }
     func fetched(_ resource: String, by peer: PeerIdentity, upTo lsn: UInt64) {
         fetchedBy.withLock { $0[peer.host] = lsn }
-        log.setRetention(lsn, for: peer.host)
+        (source as? LogEngine)?.setRetention(lsn, for: peer.host)
     }
     func syncStarting(_ resource: String, by peer: PeerIdentity) {}
+    func staleSourceSeen(_ resource: String, epoch: UInt64, by peer: PeerIdentity) {
+        staleSeen.withLock { $0.append("\(resource) \(epoch) \(peer.host)") }
+    }
 }
 
 final class Acks: LogCompletionTarget {
@@ -102,28 +127,18 @@ final class Acks: LogCompletionTarget {
         let replica = try hosts.openReplica(startLSN: start.lsn, epoch: start.epoch)
         let fetcher = ReplicaFetcher(
             resource: "vm1", log: replica, firstSegment: start.segment,
-            sources: { [("alpha", server.address)] }, group: server.group, pool: NIOThreadPool.singleton,
+            sources: { [FetchSource(host: "alpha", address: server.address)] }, group: server.group, pool: NIOThreadPool.singleton,
             credentials: { Self.credentials("beta") }, logger: server.logger
         )
         fetcher.start()
-        let acks = Acks()
         var expected = [UInt8](repeating: 0, count: Int(TwoHosts.size))
-        for token in 0..<300 {
-            let length = Int(random.next() % 16 + 1) * 512
-            let offset = Int(random.next() % (TwoHosts.size - UInt64(length)) / 512) * 512
-            let byte = UInt8(truncatingIfNeeded: random.next() | 1)
-            let payload = [UInt8](repeating: byte, count: length)
-            expected.replaceSubrange(offset..<(offset + length), with: payload)
-            _ = hosts.primary.submit(offset: UInt64(offset), change: .write(payload), fua: false, target: acks, token: token)
-        }
-        _ = hosts.primary.flush(target: acks, token: 1000)
-        let durable = hosts.primary.status.appendedLSN
+        let durable = Self.writeRandomly(300, to: hosts.primary, using: &random, expected: &expected)
         for _ in 0..<2000 where replica.status.replayedLSN < durable { try await Task.sleep(for: .milliseconds(10)) }
         #expect(replica.status.replayedLSN == durable, "seed \(seed)")
         #expect(hosts.primary.shippingSnapshot().segments.last!.name.sequence > 2, "the writes crossed segments")
         try await fetcher.stop().get()
         replica.shutdown()
-        let device = try POSIXDirectory(path: hosts.path).open("replica.img", create: false).read(count: Int(TwoHosts.size), at: 0)
+        let device = try hosts.deviceBytes()
         let firstDifference = device.indices.first { device[$0] != expected[$0] }
         #expect(firstDifference == nil, "first difference at byte \(firstDifference ?? 0) (seed \(seed))")
         #expect(handler.fetchedBy.withLock { $0["beta"] } == durable)
@@ -161,12 +176,28 @@ final class Acks: LogCompletionTarget {
         }.get()
         let ours = hosts.primary.shippingSnapshot().segments[0].name
         let theirs = try #require(SegmentName(sequence: ours.sequence, host: "gamma"))
-        link.send(.fetch(FetchRequest(resource: "vm1", segment: theirs.fileName, offset: 64, window: 40 << 20)))
+        link.send(.fetch(FetchRequest(resource: "vm1", segment: theirs.fileName, offset: 64, window: 40 << 20, epoch: 1)))
         for _ in 0..<100 where refusal.withLock({ $0 }) == nil { try await Task.sleep(for: .milliseconds(50)) }
         let error = try #require(refusal.withLock { $0 }, "no answer to a fetch of \(theirs)")
         #expect(error.errorCode == .forked && error.reason.contains(ours.fileName), "\(error)")
         link.close()
         try await server.stop()
+    }
+
+    /// Submits `count` random writes of 0.5-8 KiB and a flush to `log`, and records them in
+    /// `expected` (the device they make); returns the log's end after them.
+    static func writeRandomly(_ count: Int, to log: LogEngine, using random: inout SplitMix64, expected: inout [UInt8]) -> UInt64 {
+        let acks = Acks()
+        for token in 0..<count {
+            let length = Int(random.next() % 16 + 1) * 512
+            let offset = Int(random.next() % (TwoHosts.size - UInt64(length)) / 512) * 512
+            let byte = UInt8(truncatingIfNeeded: random.next() | 1)
+            let payload = [UInt8](repeating: byte, count: length)
+            expected.replaceSubrange(offset..<(offset + length), with: payload)
+            _ = log.submit(offset: UInt64(offset), change: .write(payload), fua: false, target: acks, token: token)
+        }
+        _ = log.flush(target: acks, token: count)
+        return log.status.appendedLSN
     }
 
     /// What a fetch that is never acknowledged receives of a log of `megabytes` 1 MiB writes, once
@@ -193,7 +224,7 @@ final class Acks: LogCompletionTarget {
             }
         }.get()
         let first = hosts.primary.shippingSnapshot().segments[0].name.fileName
-        link.send(.fetch(FetchRequest(resource: "vm1", segment: first, offset: 0, window: window)))
+        link.send(.fetch(FetchRequest(resource: "vm1", segment: first, offset: 0, window: window, epoch: 1)))
         var last: UInt64 = 0
         var quiet = 0
         for _ in 0..<200 where quiet < 10 {
@@ -215,7 +246,7 @@ final class Acks: LogCompletionTarget {
         let hosts = try TwoHosts()
         defer { hosts.cleanUp() }
         let root = try POSIXDirectory(path: hosts.path)
-        let primaryFile = try root.open("primary.img", create: false)
+        let primaryFile = try root.open("alpha.img", create: false)
         let replicaFile = try root.open("replica.img", create: false)
         let chunk = SyncChunk.size
         var same = 0
@@ -292,11 +323,11 @@ struct PeerServer {
     let address: PeerAddress
     let logger: Logger
 
-    static func start(serving handler: OneResource, on host: String = "127.0.0.1") async throws -> PeerServer {
+    static func start(serving handler: OneResource, as name: String = "alpha", on host: String = "127.0.0.1") async throws -> PeerServer {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let logger = Logger(label: "test")
         let listener = try await PeerListener.start(
-            on: PeerAddress(host: host, port: 0), group: group, credentials: { LinkTests.credentials("alpha") }, logger: logger
+            on: PeerAddress(host: host, port: 0), group: group, credentials: { LinkTests.credentials(name) }, logger: logger
         ) { link in PeerSession.serve(link, handler: handler, pool: .singleton, logger: logger) }
         let port = try #require(listener.port)
         return PeerServer(group: group, listener: listener, address: PeerAddress(host: host, port: port), logger: logger)

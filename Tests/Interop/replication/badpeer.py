@@ -28,7 +28,7 @@ def frame(kind, body):
     return struct.pack("<I", len(body) + 1) + bytes([kind]) + body
 
 
-def hello(cluster_id, version=1, nonce=None):
+def hello(cluster_id, version=2, nonce=None):
     return frame(1, struct.pack("<H", version) + string(cluster_id) + string("intruder") + string("x") + blob(nonce or os.urandom(32)))
 
 
@@ -70,9 +70,10 @@ cases = [
     ("an empty frame body", struct.pack("<I", 0), False),
     ("an unknown message type", frame(99, b"abc"), False),
     ("a truncated hello", hello(cluster)[:20], False),
-    ("a message before the handshake", frame(7, string("vm1") + string("log-000000001-alpha") + struct.pack("<QQ", 0, 1 << 20)), True),
+    ("a message before the handshake", frame(7, string("vm1") + string("log-000000001-alpha") + struct.pack("<QQQ", 0, 1 << 20, 1)), True),
     ("a hello for another cluster", hello("0" * 32), True),
     ("a hello with protocol version 9", hello(cluster, version=9), True),
+    ("a hello with protocol version 1 (an older marsd)", hello(cluster, version=1), True),
     ("a hello with a short nonce", hello(cluster, nonce=b"12345"), False),
 ]
 for name, payload, refusal in cases:
