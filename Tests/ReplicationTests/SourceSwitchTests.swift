@@ -8,6 +8,10 @@ import Testing
 import TestSupport
 import TransactionLog
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Fetching across a change of the designated primary, from members that still hold what the
 /// primary dropped, and past sources of an older epoch (docs/handover.md §3, H8/H9, §4.2).
 extension LinkTests {
@@ -15,6 +19,50 @@ extension LinkTests {
     static func eventually(_ seconds: Int = 20, _ condition: () -> Bool) async throws -> Bool {
         for _ in 0..<(seconds * 100) where !condition() { try await Task.sleep(for: .milliseconds(10)) }
         return condition()
+    }
+
+    /// A host of protocol version 1 (a marsd before fetch carried an epoch) is refused at its hello
+    /// with the reason naming both versions and the host to upgrade; the listener serves on.
+    @Test func aVersion1HostIsRefusedOnThePeerPort() async throws {
+        let hosts = try TwoHosts()
+        defer { hosts.cleanUp() }
+        let server = try await PeerServer.start(serving: OneResource(log: hosts.primary))
+        let hello = PeerMessage.hello(PeerHello(version: 1, cluster: "c0ffee", host: "beta", hostID: "beta-id", nonce: [UInt8](repeating: 1, count: 32)))
+        let answer = try Self.exchangeRaw(hello.encodedFrame(), port: server.address.port)
+        var decoder = PeerFrameDecoder()
+        decoder.append(answer)
+        let refusal = try decoder.next()
+        #expect(refusal == .refused(reason: "alpha speaks peer protocol version 2, beta version 1: all hosts of a cluster must run the same version; upgrade marsd on beta"))
+        let link = try await server.connect(as: Self.credentials("beta"))
+        #expect(link.remote.host == "alpha")
+        link.close()
+        try await server.stop()
+    }
+
+    /// Sends `bytes` to 127.0.0.1:`port` over a plain socket and returns all it gets until the
+    /// other side closes (5 s at most).
+    static func exchangeRaw(_ bytes: [UInt8], port: Int) throws -> [UInt8] {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw ReplicationError("socket failed: errno \(errno)") }
+        defer { close(fd) }
+        var timeout = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard connected == 0 else { throw ReplicationError("connect to port \(port) failed: errno \(errno)") }
+        guard write(fd, bytes, bytes.count) == bytes.count else { throw ReplicationError("write failed: errno \(errno)") }
+        var received: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = read(fd, &buffer, buffer.count)
+            if count <= 0 { return received }
+            received += buffer[..<count]
+        }
     }
 
     /// A fetcher of `log` on `host`, starting at `start`'s segment, asking `sources()`.
