@@ -13,13 +13,30 @@ public struct HistoryWalk: Sendable {
     public var segments: [WalkedSegment] = []
     /// The newest segment, when its creation was interrupted (a file no longer than its header).
     public var interrupted: SegmentName?
-    /// The highest epoch in headers and records.
+    /// The epoch of the history at its end: the highest in headers and records (epochs never go
+    /// back in one history).
     public var epoch: UInt64 = 0
+    /// Where each epoch of the walked history starts: the oldest segment's header, then every epoch
+    /// record (one per primary change, so few).
+    public var epochStarts: [EpochStart] = []
 
     public init() {}
 
     public var endLSN: UInt64? { segments.last?.scan.endLSN }
     public var digest: [UInt8]? { segments.last?.scan.digest }
+
+    /// The epoch of the history just before `lsn` (the epoch an epoch record at `lsn` follows), as far
+    /// as the walked segments tell: before the oldest segment's first record, its header's epoch.
+    public func epoch(at lsn: UInt64) -> UInt64 {
+        (epochStarts.last { $0.lsn < lsn } ?? epochStarts.first)?.epoch ?? 0
+    }
+}
+
+/// Where an epoch begins in a history: an epoch record, or the header of the oldest segment walked.
+public struct EpochStart: Sendable, Equatable {
+    public var epoch: UInt64
+    public var lsn: UInt64
+    public var segment: SegmentName
 }
 
 /// Reads every segment of a log directory in sequence order and checks that they form one
@@ -65,10 +82,16 @@ public enum LogHistory {
                     file, name: name.fileName,
                     accept: { header in
                         try checkPlace(of: header, in: name, after: previous)
+                        if walk.epochStarts.isEmpty {
+                            walk.epochStarts.append(EpochStart(epoch: header.epoch, lsn: header.firstLSN, segment: name))
+                        }
                         try begin(name, header)
                     },
                     visit: { record, offset in
                         walk.epoch = max(walk.epoch, record.epoch)
+                        if record.type == .epoch {
+                            walk.epochStarts.append(EpochStart(epoch: record.epoch, lsn: record.lsn, segment: name))
+                        }
                         try visit(record, name, offset)
                     }
                 )

@@ -99,7 +99,7 @@ extension LogEngine {
             preallocate: configuration.segmentSize
         )
         var stored = position
-        try stored.store(endLSN)
+        try stored.store(endLSN, epoch: epoch)
         // Replayed segments nobody needs and spares left from before are deleted.
         let spares = try directory.list().filter { $0.hasPrefix(sparePrefix) }
         for old in retired.map(\.fileName) + spares { try directory.remove(old) }

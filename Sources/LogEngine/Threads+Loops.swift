@@ -481,7 +481,10 @@ extension LogEngine {
     /// deleted as soon as writes wait for log space.
     private func persist(_ position: UInt64) throws(SystemError) {
         try device.sync()
-        if position > positionBox.value.writebackLSN { try positionBox.value.store(position) }
+        if position > positionBox.value.writebackLSN {
+            // With the epoch, so that the directory can open as a replica's (docs/handover.md §3.2).
+            try positionBox.value.store(position, epoch: monitor.withLock { $0.epoch })
+        }
         let (doomed, kept, dropped) = monitor.withLock { state -> ([SegmentInfo], [SegmentInfo], [Spare]) in
             state.writebackLSN = position
             var retired: [SegmentInfo] = []
