@@ -19,8 +19,16 @@ public struct HistoryWalk: Sendable {
     /// Where each epoch of the walked history starts: the oldest segment's header, then every epoch
     /// record (one per primary change, so few).
     public var epochStarts: [EpochStart] = []
+    /// The seal rules at the end of the walk: `seals.pending` is the seal the log ends with, if any
+    /// (a primary that handed over).
+    public var seals = SealRule()
+    /// The newest seal anywhere in the walked history (records may follow it).
+    public var lastSeal: Seal?
 
     public init() {}
+
+    /// The seal the log ends with: its last record is a seal.
+    public var sealed: Seal? { seals.pending }
 
     public var endLSN: UInt64? { segments.last?.scan.endLSN }
     public var digest: [UInt8]? { segments.last?.scan.digest }
@@ -41,7 +49,8 @@ public struct EpochStart: Sendable, Equatable {
 
 /// Reads every segment of a log directory in sequence order and checks that they form one
 /// history: each header is readable and names its own sequence, each segment starts where the one
-/// before ends and carries its digest, and every record is valid. A torn tail is allowed in the
+/// before ends and carries its digest, every record is valid, and a seal is followed only as
+/// `SealRule` allows. A torn tail is allowed in the
 /// newest segment only. Recovery replays through `visit`; `marsadm log-verify` and `log-dump` use
 /// the same walk.
 public enum LogHistory {
@@ -88,6 +97,10 @@ public enum LogHistory {
                         try begin(name, header)
                     },
                     visit: { record, offset in
+                        if let fork = walk.seals.check(record, in: name) {
+                            throw LogRecoveryError(segment: name.fileName, offset: offset, reason: "split brain: \(fork)")
+                        }
+                        if record.type == .seal { walk.lastSeal = walk.seals.pending }
                         walk.epoch = max(walk.epoch, record.epoch)
                         if record.type == .epoch {
                             walk.epochStarts.append(EpochStart(epoch: record.epoch, lsn: record.lsn, segment: name))

@@ -129,7 +129,7 @@ extension LogEngine {
             try device.zero(offset: record.offset, length: record.length, keepAllocated: false)
         case .writeZeroes:
             try device.zero(offset: record.offset, length: record.length, keepAllocated: record.flags.contains(.noHole))
-        case .epoch:
+        case .epoch, .seal:
             break
         }
     }
