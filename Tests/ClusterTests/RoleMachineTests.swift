@@ -422,6 +422,13 @@ struct RoleMachineTests {
         #expect(actions.last?.published?.role == "fenced")
     }
 
+    /// F2: another host promoted to this epoch with a newer clock (the designation is newest-wins).
+    @Test func anEqualEpochDesignationOfAnotherHostFencesToo() {
+        let other = ResourceEntry(size: 1 << 20, primary: "gamma", epoch: 4)
+        let actions = RoleMachine().stepped(F.inputs("beta", F.primary, log: LogFacts(epoch: 4, endLSN: 90000, replayedLSN: 90000), designated: other))
+        #expect(actions.first == .fence(epoch: 4, by: "gamma"))
+    }
+
     // MARK: The command's wait
 
     @Test func aTimeoutAnswersOnceAndTheRequestStays() {
