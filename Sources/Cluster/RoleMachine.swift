@@ -452,6 +452,11 @@ public struct RoleMachine: Sendable {
             step.publish(role: step.local, epoch: epoch, handover: step.ownEntry.handover.flatMap { $0.state == .refused ? $0 : nil })
             return
         }
+        if let answered = step.ownEntry.handover, answered.id == wanted.id, answered.state == .refused {
+            // A refusal is final for its request: the requester gives up on it (and may already
+            // have), so sealing for it later would leave nobody to take over.
+            return
+        }
         if let reason = Self.handoverRefusal(inputs, to: wanted.host) {
             let refusal = HandoverState(id: wanted.id, to: wanted.host, state: .refused, reason: reason)
             step.publish(role: step.local, epoch: epoch, handover: refusal, pushTo: [wanted.host])

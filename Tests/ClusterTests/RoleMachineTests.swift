@@ -169,6 +169,11 @@ struct RoleMachineTests {
         // Level-triggered: once gossiped, the same inputs ask for nothing more.
         inputs.members["alpha"] = actions.first?.published
         #expect(machine.step(inputs) == [])
+        // Final for that request, even once the problem is gone: its requester gives up on it.
+        inputs.use = []
+        inputs.log.failure = nil
+        inputs.log.down = false
+        #expect(machine.step(inputs) == [])
     }
 
     @Test func theOldPrimaryClosesDetachesAndSeals() {
