@@ -684,7 +684,7 @@ public struct RoleMachine: Sendable {
         case .replaying:
             state = "\(peer) sealed \(resource) at LSN \(transition.finalLSN ?? 0); this host has replayed to \(inputs.log.replayedLSN) and fetched to \(inputs.log.endLSN)\(heard)"
         default:
-            state = "\(peer) (primary of \(resource), epoch \(transition.epoch)) has not sealed it\(heard)"
+            state = "\(peer) (primary of \(resource), epoch \(transition.epoch)) has not sealed \(resource) yet\(heard)"
         }
         return RoleError(
             "\(state). The request stays: this host takes over as soon as it holds the seal. 'marsadm secondary \(resource)' withdraws it"

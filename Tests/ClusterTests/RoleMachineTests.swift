@@ -351,8 +351,31 @@ struct RoleMachineTests {
     @Test func aMovedDesignationEndsTheRequest() {
         var machine = RoleMachine()
         let designated = ResourceEntry(size: 1 << 20, primary: "alpha", epoch: 5)
-        let actions = machine.step(F.inputs("beta", F.becoming(.waitingForSeal), designated: designated, wanted: F.request))
+        var machineWaiting = F.askingMachine()
+        let actions = machineWaiting.step(F.inputs("beta", F.becoming(.waitingForSeal), designated: designated, wanted: F.request))
         #expect(Array(actions.prefix(3)) == [.persist(F.secondary), .setWanted(nil), .push(to: ["alpha", "gamma"])])
+        #expect(actions.last?.error == "the primary of vm1 changed to alpha (epoch 5) while this host waited; nothing changed here: run 'marsadm primary vm1' again to take over from alpha")
+        #expect(machine.step(F.inputs("beta", F.becoming(.waitingForSeal), designated: designated, wanted: F.request)).count == 3, "nobody waits: no answer")
+    }
+
+    /// A fork found while replaying towards the seal ends the request; the seal can never be reached.
+    @Test func aForkWhileReplayingEndsTheRequest() {
+        var machine = F.askingMachine()
+        var inputs = F.inputs("beta", F.becoming(.replaying, finalLSN: F.sealLSN), wanted: F.request, members: F.sealedMembers)
+        inputs.log.fork = ForkState(lsn: 73728, with: "alpha")
+        #expect(machine.step(inputs).last?.error == "vm1 is in split brain here (its history forks from alpha's): repair first (marsadm view vm1)")
+    }
+
+    /// Commands in states that cannot take them say why and what to do.
+    @Test func aCommandWhileHandingOverOrFencedIsRefused() {
+        #expect(RoleMachine().stepped(F.inputs("alpha", F.handingOver(.closing), wanted: F.request, command: F.ask)).first?.error
+            == "this host is handing vm1 over to beta: wait until beta is primary, then run 'marsadm primary vm1' here again")
+        let fenced = LocalRole(role: .primary, fenced: FenceRecord(epoch: 5, by: "gamma"))
+        var machine = RoleMachine()
+        #expect(machine.step(F.inputs("beta", fenced, command: F.ask)) == [.finish(commandID: F.id, result: .failure(RoleError(
+            "vm1 is fenced on this host: gamma is primary at epoch 5, and what this host wrote since is a split brain: repair first (marsadm view vm1)"
+        )))])
+        #expect(machine.waiting.isEmpty)
     }
 
     @Test func withdrawal() {
@@ -445,7 +468,7 @@ struct RoleMachineTests {
         var late = waiting
         late.now = F.now + 300_000
         #expect(machine.step(late) == [.finish(commandID: F.id, result: .failure(RoleError(
-            "alpha (primary of vm1, epoch 3) has not sealed it (last heard 302 s ago). The request stays: this host takes over as soon as it holds the seal. 'marsadm secondary vm1' withdraws it"
+            "alpha (primary of vm1, epoch 3) has not sealed vm1 yet (last heard 302 s ago). The request stays: this host takes over as soon as it holds the seal. 'marsadm secondary vm1' withdraws it"
         )))])
         #expect(machine.step(late) == [])
         // A second command joins the pending request.

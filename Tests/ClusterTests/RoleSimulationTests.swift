@@ -244,6 +244,13 @@ struct RoleSimulation {
         if let finalLSN = h.local.transition?.finalLSN, finalLSN != UInt64(h.log.count) {
             violations.append("\(h.name) promoted at \(h.log.count), its transition names the seal at \(finalLSN) (seed \(seed))")
         }
+        if let peer = h.local.transition?.peer, let old = hosts.firstIndex(where: { $0.name == peer }), old != host {
+            // Every write the old primary admitted is here: its seal, at the same place of its log.
+            let seal = h.log.count - 1
+            if h.log.last?.origin != old || hosts[old].log.count <= seal || hosts[old].log[seal] != h.log.last {
+                violations.append("\(h.name) promoted on a seal that is not \(peer)'s at LSN \(h.log.count) (seed \(seed))")
+            }
+        }
         if epoch < promised { violations.append("\(h.name) promoted to epoch \(epoch) below the sealed promise \(promised) (seed \(seed))") }
         append(host, .epochStart(epoch))
     }
