@@ -269,6 +269,15 @@ struct RoleMachineTests {
         #expect(machine.waiting.isEmpty)
     }
 
+    /// A seal the old primary made for another request is not this one's to replay to.
+    @Test func aSealForAnotherRequestIsNotOurs() {
+        var members = F.sealedMembers
+        members["alpha"]?.handover?.id = 7
+        members["alpha"]?.handover?.nextEpoch = 3
+        let inputs = F.inputs("beta", F.becoming(.waitingForSeal), log: LogFacts(epoch: 3, endLSN: F.sealLSN, replayedLSN: F.sealLSN, sealedAt: F.sealLSN), wanted: F.request, members: members)
+        #expect(RoleMachine().stepped(inputs) == [])
+    }
+
     /// A promotion never starts below the seal: a replay short of it, or a log without the seal, waits.
     @Test func noPromotionBelowTheSeal() {
         var machine = RoleMachine()
