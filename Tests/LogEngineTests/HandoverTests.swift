@@ -130,16 +130,20 @@ extension HandoverTests {
         #expect(error?.reason.hasPrefix("split brain") == true)
     }
 
-    /// Replay checks the seal rules itself: bytes changed on disk after the receiver checked them
-    /// are not applied.
-    @Test func replayRefusesARecordAfterASeal() throws {
+    /// Replay checks the seal rules itself, also when it resumes right after a seal after a
+    /// restart: bytes changed on disk after the receiver checked them are not applied.
+    @Test(arguments: [false, true]) func replayRefusesARecordAfterASeal(afterRestart: Bool) throws {
         let fixture = try ReplicaFixture()
-        let log = try fixture.open()
+        var log = try fixture.open()
         defer { log.shutdown() }
         try log.receive(segment: sealedSegment.name, offset: 0, bytes: sealedSegment.bytes)
         try log.commit()
         waitForReplay(log, to: sealedSegment.endLSN)
         log.setReplayPaused(true)
+        if afterRestart {
+            log.shutdown()
+            log = try fixture.open(paused: true)
+        }
         let next = successor([LogRecord(type: .epoch, lsn: 0, epoch: 2), LogRecord(type: .trim, lsn: 0, epoch: 2, offset: 0, length: 512)])
         try log.receive(segment: next.name, offset: 0, bytes: next.bytes)
         try log.commit()
