@@ -258,6 +258,27 @@ extension ResourceManager {
     }
 }
 
+extension ResourceManager {
+    /// What `view` says about a role change under way on this host.
+    static func describe(_ transition: RoleTransition?) -> String? {
+        guard let transition else { return nil }
+        let peer = transition.peer
+        let epoch = transition.nextEpoch
+        switch (transition.kind, transition.phase) {
+        case (.handingOver, .closing):
+            return "handing over to \(peer) (epoch \(epoch)): export closed, sealing the log"
+        case (.handingOver, _):
+            return "handed over to \(peer): sealed at LSN \(transition.finalLSN ?? 0) for epoch \(epoch); waiting for \(peer) to take over"
+        case (.becomingPrimary, .waitingForSeal):
+            return "becoming primary (epoch \(epoch)): waiting for \(peer) to seal its log; 'marsadm secondary' withdraws the request"
+        case (.becomingPrimary, .replaying):
+            return "becoming primary (epoch \(epoch)): \(peer) sealed at LSN \(transition.finalLSN ?? 0); replaying up to it"
+        case (.becomingPrimary, _):
+            return "becoming primary (epoch \(epoch)): starting the new epoch"
+        }
+    }
+}
+
 // MARK: - The log side of a role change (docs/handover.md §3, §3.2)
 
 extension ResourceManager {
