@@ -259,6 +259,15 @@ extension ResourceManager {
 }
 
 extension ResourceManager {
+    /// Leave, delete and invalidate would take away the log a handover needs (the new primary
+    /// replays the old one's up to the seal): refused until it ends.
+    func refuseDuringRoleChange(_ resource: Resource, doing action: String) throws {
+        guard let transition = resource.config.transition, let description = Self.describe(transition) else { return }
+        let name = resource.config.name
+        let withdraw = transition.kind == .becomingPrimary ? ", or withdraw the request with 'marsadm secondary \(name)'" : ""
+        throw DaemonError("\(name) is in a handover on this host (\(description)): wait until it ends ('marsadm view \(name)')\(withdraw), then \(action)")
+    }
+
     /// What `view` says about a role change under way on this host.
     static func describe(_ transition: RoleTransition?) -> String? {
         guard let transition else { return nil }
