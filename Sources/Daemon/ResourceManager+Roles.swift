@@ -134,7 +134,9 @@ extension ResourceManager {
                 epoch: status.epoch, endLSN: status.fetchedLSN, replayedLSN: status.replayedLSN, sealedAt: status.seal?.endLSN,
                 sealSegment: status.seal?.segment.fileName, failure: status.failure,
                 fork: (status.fork != nil || fetch.forked) ? ForkState(lsn: nil, with: designated?.primary ?? "?") : nil,
-                synced: config.sync?.endLSN != nil && status.consistent, needsSync: fetch.needsSync || letGo,
+                // Synced once the copy is done: the replay that a handover runs up to the seal passes
+                // the sync's end and any batch a crash left half applied (the device is consistent there).
+                synced: config.sync?.endLSN != nil, needsSync: fetch.needsSync || letGo,
                 fetchPaused: config.fetchPaused == true, replayPaused: config.replayPaused == true, down: config.wanted != "up"
             )
         } else {
