@@ -282,7 +282,88 @@ scenario_resize() {
     wait "$(marsd_pid q)" "$(marsd_pid t)" 2>/dev/null
 }
 
-SCENARIOS_KNOWN=" smoke attach lvm resize "
+# view_says ID NAME TEXT: the status of NAME on marsd ID contains TEXT.
+view_says() { marsadm view "$2" --control "/run/marsd-$1/control.sock" | grep -qF -e "$3"; }
+# wait_view ID NAME TEXT: until view_says (20 s at most).
+wait_view() {
+    _i=0
+    while ! view_says "$@"; do
+        [ $_i -lt 200 ] || { echo "the view of $2 on $1 never said '$3':"; adm "$1" view "$2"; return 1; }
+        usleep 100000
+        _i=$((_i + 1))
+    done
+}
+
+# Football (issue 17): ext4 on an LV-backed resource, mounted on alpha, migrates to beta: beta
+# joins, gets UpToDate, takes over with a planned handover (refused while alpha has it mounted,
+# with nothing changed; the handover detaches alpha's device and attaches it on beta), and alpha
+# leaves with its LV removed. Then alpha joins again to show that leave --remove-lv is refused
+# while the secondary's LV is mounted, and accepted after the umount.
+scenario_football() {
+    check football/two-hosts two_hosts f g 7721 || { marsd_log f; marsd_log g; return; }
+    check football/create adm f create-resource fb --lvm vga --size 64M || { marsd_log f; return; }
+    check football/attach adm f attach fb || { marsd_log f; return; }
+    alpha_kdev=$(readlink /dev/mars/fb)
+    check football/mkfs /sbin/mke2fs -t ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 /dev/mars/fb || return
+    mkdir -p /mnt/fb-alpha /mnt/fb-beta /mnt/fb-replica
+    check football/mount-on-alpha mount -t ext4 /dev/mars/fb /mnt/fb-alpha || return
+    check football/write-on-alpha write_set /mnt/fb-alpha alpha1
+    check football/join join_when_known g fb --lvm vgb || { marsd_log g; return; }
+    check football/uptodate adm g wait-resource fb --until uptodate --timeout 120 || { marsd_log f; marsd_log g; return; }
+
+    expect_refusal football/handover-refused-while-mounted \
+        "alpha refused the handover of fb: /dev/mars/fb ($alpha_kdev) it is mounted at /mnt/fb-alpha" \
+        adm g primary fb --timeout 60
+    check football/refusal-keeps-alpha-primary adm f wait-resource fb --until primary --timeout 10
+    check football/refusal-keeps-beta-secondary adm g wait-resource fb --until secondary --timeout 10
+    check football/refusal-keeps-the-mount grep -q " /mnt/fb-alpha " /proc/mounts
+    check football/refusal-keeps-the-device view_says f fb "fb: local device /dev/mars/fb -> $alpha_kdev"
+    check football/write-after-refusal write_set /mnt/fb-alpha alpha2
+    check football/files-intact-after-refusal verify_sets /mnt/fb-alpha alpha1 alpha2
+
+    # No detach on alpha: the handover detaches the device there and attaches it on beta.
+    check football/umount-on-alpha umount /mnt/fb-alpha
+    check football/handover adm g primary fb --timeout 120 || { marsd_log f; marsd_log g; return; }
+    check football/beta-primary adm g wait-resource fb --until primary --timeout 10
+    check football/handover-detaches-alpha sh -c '! marsadm view fb --control /run/marsd-f/control.sock | grep -q "fb: local device"'
+    check football/beta-attached-automatically wait_view g fb "fb: local device /dev/mars/fb -> /dev/nbd" || marsd_log g
+    check football/link-is-a-block-device test -b /dev/mars/fb
+    check football/fsck-on-beta /sbin/e2fsck -fn /dev/mars/fb
+    check football/mount-on-beta mount -t ext4 /dev/mars/fb /mnt/fb-beta || { marsd_log g; return; }
+    check football/files-moved-to-beta verify_sets /mnt/fb-beta alpha1 alpha2
+    check football/write-on-beta write_set /mnt/fb-beta beta1
+    check football/alpha-secondary adm f wait-resource fb --until secondary --timeout 60
+    check football/alpha-uptodate adm f wait-resource fb --until uptodate --timeout 120
+
+    check football/leave-old-host adm f leave-resource fb --remove-lv || marsd_log f
+    check football/old-host-has-nothing-left nothing_left f vga fb
+    check football/write-after-leave write_set /mnt/fb-beta beta2
+
+    # leave-resource --remove-lv on a secondary whose LV is mounted (read-only, beside marsd's replay).
+    check football/rejoin join_when_known f fb --lvm vga || { marsd_log f; return; }
+    check football/rejoined-uptodate adm f wait-resource fb --until uptodate --timeout 120
+    check football/mount-replica mount -t ext4 -o ro,noload /dev/vga/fb /mnt/fb-replica
+    expect_refusal football/remove-lv-refused-while-mounted \
+        "/dev/vga/fb is in use: it is mounted at /mnt/fb-replica" adm f leave-resource fb --remove-lv
+    check football/still-uptodate-after-refusal view_says f fb "fb here: UpToDate"
+    check football/volume-kept-after-refusal lv_exists vga/fb
+    check football/umount-replica umount /mnt/fb-replica
+    check football/leave-after-umount adm f leave-resource fb --remove-lv
+    check football/volume-removed-after-umount nothing_left f vga fb
+
+    check football/umount-on-beta umount /mnt/fb-beta
+    echo 3 >/proc/sys/vm/drop_caches
+    check football/fsck-at-end /sbin/e2fsck -fn /dev/mars/fb
+    check football/remount-on-beta mount -t ext4 -o ro /dev/mars/fb /mnt/fb-beta &&
+        check football/files-intact-at-end verify_sets /mnt/fb-beta alpha1 alpha2 beta1 beta2 &&
+        umount /mnt/fb-beta
+    check football/detach adm g detach fb
+    check football/down adm g down fb
+    kill "$(marsd_pid f)" "$(marsd_pid g)"
+    wait "$(marsd_pid f)" "$(marsd_pid g)" 2>/dev/null
+}
+
+SCENARIOS_KNOWN=" smoke attach lvm resize football "
 for s in $SCENARIO; do
     case "$SCENARIOS_KNOWN" in
         *" $s "*) info "time-$s" "$(now)"; "scenario_$s" ;;
