@@ -148,4 +148,55 @@ extension DaemonTests {
         client = try TestClient.connected(alpha.nbd, export: "vm1")
         for host in hosts { try await host.stop() }
     }
+
+    /// The request outlives a restart of the host that made it, and the old primary seals while
+    /// that host is down: when it is back, it replays to the seal and takes over (docs/handover.md
+    /// §3.1, "A and B both down for long").
+    @Test func aRequestSurvivesARestartAndCompletesWhenTheOldPrimarySeals() async throws {
+        let hosts = [DaemonHarness(), DaemonHarness()]
+        let (alpha, beta) = (hosts[0], hosts[1])
+        defer { for host in hosts { host.remove() } }
+        let port = Int.random(in: 20000..<60000)
+        for (index, host) in hosts.enumerated() { try await host.start(peer: "127.0.0.1:\(port + index)") }
+        let token = try #require(try alpha.send(ControlRequest(command: .createCluster, host: "alpha")).token)
+        #expect(try beta.send(ControlRequest(command: .joinCluster, host: "beta", token: token, peer: "127.0.0.1:\(port)")).error == nil)
+        let size = 4 << 20
+        let images = hosts.map { $0.image("vm1.img", size: size) }
+        #expect(try alpha.send(ControlRequest(command: .createResource, name: "vm1", device: images[0])).error == nil)
+        let joined = try await eventually(20) { try beta.send(ControlRequest(command: .joinResource, name: "vm1", device: images[1])).error == nil }
+        try #require(joined, "beta could not join")
+        #expect(try beta.send(ControlRequest(command: .waitResource, name: "vm1", timeout: 60)).error == nil)
+        let written = pattern(65536, seed: 31)
+        var client = try TestClient.connected(alpha.nbd, export: "vm1")
+        #expect(try client.write(written, at: 1 << 20) == 0)
+        try await hangUp(client, on: alpha)
+        #expect(try alpha.send(ControlRequest(command: .down, name: "vm1")).error == nil)
+
+        let waiting = try beta.send(ControlRequest(command: .primary, name: "vm1", timeout: 1))
+        #expect(waiting.error?.contains("The request stays") == true, "\(waiting)")
+        try await beta.stop()
+        // The old primary comes back, finds the request and seals for beta, which is down.
+        #expect(try alpha.send(ControlRequest(command: .up, name: "vm1")).error == nil)
+        let sealed = try await eventually(20) { try resource(alpha)?.transition?.contains("handed over to beta") == true }
+        #expect(sealed, "\((try? resource(alpha))??.transition ?? "no transition")")
+        #expect(throws: (any Error).self, "a sealed primary serves no more") { try TestClient.connected(alpha.nbd, export: "vm1") }
+
+        try await beta.start(peer: "127.0.0.1:\(port + 1)")
+        let promoted = try beta.send(ControlRequest(command: .waitResource, name: "vm1", timeout: 60, until: .primary))
+        #expect(promoted.error == nil, "\(promoted)")
+        #expect(try resource(beta)?.log?.epoch == 2)
+        #expect(try alpha.send(ControlRequest(command: .waitResource, name: "vm1", timeout: 60, until: .secondary)).error == nil)
+        client = try TestClient.connected(beta.nbd, export: "vm1")
+        #expect(try client.read(65536, at: 1 << 20) == written)
+        let after = pattern(65536, seed: 32)
+        #expect(try client.write(after, at: 2 << 20, flags: .fua) == 0)
+        try await hangUp(client, on: beta)
+        #expect(try alpha.send(ControlRequest(command: .waitResource, name: "vm1", timeout: 60)).error == nil)
+        for host in hosts { #expect(try host.send(ControlRequest(command: .down, name: "vm1")).error == nil) }
+        let devices = try images.map { try POSIXFile(device: try BlockDevice(path: $0)).read(count: size, at: 0) }
+        let equal = devices[0] == devices[1]
+        #expect(equal, "alpha's device equals beta's")
+        for host in hosts { try await host.stop() }
+    }
 }
+
