@@ -153,7 +153,9 @@ for _ in 1 2 3; do
     check "$next's view shows log.epoch $new_epoch" test "$(field "$next" "r['log']['epoch']")" = "$new_epoch"
     check "$next waits as primary" adm "$next" wait-resource vm1 --until primary --timeout 10
     check "$current follows $next as a secondary" adm "$current" wait-resource vm1 --until secondary --timeout $CONVERGE_S
-    check "$current's export refuses new clients" bash -c "! timeout 10 nbdinfo --size '$(uri "$current")' >/dev/null 2>&1"
+    timeout 10 nbdinfo --size "$(uri "$current")" >"$W/nbdinfo.out" 2>&1
+    rc=$?
+    check "$current's export refuses new clients (rc $rc: $(tail -1 "$W/nbdinfo.out"))" test $rc -ne 0
     check_round "$next"
     epoch=${new_epoch:-$epoch}
     current=$next
@@ -216,6 +218,7 @@ for n in $(seq "$KILLS"); do
         echo "kill rounds stop here: the cluster did not converge"
         break
     fi
+    check "kill round $n: $next exports vm1 as primary" adm "$next" wait-resource vm1 --until primary --timeout $CONVERGE_S
     settled=0
     for host in $HOSTS; do
         [ "$host" = "$next" ] && continue
