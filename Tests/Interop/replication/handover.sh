@@ -3,7 +3,8 @@
 # 1. ping-pong alpha -> beta -> gamma -> alpha under consistency.py writers: a write round on the
 #    current primary, 'marsadm primary vm1' on the next host, then the new primary's export holds
 #    every flushed write and is the device after a prefix of the writes; the epoch grows with each
-#    handover; the old primary refuses new clients and follows as a secondary.
+#    handover; the old primary refuses new clients and follows as a secondary. alpha's peer port
+#    is behind Tools/faultproxy.py, which adds 50 ms each way during the ping-pong.
 # 2. refusal: while an NBD client holds the primary's export, 'marsadm primary' on a secondary
 #    fails naming the connection, nothing changes, and the primary goes on serving writes.
 # 3. kill -9 during handovers: HANDOVER_KILLS rounds (default 6); in each one 'marsadm primary' runs
@@ -35,6 +36,7 @@ KILL_ROUNDS_UNTIL_S=230
 trap stop_all EXIT
 
 declare -A ADDR=([alpha]=127.0.0.51:17851 [beta]=127.0.0.52:17851 [gamma]=127.0.0.53:17851)
+PROXY=127.0.0.50:17850
 declare -A PID
 declare -A NEXT=([alpha]=beta [beta]=gamma [gamma]=alpha)
 HOSTS="alpha beta gamma"
@@ -43,8 +45,10 @@ start() {  # start HOST: (re)starts its marsd and waits until it answers
     local host=$1
     mkdir -p "$W/$host"
     rm -f "$W/$host/ctl.sock" "$W/$host/nbd.sock"  # left by a kill -9
+    local advertise=()
+    [ "$host" = alpha ] && advertise=(--peer-advertise "$PROXY")
     "$MARSD" serve --root "$W/$host/root" --unix "$W/$host/nbd.sock" --control "$W/$host/ctl.sock" \
-        --peer "${ADDR[$host]}" --log-segment-mib 8 --log-space-mib 200 --log-level notice 2>>"$W/$host.log" &
+        --peer "${ADDR[$host]}" "${advertise[@]}" --log-segment-mib 8 --log-space-mib 200 --log-level notice 2>>"$W/$host.log" &
     PID[$host]=$!
     pids+=($!)
     eventually 20 adm "$host" view && return 0
@@ -55,6 +59,7 @@ kill9() {  # kill9 HOST
     wait "${PID[$1]}" 2>/dev/null
 }
 adm() { local host=$1; shift; timeout 120 "$MARSADM" "$@" --control "$W/$host/ctl.sock"; }
+proxy() { "$PYTHON" "$ROOT/Tools/faultproxy.py" --control "$W/proxy.sock" --send "$*" >/dev/null; }
 uri() { echo "nbd+unix:///vm1?socket=$W/$1/nbd.sock"; }
 field() {  # field HOST EXPRESSION: EXPRESSION over vm1's status r in HOST's view --json
     adm "$1" view --json --timeout 5 2>/dev/null | "$PYTHON" -c "
@@ -123,10 +128,13 @@ identical() {  # identical PRIMARY LABEL: both secondaries UpToDate, paused, equ
 }
 
 # Setup: alpha creates the cluster and vm1; beta and gamma join both.
+"$PYTHON" "$ROOT/Tools/faultproxy.py" --listen "$PROXY" --target "${ADDR[alpha]}" --control "$W/proxy.sock" 2>"$W/proxy.log" &
+pids+=($!)
 for host in $HOSTS; do start "$host" || { fail "marsd $host starts"; exit 1; }; done
+eventually 5 test -S "$W/proxy.sock"
 TOKEN=$(adm alpha create-cluster --host alpha --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-check "beta joins the cluster" adm beta join-cluster --host beta --token "$TOKEN" "${ADDR[alpha]}"
-check "gamma joins the cluster" adm gamma join-cluster --host gamma --token "$TOKEN" "${ADDR[alpha]}"
+check "beta joins the cluster" adm beta join-cluster --host beta --token "$TOKEN" "$PROXY"
+check "gamma joins the cluster" adm gamma join-cluster --host gamma --token "$TOKEN" "$PROXY"
 for host in $HOSTS; do truncate -s ${SIZE_MIB}M "$W/$host.img"; done
 check "create-resource vm1 on alpha" adm alpha create-resource vm1 "$W/alpha.img"
 for host in beta gamma; do
@@ -134,7 +142,9 @@ for host in beta gamma; do
     check "$host is UpToDate" adm "$host" wait-resource vm1 --until uptodate --timeout $CONVERGE_S
 done
 
-# Part 1: ping-pong alpha -> beta -> gamma -> alpha, a writer round before each handover.
+# Part 1: ping-pong alpha -> beta -> gamma -> alpha, a writer round before each handover, every
+# message to alpha 50 ms late each way.
+check "the proxy in front of alpha delays by 50 ms" proxy delay 50
 epoch=$(field alpha "r['log']['epoch']")
 current=alpha
 for _ in 1 2 3; do
@@ -161,6 +171,7 @@ for _ in 1 2 3; do
     current=$next
 done
 check "after the ping-pong exactly one host, $current, is primary" only_primary_is "$current" || dump_state
+proxy reset
 identical "$current" "after the ping-pong"
 
 # Part 2: an NBD client holds the primary's export; a handover is refused and changes nothing.
