@@ -13,18 +13,44 @@ public struct HistoryWalk: Sendable {
     public var segments: [WalkedSegment] = []
     /// The newest segment, when its creation was interrupted (a file no longer than its header).
     public var interrupted: SegmentName?
-    /// The highest epoch in headers and records.
+    /// The epoch of the history at its end: the highest in headers and records (epochs never go
+    /// back in one history).
     public var epoch: UInt64 = 0
+    /// Where each epoch of the walked history starts: the oldest segment's header, then every epoch
+    /// record (one per primary change, so few).
+    public var epochStarts: [EpochStart] = []
+    /// The seal rules at the end of the walk: `seals.pending` is the seal the log ends with, if any
+    /// (a primary that handed over).
+    public var seals = SealRule()
+    /// The newest seal anywhere in the walked history (records may follow it).
+    public var lastSeal: Seal?
 
     public init() {}
 
+    /// The seal the log ends with: its last record is a seal.
+    public var sealed: Seal? { seals.pending }
+
     public var endLSN: UInt64? { segments.last?.scan.endLSN }
     public var digest: [UInt8]? { segments.last?.scan.digest }
+
+    /// The epoch of the history just before `lsn` (the epoch an epoch record at `lsn` follows), as far
+    /// as the walked segments tell: before the oldest segment's first record, its header's epoch.
+    public func epoch(at lsn: UInt64) -> UInt64 {
+        (epochStarts.last { $0.lsn < lsn } ?? epochStarts.first)?.epoch ?? 0
+    }
+}
+
+/// Where an epoch begins in a history: an epoch record, or the header of the oldest segment walked.
+public struct EpochStart: Sendable, Equatable {
+    public var epoch: UInt64
+    public var lsn: UInt64
+    public var segment: SegmentName
 }
 
 /// Reads every segment of a log directory in sequence order and checks that they form one
 /// history: each header is readable and names its own sequence, each segment starts where the one
-/// before ends and carries its digest, and every record is valid. A torn tail is allowed in the
+/// before ends and carries its digest, every record is valid, and a seal is followed only as
+/// `SealRule` allows. A torn tail is allowed in the
 /// newest segment only. Recovery replays through `visit`; `marsadm log-verify` and `log-dump` use
 /// the same walk.
 public enum LogHistory {
@@ -65,10 +91,20 @@ public enum LogHistory {
                     file, name: name.fileName,
                     accept: { header in
                         try checkPlace(of: header, in: name, after: previous)
+                        if walk.epochStarts.isEmpty {
+                            walk.epochStarts.append(EpochStart(epoch: header.epoch, lsn: header.firstLSN, segment: name))
+                        }
                         try begin(name, header)
                     },
                     visit: { record, offset in
+                        if let fork = walk.seals.check(record, in: name) {
+                            throw LogRecoveryError(segment: name.fileName, offset: offset, reason: "split brain: \(fork)")
+                        }
+                        if record.type == .seal { walk.lastSeal = walk.seals.pending }
                         walk.epoch = max(walk.epoch, record.epoch)
+                        if record.type == .epoch {
+                            walk.epochStarts.append(EpochStart(epoch: record.epoch, lsn: record.lsn, segment: name))
+                        }
                         try visit(record, name, offset)
                     }
                 )

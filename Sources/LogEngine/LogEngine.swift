@@ -287,6 +287,12 @@ public final class LogEngine: PendingMemoryWaiter {
         var preparingBytes: UInt64 = 0
         var logFailure: LogEngineError?
         var writebackFailure: LogEngineError?
+        /// Set by `seal` (or `open` of a sealed log): every new request is refused with it.
+        var sealing: LogEngineError?
+        /// The epoch the queued or durable seal record promises.
+        var promisedEpoch: UInt64?
+        /// The seal the log ends with, once it is durable.
+        var seal: Seal?
         var groupCommits = 0
         /// No new requests; the threads finish what was admitted and stop.
         var stopping = false
@@ -317,6 +323,7 @@ public final class LogEngine: PendingMemoryWaiter {
     let checkpointWake = Condition()
     let prepareWake = Condition()
     let drained = Condition()
+    let sealWake = Condition()
     private let threads = Mutex<[WorkerThread]>([])
     /// Only the log writer thread touches the open segment.
     let openSegment: OpenSegmentBox
@@ -517,6 +524,60 @@ public final class LogEngine: PendingMemoryWaiter {
         }
     }
 
+    /// Ends this primary's epoch for a handover (docs/handover.md, step H4). New writes and flushes
+    /// are refused from now on with ESHUTDOWN and `reason` (what the daemon tells clients, e.g. "vm1
+    /// is being handed over to hostB: this host no longer accepts writes"), and so are writes still
+    /// waiting for room (none of them was acknowledged). Everything admitted before is appended and
+    /// made durable, then the seal record promising `nextEpoch`; the segment is closed right after
+    /// it (truncated: the seal is the log's last record). Writeback goes on; `shutdown` then ends
+    /// the engine as always. Blocks: call it off the event loops.
+    ///
+    /// Idempotent: on a sealed log (sealed here, or found sealed by `open`) it returns that seal.
+    /// - Returns: the seal: its end LSN (where the successor's segment starts) and its segment.
+    /// - Throws: `LogEngineError` when `nextEpoch` is not after this epoch or another seal is under
+    ///   way, or when the log cannot be written (admission stays closed; call `seal` again to retry).
+    public func seal(nextEpoch: UInt64, reason: String) throws(LogEngineError) -> Seal {
+        let refused = LogEngineError(errno: ESHUTDOWN, reason)
+        let started = monitor.withLock { state -> Result<[Waiter], LogEngineError> in
+            if let promised = state.promisedEpoch {
+                guard promised == nextEpoch else {
+                    return .failure(LogEngineError(
+                        errno: EINVAL, "the log of \(directory.path) is sealed for epoch \(promised) already, not for epoch \(nextEpoch)"
+                    ))
+                }
+                return .success([])
+            }
+            guard nextEpoch > state.epoch else {
+                return .failure(LogEngineError(
+                    errno: EINVAL, "cannot seal epoch \(state.epoch) of \(directory.path) for epoch \(nextEpoch): the successor's epoch must be later"
+                ))
+            }
+            if state.stopping {
+                return .failure(LogEngineError(errno: ESHUTDOWN, "the log of \(directory.path) is going down: it cannot be sealed now"))
+            }
+            state.sealing = refused
+            state.promisedEpoch = nextEpoch
+            var failed: [Waiter] = []
+            while let write = state.waitingWrites.popFirst() { failed.append(Waiter(lsn: 0, target: write.target, token: write.token)) }
+            let record = LogRecord.seal(lsn: state.nextLSN, epoch: state.epoch, nextEpoch: nextEpoch)
+            let size = UInt64(record.encodedSize)
+            state.nextLSN += size
+            state.queuedBytes += size
+            state.queue.append(QueuedRecord(record: record, payloadChecksum: 0))
+            writerWake.signal()
+            return .success(failed)
+        }
+        deliver(try started.get().map { ($0.target, LogCompletion(token: $0.token, error: refused)) })
+        let outcome = monitor.wait(
+            sealWake, until: { $0.seal != nil || $0.logFailure != nil || $0.halted },
+            then: { state -> Result<Seal, LogEngineError> in
+                if let seal = state.seal { return .success(seal) }
+                return .failure(state.logFailure ?? LogEngineError(errno: ESHUTDOWN, "the log engine stopped before the seal was durable"))
+            }
+        )
+        return try outcome.get()
+    }
+
     /// Stops the threads at once without more I/O: what a power loss or kill -9 leaves behind.
     /// Requests still waiting are failed.
     public func halt() {
@@ -530,6 +591,7 @@ public final class LogEngine: PendingMemoryWaiter {
         writebackWake.broadcast()
         checkpointWake.broadcast()
         prepareWake.broadcast()
+        sealWake.broadcast()
         for thread in threads.withLock({ $0 }) { thread.join() }
         threads.withLock { $0 = [] }
         wake(monitor.withLock { $0.pending.release() })
@@ -538,6 +600,7 @@ public final class LogEngine: PendingMemoryWaiter {
     // MARK: - Admission (under the lock)
 
     private func refusal(_ state: State) -> LogEngineError? {
+        if let sealing = state.sealing { return sealing }
         if state.stopping { return LogEngineError(errno: ESHUTDOWN, "the resource is going down") }
         if let failure = state.logFailure {
             return LogEngineError(errno: failure.errno, "the log cannot be written (\(failure.message)); writes resume when it can")

@@ -9,6 +9,7 @@ extension ReplicaLog {
         var bytes: UInt64 = 0
         var endLSN: UInt64
         var endEpoch: UInt64
+        var endSeals: SealRule
     }
 
     /// The end of the local log replay may read: durable, checked records only.
@@ -28,10 +29,10 @@ extension ReplicaLog {
                     // A fork found by the receiver stops fetch, not the replay of what came before it.
                     state.stopping || (!state.replayPaused && state.failure == nil && Self.availableLSN(state) > state.replayedLSN)
                 },
-                then: { state -> (segments: [LocalSegment], position: UInt64, epoch: UInt64)? in
+                then: { state -> (segments: [LocalSegment], position: UInt64, epoch: UInt64, seals: SealRule)? in
                     if state.stopping { return nil }
                     state.replaying = true
-                    return (state.segments, state.replayedLSN, state.epoch)
+                    return (state.segments, state.replayedLSN, state.epoch, state.seals)
                 }
             )
             guard let plan else {
@@ -39,7 +40,7 @@ extension ReplicaLog {
                 return
             }
             do {
-                try replay(from: plan.position, epoch: plan.epoch, segments: plan.segments)
+                try replay(from: plan.position, epoch: plan.epoch, seals: plan.seals, segments: plan.segments)
             } catch let error as ReplicaLogError {
                 monitor.withLock { state in
                     if error.kind == .fork { state.fork = error }
@@ -67,15 +68,15 @@ extension ReplicaLog {
     }
 
     /// Reads the records after `position` up to the batch size (at least one record), across
-    /// segments, checking each (checksum, position, epoch) as it goes.
-    private func readBatch(from segments: [LocalSegment], position: UInt64, epoch: UInt64) throws -> ReplayBatch {
+    /// segments, checking each (checksum, position, epoch, seal rules) as it goes.
+    private func readBatch(from segments: [LocalSegment], position: UInt64, epoch: UInt64, seals: SealRule) throws -> ReplayBatch {
         guard var index = segments.lastIndex(where: { $0.firstLSN <= position }) else {
             throw ReplicaLogError(
                 .misplaced, segment: segments.first?.name.fileName ?? "-", offset: 0,
                 "the replay position \(position) is before the oldest local segment"
             )
         }
-        var batch = ReplayBatch(endLSN: position, endEpoch: epoch)
+        var batch = ReplayBatch(endLSN: position, endEpoch: epoch, endSeals: seals)
         func batchHasRoom() -> Bool { batch.records.isEmpty || (batch.bytes < batchBytes && batch.records.count < Self.batchRecords) }
         while index < segments.count, batchHasRoom() {
             let segment = segments[index]
@@ -92,6 +93,9 @@ extension ReplicaLog {
                 let scan = try scanBatch(bytes, from: start, firstLSN: batch.endLSN) { found in
                     guard batchHasRoom() else { throw BatchFull() }
                     let record = found.record
+                    if let fork = batch.endSeals.check(record, in: segment.name) {
+                        throw ReplicaLogError(.fork, segment: segment.name.fileName, offset: found.offset, fork)
+                    }
                     if record.type == .epoch {
                         guard record.epoch >= batch.endEpoch else {
                             throw ReplicaLogError(.fork, segment: segment.name.fileName, offset: found.offset,
@@ -132,8 +136,8 @@ extension ReplicaLog {
     /// Applies batches back to back while more is available (and replay is neither paused nor
     /// stopping): store the intent, apply, sync the device; the position store after a batch also
     /// carries the next batch's intent, so each batch costs one device sync and one position sync.
-    private func replay(from start: UInt64, epoch: UInt64, segments: [LocalSegment]) throws {
-        var batch = try readBatch(from: segments, position: start, epoch: epoch)
+    private func replay(from start: UInt64, epoch: UInt64, seals: SealRule, segments: [LocalSegment]) throws {
+        var batch = try readBatch(from: segments, position: start, epoch: epoch, seals: seals)
         guard batch.endLSN > start else { return }
         monitor.withLock { $0.applyingLSN = batch.endLSN }
         try positionBox.value.store(start, intent: batch.endLSN)
@@ -150,12 +154,13 @@ extension ReplicaLog {
                 guard !state.stopping, !state.replayPaused, Self.availableLSN(state) > batch.endLSN else { return nil }
                 return state.segments
             }
-            let next = try more.map { try readBatch(from: $0, position: batch.endLSN, epoch: batch.endEpoch) }
+            let next = try more.map { try readBatch(from: $0, position: batch.endLSN, epoch: batch.endEpoch, seals: batch.endSeals) }
             let intent = next?.endLSN ?? batch.endLSN
             try positionBox.value.store(batch.endLSN, intent: intent, epoch: batch.endEpoch)
             monitor.withLock { state in
                 state.replayedLSN = batch.endLSN
                 state.epoch = batch.endEpoch
+                state.seals = batch.endSeals
                 state.applyingLSN = intent
             }
             try removeReplayedSegments(upTo: batch.endLSN)

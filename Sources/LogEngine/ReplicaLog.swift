@@ -99,6 +99,8 @@ public final class ReplicaLog: ShippingSource {
         var partial: [UInt8]
         var nextLSN: UInt64
         var epoch: UInt64
+        /// The seal rules at `nextLSN`: what may follow a seal.
+        var seals: SealRule
     }
 
     struct State {
@@ -108,6 +110,8 @@ public final class ReplicaLog: ShippingSource {
         var applyingLSN: UInt64
         var consistentFrom: UInt64
         var epoch: UInt64
+        /// The seal rules at `replayedLSN`, as `epoch` is the epoch there.
+        var seals: SealRule
         var replayPaused: Bool
         var replaying = false
         var stopping = false
@@ -156,6 +160,7 @@ public final class ReplicaLog: ShippingSource {
         let position = try LogHistory.openPosition(in: directory)
         var segments: [LocalSegment] = []
         var appending: Appending?
+        var replaySeals = SealRule()
         let hasSegments = try directory.list().contains { SegmentName(fileName: $0) != nil }
         if hasSegments {
             let walk = try LogHistory.walk(directory)
@@ -196,9 +201,11 @@ public final class ReplicaLog: ShippingSource {
                 })
                 appending = Appending(
                     file: file, name: newest.name, header: newest.scan.header, digest: digest, written: segments.last!.size,
-                    partial: [], nextLSN: newest.scan.endLSN, epoch: epoch
+                    partial: [], nextLSN: newest.scan.endLSN, epoch: epoch, seals: walk.seals
                 )
             }
+            // Replay resumes the rules at its position: right after a seal, the next record must answer it.
+            if let seal = walk.lastSeal, seal.endLSN == position.writebackLSN { replaySeals = SealRule(pending: seal) }
             if let oldest = segments.first, oldest.firstLSN > position.writebackLSN {
                 throw LogRecoveryError(
                     segment: oldest.name.fileName, offset: 0,
@@ -208,7 +215,8 @@ public final class ReplicaLog: ShippingSource {
         }
         let state = State(
             segments: segments, replayedLSN: position.writebackLSN, applyingLSN: position.writebackLSN,
-            consistentFrom: max(position.intentLSN, position.writebackLSN), epoch: position.epoch, replayPaused: replayPaused
+            consistentFrom: max(position.intentLSN, position.writebackLSN), epoch: position.epoch, seals: replaySeals,
+            replayPaused: replayPaused
         )
         let log = ReplicaLog(
             directory: directory, device: device, deviceSize: deviceSize, state: state, position: position, appending: appending,
@@ -359,6 +367,9 @@ public final class ReplicaLog: ShippingSource {
                 case .failure(let defect):
                     return ReplicaLogError(.corrupt, segment: segment.fileName, offset: fileOffset, "\(defect)")
                 case .success(let record):
+                    if let fork = appending.seals.check(record, in: segment) {
+                        return ReplicaLogError(.fork, segment: segment.fileName, offset: fileOffset, fork)
+                    }
                     if record.type == .epoch {
                         // A new primary's segment opens with its epoch in the header and an epoch
                         // record of the same epoch: never lower.
@@ -412,6 +423,7 @@ public final class ReplicaLog: ShippingSource {
             throw ReplicaLogError(.corrupt, segment: name.fileName, offset: 0, "its header says sequence \(header.sequence)")
         }
         var epoch = header.epoch
+        var seals = SealRule()
         if let previous = appendingBox.value {
             guard previous.partial.isEmpty else {
                 throw ReplicaLogError(.misplaced, segment: previous.name.fileName, offset: previous.written,
@@ -431,6 +443,7 @@ public final class ReplicaLog: ShippingSource {
                 throw ReplicaLogError(.fork, segment: name.fileName, offset: 0, "it was opened in epoch \(header.epoch), after epoch \(previous.epoch)")
             }
             epoch = max(header.epoch, previous.epoch)
+            seals = previous.seals
             // The previous segment is complete: make it durable and closed before the next one exists.
             try commit()
             monitor.withLock { state in
@@ -452,7 +465,7 @@ public final class ReplicaLog: ShippingSource {
         }
         return Appending(
             file: file, name: name, header: header, digest: HistoryDigest(header: header), written: UInt64(SegmentHeader.size),
-            partial: [], nextLSN: header.firstLSN, epoch: epoch
+            partial: [], nextLSN: header.firstLSN, epoch: epoch, seals: seals
         )
     }
 

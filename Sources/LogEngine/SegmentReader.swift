@@ -11,6 +11,8 @@ public struct SegmentScan: Sendable {
     public let records: Int
     /// The history digest over the header and the valid records (the next segment's `previousDigest`).
     public let digest: [UInt8]
+    /// The same digest before it was finished: more records can be added to it.
+    let chain: HistoryDigest
 }
 
 /// A segment whose header cannot be read.
@@ -46,7 +48,10 @@ public enum SegmentReader {
             found.header.withUnsafeBytes { digest.add(recordHeader: $0, checksum: found.checksum) }
             try visit(found.record, found.offset)
         }
-        return SegmentScan(header: header, end: scan.end, endLSN: scan.endLSN, records: scan.records, digest: digest.finalize())
+        let chain = digest
+        return SegmentScan(
+            header: header, end: scan.end, endLSN: scan.endLSN, records: scan.records, digest: digest.finalize(), chain: chain
+        )
     }
 }
 

@@ -12,10 +12,11 @@ extension LogEngine {
 
     /// Whether the log writer would profit from a prepared spare now: none is ready or being made,
     /// the open segment holds an eighth of a segment or 4 MiB of records (so a resource that has
-    /// hardly written keeps no spare), and the spare fits in the log space with a segment and a
-    /// record to spare (it never makes a write wait).
+    /// hardly written keeps no spare), the log is not sealed (it takes no more records), and the
+    /// spare fits in the log space with a segment and a record to spare (it never makes a write wait).
     func needsPreparedSpare(_ state: State) -> Bool {
-        guard state.spares.isEmpty, state.preparingBytes == 0, !state.stopping, let open = state.segments.last else { return false }
+        guard state.spares.isEmpty, state.preparingBytes == 0, !state.stopping, state.sealing == nil, let open = state.segments.last
+        else { return false }
         return state.durableLSN - open.firstLSN >= min(configuration.segmentSize / 8, 4 << 20)
             && state.logBytes + preparedSpareSize + configuration.segmentSize + configuration.maxRecordSize <= configuration.spaceLimit
     }

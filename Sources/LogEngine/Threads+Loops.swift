@@ -86,23 +86,29 @@ extension LogEngine {
                         bytes += size
                     }
                     let group = remaining.prefix(count)
+                    let last = group.last!.record
                     var digest = open.digest
                     let beforeCommit = open.appender.mark()
-                    let fileEnd: UInt64
+                    var fileEnd: UInt64
                     do {
                         fileEnd = try append(group, to: open, digest: &digest)
                         try open.file.sync()
+                        if last.type == .seal {
+                            // A seal is the last record of its segment: the file ends right after it.
+                            fileEnd = open.size + bytes
+                            try open.file.truncate(to: fileEnd)
+                            try open.file.sync()
+                        }
                     } catch {
                         open.appender.rewind(to: beforeCommit)
                         throw error
                     }
                     open.size += bytes
-                    open.fileSize = max(open.fileSize, fileEnd)
+                    open.fileSize = last.type == .seal ? fileEnd : max(open.fileSize, fileEnd)
                     open.records += count
                     open.digest = digest
                     openSegment.value = open
                     remaining = remaining.dropFirst(count)
-                    let last = group.last!.record
                     let endLSN = last.lsn + UInt64(last.encodedSize)
                     let (completions, prepare) = monitor.withLock { state -> ([(any LogCompletionTarget, LogCompletion)], Bool) in
                         state.durableLSN = endLSN
@@ -110,6 +116,10 @@ extension LogEngine {
                         state.segments[state.segments.count - 1].fileSize = open.fileSize
                         state.groupCommits += 1
                         state.logFailure = nil
+                        if let nextEpoch = last.promisedEpoch {
+                            state.seal = Seal(segment: open.name, epoch: last.epoch, nextEpoch: nextEpoch, endLSN: endLSN)
+                            sealWake.broadcast()
+                        }
                         var done: [(any LogCompletionTarget, LogCompletion)] = []
                         while let waiter = state.durabilityWaiters.first, waiter.lsn <= endLSN {
                             _ = state.durabilityWaiters.popFirst()
@@ -129,6 +139,7 @@ extension LogEngine {
                 let failed = monitor.withLock { state -> [Waiter] in
                     state.queue = Array(remaining) + state.queue
                     state.logFailure = failure
+                    sealWake.broadcast()
                     return failedWaiters(&state, failure)
                 }
                 deliver(failed.map { ($0.target, LogCompletion(token: $0.token, error: failure)) })
@@ -212,24 +223,39 @@ extension LogEngine {
         return segment
     }
 
-    /// Creates a segment file holding only its header, durable with its directory entry, to be
-    /// appended to through `appender`.
+    /// Creates a segment file holding its header, durable with its directory entry, to be appended
+    /// to through `appender`. With `opening` (the epoch record that opens a history or a promoted
+    /// primary's epoch), that record follows the header, and both are written under a spare name
+    /// that one rename turns into the segment once they are durable: a crash leaves no segment or
+    /// the whole opening, never a segment of this epoch without its epoch record.
     static func startSegment(
         _ name: SegmentName, in directory: any StorageDirectory, appender: SegmentAppender, firstLSN: UInt64, epoch: UInt64,
-        previousDigest: [UInt8], preallocate: UInt64
+        previousDigest: [UInt8], preallocate: UInt64, opening: LogRecord? = nil
     ) throws(SystemError) -> OpenSegment {
         let header = SegmentHeader(sequence: name.sequence, firstLSN: firstLSN, epoch: epoch, previousDigest: previousDigest)
-        let file = try directory.open(name.fileName, create: true, direct: true)
+        let fileName = opening == nil ? name.fileName : sparePrefix + "opening-" + name.fileName
+        let file = try directory.open(fileName, create: true, direct: true)
         try file.truncate(to: 0)
         appender.restart()
         try appender.append(header.encoded(), to: file)
+        var digest = HistoryDigest(header: header)
+        var size = UInt64(SegmentHeader.size)
+        if let opening {
+            var bytes: [UInt8] = []
+            let checksum = opening.encodeHeader(into: &bytes)
+            bytes.withUnsafeBytes { digest.add(recordHeader: $0, checksum: checksum) }
+            bytes.appendLittleEndian(checksum)
+            try appender.append(bytes, to: file)
+            size += UInt64(bytes.count)
+        }
         let fileSize = try appender.flush(to: file)
         try file.preallocate(preallocate)
         try file.sync()
+        if fileName != name.fileName { try directory.rename(fileName, to: name.fileName) }
         try directory.sync()
         return OpenSegment(
-            name: name, file: file, appender: appender, header: header, size: UInt64(SegmentHeader.size), fileSize: fileSize,
-            digest: HistoryDigest(header: header), records: 0, overwrites: false
+            name: name, file: file, appender: appender, header: header, size: size, fileSize: fileSize, digest: digest,
+            records: opening == nil ? 0 : 1, overwrites: false
         )
     }
 
@@ -481,7 +507,10 @@ extension LogEngine {
     /// deleted as soon as writes wait for log space.
     private func persist(_ position: UInt64) throws(SystemError) {
         try device.sync()
-        if position > positionBox.value.writebackLSN { try positionBox.value.store(position) }
+        if position > positionBox.value.writebackLSN {
+            // With the epoch, so that the directory can open as a replica's (docs/handover.md §3.2).
+            try positionBox.value.store(position, epoch: monitor.withLock { $0.epoch })
+        }
         let (doomed, kept, dropped) = monitor.withLock { state -> ([SegmentInfo], [SegmentInfo], [Spare]) in
             state.writebackLSN = position
             var retired: [SegmentInfo] = []

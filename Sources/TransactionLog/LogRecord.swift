@@ -8,6 +8,10 @@ public enum LogRecordType: UInt8, Sendable, CaseIterable {
     case writeZeroes = 3
     /// The primary generation changes to `epoch` here (the first record of every history). No range.
     case epoch = 5
+    /// The primary of `epoch` ends it here and hands over: `offset` is the epoch it promises its
+    /// successor. The last record of its segment; the next record must be an epoch record of at
+    /// least that epoch (docs/log-format.md, "The seal"). No range, no payload.
+    case seal = 6
 
     public var carriesRange: Bool { self == .write || self == .trim || self == .writeZeroes }
 }
@@ -32,7 +36,8 @@ public struct LogRecord: Sendable, Equatable {
     /// Position of this record in the resource's log history (bytes of records before it).
     public var lsn: UInt64
     public var epoch: UInt64
-    /// Device byte offset and length affected (0 for markers).
+    /// Device byte offset and length affected (0 for markers; a seal's `offset` is the epoch it
+    /// promises, see `LogRecord.seal`).
     public var offset: UInt64
     public var length: UInt64
     /// The data of a write; empty otherwise.
@@ -56,6 +61,14 @@ public struct LogRecord: Sendable, Equatable {
         self.payload = payload
         self.commitOffset = commitOffset
     }
+
+    /// The record that ends `epoch` at `lsn` and promises `nextEpoch` to the successor.
+    public static func seal(lsn: UInt64, epoch: UInt64, nextEpoch: UInt64) -> LogRecord {
+        LogRecord(type: .seal, lsn: lsn, epoch: epoch, offset: nextEpoch)
+    }
+
+    /// The epoch a seal promises to its successor; nil for any other record.
+    public var promisedEpoch: UInt64? { type == .seal ? offset : nil }
 
     /// Where the group commit that wrote this record began: the log was durable up to here.
     public var commitStart: UInt64 { lsn - UInt64(commitOffset) }
@@ -173,8 +186,15 @@ public func decodeRecord(
     } else if payloadLength != 0 {
         return .failure(.invalidField("\(type) record with a payload"))
     }
-    if !type.carriesRange, offset != 0 || length != 0 {
-        return .failure(.invalidField("\(type) record with a range"))
+    switch type {
+    case .seal:
+        guard offset > epoch, length == 0 else {
+            return .failure(.invalidField("seal of epoch \(epoch) promising epoch \(offset) with length \(length)"))
+        }
+    case .epoch:
+        guard offset == 0, length == 0 else { return .failure(.invalidField("epoch record with a range")) }
+    case .write, .trim, .writeZeroes:
+        break
     }
     if type.carriesRange, offset.addingReportingOverflow(length).overflow {
         return .failure(.invalidField("range overflows"))

@@ -151,6 +151,11 @@ struct LogDump: ParsableCommand {
                 print("  previous digest \(segment.previousDigest), digest \(segment.digest)")
                 for record in segment.recordList ?? [] {
                     let flags = record.flags.isEmpty ? "" : " [" + record.flags.joined(separator: ",") + "]"
+                    if record.type == "\(LogRecordType.seal)" {
+                        // A seal's offset field is the epoch it promises to the successor.
+                        print("  \(record.lsn) seal -> epoch \(record.offset) (ends epoch \(record.epoch)) @\(record.fileOffset)")
+                        continue
+                    }
                     let range = record.type == "epoch" ? "" : " offset \(record.offset) length \(record.length)"
                     print("  \(record.lsn) \(record.type) epoch \(record.epoch)\(range)\(flags) @\(record.fileOffset)")
                 }

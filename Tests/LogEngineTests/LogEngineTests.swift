@@ -138,10 +138,12 @@ struct SimulatedResource {
 
     func device() throws -> any StorageFile { try disk.directory("dev").open("data", create: false) }
 
-    func open(device: (any StorageFile)? = nil, report: (String) -> Void = { _ in }) throws -> LogEngine {
+    func open(
+        device: (any StorageFile)? = nil, retentionHolds: [String: UInt64] = [:], report: (String) -> Void = { _ in }
+    ) throws -> LogEngine {
         try LogEngine.open(
             directory: disk.directory("mars"), device: device ?? self.device(), deviceSize: deviceSize,
-            configuration: configuration, report: report
+            configuration: configuration, retentionHolds: retentionHolds, report: report
         )
     }
 }

@@ -21,6 +21,8 @@ func randomRecord(lsn: UInt64, using rng: inout SplitMix64) -> LogRecord {
         )
     case .epoch:
         return LogRecord(type: type, lsn: lsn, epoch: epoch)
+    case .seal:
+        return LogRecord.seal(lsn: lsn, epoch: epoch, nextEpoch: epoch + UInt64.random(in: 1...3, using: &rng))
     }
 }
 
@@ -292,12 +294,56 @@ struct LogFormatTests {
             LogRecord(type: .trim, lsn: 1000, epoch: 1, offset: 0, length: 10, payload: [1]),
             LogRecord(type: .epoch, lsn: 1000, epoch: 1, offset: 4096, length: 0),
             LogRecord(type: .trim, lsn: 1000, epoch: 1, offset: UInt64.max, length: 2),
+            LogRecord(type: .seal, lsn: 1000, epoch: 3, offset: 3),  // promises no later epoch
+            LogRecord(type: .seal, lsn: 1000, epoch: 3, offset: 4, length: 1),
+            LogRecord(type: .seal, lsn: 1000, epoch: 3, offset: 4, length: 1, payload: [7]),
         ]
         for record in cases {
             let (decoded, end) = scan(record.encoded())
             #expect(decoded.isEmpty, "\(record.type) accepted")
             guard case .tornTail(0, .invalidField) = end else { Issue.record("\(record.type): \(end)"); continue }
         }
+    }
+
+    /// A seal is 52 bytes, and says which epoch it ends and which it promises.
+    @Test func sealRoundTrips() throws {
+        let seal = LogRecord.seal(lsn: 1000, epoch: 3, nextEpoch: 4)
+        #expect(seal.encoded().count == 52)
+        #expect(seal.encoded()[5] == 6)
+        let (decoded, end) = scan(seal.encoded())
+        #expect(decoded == [seal])
+        #expect(end == .end(offset: 52))
+        #expect(decoded.first?.promisedEpoch == 4)
+        #expect(LogRecord(type: .epoch, lsn: 0, epoch: 4).promisedEpoch == nil)
+    }
+
+    /// After a seal only an epoch record of at least the promised epoch, in a later segment, may
+    /// follow; everything else is a fork.
+    @Test func sealRule() {
+        let sealed = SegmentName(sequence: 7, host: "alpha")!
+        let next = SegmentName(sequence: 8, host: "beta")!
+        let seal = LogRecord.seal(lsn: 1000, epoch: 3, nextEpoch: 4)
+        func after(_ record: LogRecord, in segment: SegmentName) -> String? {
+            var rule = SealRule()
+            #expect(rule.check(seal, in: sealed) == nil)
+            #expect(rule.pending == Seal(segment: sealed, epoch: 3, nextEpoch: 4, endLSN: 1052))
+            return rule.check(record, in: segment)
+        }
+        #expect(after(LogRecord(type: .epoch, lsn: 1052, epoch: 4), in: next) == nil)
+        #expect(after(LogRecord(type: .epoch, lsn: 1052, epoch: 6), in: next) == nil)
+        // The old epoch writing on, in its segment or in another.
+        #expect(after(LogRecord(type: .write, lsn: 1052, epoch: 3, offset: 0, length: 1, payload: [1]), in: sealed)?.contains("same segment") == true)
+        #expect(after(LogRecord(type: .write, lsn: 1052, epoch: 3, offset: 0, length: 1, payload: [1]), in: next)?.contains("promised epoch 4") == true)
+        // An epoch record below the promise, or in the sealed segment; a record of the new epoch without its epoch record.
+        #expect(after(LogRecord(type: .epoch, lsn: 1052, epoch: 3), in: next) != nil)
+        #expect(after(LogRecord(type: .epoch, lsn: 1052, epoch: 4), in: sealed) != nil)
+        #expect(after(LogRecord(type: .write, lsn: 1052, epoch: 4, offset: 0, length: 1, payload: [1]), in: next) != nil)
+        // Answered, the rule is done: the new epoch writes on.
+        var rule = SealRule()
+        _ = rule.check(seal, in: sealed)
+        _ = rule.check(LogRecord(type: .epoch, lsn: 1052, epoch: 4), in: next)
+        #expect(rule.pending == nil)
+        #expect(rule.check(LogRecord(type: .write, lsn: 1104, epoch: 4, offset: 0, length: 1, payload: [1]), in: next) == nil)
     }
 
     /// Segment names: format, parse, and no path tricks.
