@@ -296,6 +296,11 @@ public struct RoleMachine: Sendable {
         switch (local.role, local.transition?.kind, local.transition?.phase) {
         case (.primary, nil, _) where local.fenced == nil:
             step.actions.append(.finish(commandID: id, result: .success("\(resource) is already primary on this host (epoch \(step.inputs.log.epoch))")))
+        case (.primary, _, _) where local.fenced != nil:
+            let fence = local.fenced!
+            step.actions.append(
+                .finish(commandID: id, result: .failure(RoleError("\(resource) is fenced on this host: \(fence.by) is primary at epoch \(fence.epoch), and what this host wrote since is a split brain: repair first (marsadm view \(resource))")))
+            )
         case (_, .becomingPrimary?, _):
             // The request is out already: this command waits for it too.
             waiting[id] = deadline
@@ -427,9 +432,10 @@ public struct RoleMachine: Sendable {
     private func primaryRules(_ step: inout Step) {
         let inputs = step.inputs
         let epoch = inputs.log.epoch
-        if let designated = inputs.designated, designated.epoch > epoch, designated.primary != step.me {
+        if let designated = inputs.designated, designated.epoch >= epoch, designated.primary != step.me {
             // F1 (§4.2): a newer primary exists (a retake, or a request that went past the epoch
-            // this host was promised): stop admitting at once.
+            // this host was promised): stop admitting at once. F2: another host's promotion to
+            // this epoch (a retake racing a promotion it did not hear of) has the newer clock.
             let fence = FenceRecord(epoch: designated.epoch, by: designated.primary)
             let role = LocalRole(role: .primary, fenced: fence)
             step.actions += [
@@ -439,15 +445,16 @@ public struct RoleMachine: Sendable {
             step.publish(role: role, epoch: epoch, handover: nil)
             return
         }
-        if let designated = inputs.designated, designated.epoch == epoch, designated.primary != step.me {
-            // Two primaries at one epoch come only from two concurrent forced promotions (F2, §4.2).
-            return
-        }
         if inputs.designated?.primary != step.me || inputs.designated?.epoch != epoch {
             step.actions += [.setDesignated(epoch: epoch), .push(to: step.others)]
         }
         guard let wanted = inputs.wanted, wanted.from == step.me, wanted.host != step.me, !wanted.force, wanted.epoch > epoch else {
             step.publish(role: step.local, epoch: epoch, handover: step.ownEntry.handover.flatMap { $0.state == .refused ? $0 : nil })
+            return
+        }
+        if let answered = step.ownEntry.handover, answered.id == wanted.id, answered.state == .refused {
+            // A refusal is final for its request: the requester gives up on it (and may already
+            // have), so sealing for it later would leave nobody to take over.
             return
         }
         if let reason = Self.handoverRefusal(inputs, to: wanted.host) {
@@ -611,6 +618,10 @@ public struct RoleMachine: Sendable {
     private mutating func replayed(_ transition: RoleTransition, _ step: inout Step) {
         let log = step.inputs.log
         guard let finalLSN = transition.finalLSN else { return }
+        if let fork = log.fork {
+            abandon(transition, because: RoleError("\(step.resource) is in split brain here (its history forks from \(fork.with)'s): repair first (marsadm view \(step.resource))"), &step)
+            return
+        }
         if log.endLSN > finalLSN && log.sealedAt != finalLSN {
             abandon(transition, because: RoleError("this host's log of \(step.resource) goes on past the seal of \(transition.peer) at LSN \(finalLSN) (to \(log.endLSN)): the histories fork; see 'marsadm view \(step.resource)'"), &step)
             return
@@ -673,7 +684,7 @@ public struct RoleMachine: Sendable {
         case .replaying:
             state = "\(peer) sealed \(resource) at LSN \(transition.finalLSN ?? 0); this host has replayed to \(inputs.log.replayedLSN) and fetched to \(inputs.log.endLSN)\(heard)"
         default:
-            state = "\(peer) (primary of \(resource), epoch \(transition.epoch)) has not sealed it\(heard)"
+            state = "\(peer) (primary of \(resource), epoch \(transition.epoch)) has not sealed \(resource) yet\(heard)"
         }
         return RoleError(
             "\(state). The request stays: this host takes over as soon as it holds the seal. 'marsadm secondary \(resource)' withdraws it"

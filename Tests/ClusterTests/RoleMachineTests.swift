@@ -169,6 +169,11 @@ struct RoleMachineTests {
         // Level-triggered: once gossiped, the same inputs ask for nothing more.
         inputs.members["alpha"] = actions.first?.published
         #expect(machine.step(inputs) == [])
+        // Final for that request, even once the problem is gone: its requester gives up on it.
+        inputs.use = []
+        inputs.log.failure = nil
+        inputs.log.down = false
+        #expect(machine.step(inputs) == [])
     }
 
     @Test func theOldPrimaryClosesDetachesAndSeals() {
@@ -264,6 +269,15 @@ struct RoleMachineTests {
         #expect(machine.waiting.isEmpty)
     }
 
+    /// A seal the old primary made for another request is not this one's to replay to.
+    @Test func aSealForAnotherRequestIsNotOurs() {
+        var members = F.sealedMembers
+        members["alpha"]?.handover?.id = 7
+        members["alpha"]?.handover?.nextEpoch = 3
+        let inputs = F.inputs("beta", F.becoming(.waitingForSeal), log: LogFacts(epoch: 3, endLSN: F.sealLSN, replayedLSN: F.sealLSN, sealedAt: F.sealLSN), wanted: F.request, members: members)
+        #expect(RoleMachine().stepped(inputs) == [])
+    }
+
     /// A promotion never starts below the seal: a replay short of it, or a log without the seal, waits.
     @Test func noPromotionBelowTheSeal() {
         var machine = RoleMachine()
@@ -346,8 +360,31 @@ struct RoleMachineTests {
     @Test func aMovedDesignationEndsTheRequest() {
         var machine = RoleMachine()
         let designated = ResourceEntry(size: 1 << 20, primary: "alpha", epoch: 5)
-        let actions = machine.step(F.inputs("beta", F.becoming(.waitingForSeal), designated: designated, wanted: F.request))
+        var machineWaiting = F.askingMachine()
+        let actions = machineWaiting.step(F.inputs("beta", F.becoming(.waitingForSeal), designated: designated, wanted: F.request))
         #expect(Array(actions.prefix(3)) == [.persist(F.secondary), .setWanted(nil), .push(to: ["alpha", "gamma"])])
+        #expect(actions.last?.error == "the primary of vm1 changed to alpha (epoch 5) while this host waited; nothing changed here: run 'marsadm primary vm1' again to take over from alpha")
+        #expect(machine.step(F.inputs("beta", F.becoming(.waitingForSeal), designated: designated, wanted: F.request)).count == 3, "nobody waits: no answer")
+    }
+
+    /// A fork found while replaying towards the seal ends the request; the seal can never be reached.
+    @Test func aForkWhileReplayingEndsTheRequest() {
+        var machine = F.askingMachine()
+        var inputs = F.inputs("beta", F.becoming(.replaying, finalLSN: F.sealLSN), wanted: F.request, members: F.sealedMembers)
+        inputs.log.fork = ForkState(lsn: 73728, with: "alpha")
+        #expect(machine.step(inputs).last?.error == "vm1 is in split brain here (its history forks from alpha's): repair first (marsadm view vm1)")
+    }
+
+    /// Commands in states that cannot take them say why and what to do.
+    @Test func aCommandWhileHandingOverOrFencedIsRefused() {
+        #expect(RoleMachine().stepped(F.inputs("alpha", F.handingOver(.closing), wanted: F.request, command: F.ask)).first?.error
+            == "this host is handing vm1 over to beta: wait until beta is primary, then run 'marsadm primary vm1' here again")
+        let fenced = LocalRole(role: .primary, fenced: FenceRecord(epoch: 5, by: "gamma"))
+        var machine = RoleMachine()
+        #expect(machine.step(F.inputs("beta", fenced, command: F.ask)) == [.finish(commandID: F.id, result: .failure(RoleError(
+            "vm1 is fenced on this host: gamma is primary at epoch 5, and what this host wrote since is a split brain: repair first (marsadm view vm1)"
+        )))])
+        #expect(machine.waiting.isEmpty)
     }
 
     @Test func withdrawal() {
@@ -375,6 +412,8 @@ struct RoleMachineTests {
         ))
         #expect(Array(actions.prefix(6)) == [.persist(retaking), .stopFetch, .promote(epoch: 5), .setDesignated(epoch: 5), .openExport, .persist(F.primary)])
         #expect(actions.last?.success == "vm1 is primary on this host at epoch 5 from LSN 81920")
+        // The request key may be gone (gossip lost it, or the requester withdrew): the seal's promise alone is skipped.
+        #expect(RoleMachine().stepped(F.inputs("alpha", F.handingOver(.sealed), command: F.ask)).contains(.promote(epoch: 5)))
     }
 
     /// Another host asks the sealed old primary (its first requester died): it asks above the
@@ -422,6 +461,13 @@ struct RoleMachineTests {
         #expect(actions.last?.published?.role == "fenced")
     }
 
+    /// F2: another host promoted to this epoch with a newer clock (the designation is newest-wins).
+    @Test func anEqualEpochDesignationOfAnotherHostFencesToo() {
+        let other = ResourceEntry(size: 1 << 20, primary: "gamma", epoch: 4)
+        let actions = RoleMachine().stepped(F.inputs("beta", F.primary, log: LogFacts(epoch: 4, endLSN: 90000, replayedLSN: 90000), designated: other))
+        #expect(actions.first == .fence(epoch: 4, by: "gamma"))
+    }
+
     // MARK: The command's wait
 
     @Test func aTimeoutAnswersOnceAndTheRequestStays() {
@@ -431,7 +477,7 @@ struct RoleMachineTests {
         var late = waiting
         late.now = F.now + 300_000
         #expect(machine.step(late) == [.finish(commandID: F.id, result: .failure(RoleError(
-            "alpha (primary of vm1, epoch 3) has not sealed it (last heard 302 s ago). The request stays: this host takes over as soon as it holds the seal. 'marsadm secondary vm1' withdraws it"
+            "alpha (primary of vm1, epoch 3) has not sealed vm1 yet (last heard 302 s ago). The request stays: this host takes over as soon as it holds the seal. 'marsadm secondary vm1' withdraws it"
         )))])
         #expect(machine.step(late) == [])
         // A second command joins the pending request.
