@@ -293,6 +293,8 @@ public final class LogEngine: PendingMemoryWaiter {
         var promisedEpoch: UInt64?
         /// The seal the log ends with, once it is durable.
         var seal: Seal?
+        /// Set by `fence`: another host is primary of a newer epoch; every request is refused with it.
+        var fenced: LogEngineError?
         var groupCommits = 0
         /// No new requests; the threads finish what was admitted and stop.
         var stopping = false
@@ -578,6 +580,27 @@ public final class LogEngine: PendingMemoryWaiter {
         return try outcome.get()
     }
 
+    /// Fences this primary (invariant 5; docs/handover.md §4.2): `host` is primary of a newer
+    /// `epoch`. From now on every write and flush is refused with EIO ("fenced: ..."), and the FUA
+    /// writes and flushes waiting for durability and the writes waiting for room fail with it: no
+    /// write is acknowledged as durable after this. Records already admitted (acknowledged non-FUA
+    /// writes) are still appended, on this host's side of the fork, and writeback goes on, so the
+    /// device keeps matching this host's log (a split-brain repair starts from that). Why EIO: EROFS
+    /// would tell an NBD client the export is read-only, and ESHUTDOWN is the planned handover's.
+    /// A later call with a newer epoch replaces the message.
+    public func fence(epoch: UInt64, by host: String) {
+        let (failed, error) = monitor.withLock { state -> ([Waiter], LogEngineError) in
+            let error = LogEngineError(
+                errno: EIO,
+                "fenced: \(host) is primary at epoch \(epoch), after this host's epoch \(state.epoch) (log \(directory.path)); "
+                    + "this host takes no more writes, and those it took since \(host) took over are not replicated"
+            )
+            state.fenced = error
+            return (failedWaiters(&state, error), error)
+        }
+        deliver(failed.map { ($0.target, LogCompletion(token: $0.token, error: error)) })
+    }
+
     /// Stops the threads at once without more I/O: what a power loss or kill -9 leaves behind.
     /// Requests still waiting are failed.
     public func halt() {
@@ -600,6 +623,7 @@ public final class LogEngine: PendingMemoryWaiter {
     // MARK: - Admission (under the lock)
 
     private func refusal(_ state: State) -> LogEngineError? {
+        if let fenced = state.fenced { return fenced }
         if let sealing = state.sealing { return sealing }
         if state.stopping { return LogEngineError(errno: ESHUTDOWN, "the resource is going down") }
         if let failure = state.logFailure {

@@ -130,16 +130,20 @@ extension HandoverTests {
         #expect(error?.reason.hasPrefix("split brain") == true)
     }
 
-    /// Replay checks the seal rules itself: bytes changed on disk after the receiver checked them
-    /// are not applied.
-    @Test func replayRefusesARecordAfterASeal() throws {
+    /// Replay checks the seal rules itself, also when it resumes right after a seal after a
+    /// restart: bytes changed on disk after the receiver checked them are not applied.
+    @Test(arguments: [false, true]) func replayRefusesARecordAfterASeal(afterRestart: Bool) throws {
         let fixture = try ReplicaFixture()
-        let log = try fixture.open()
+        var log = try fixture.open()
         defer { log.shutdown() }
         try log.receive(segment: sealedSegment.name, offset: 0, bytes: sealedSegment.bytes)
         try log.commit()
         waitForReplay(log, to: sealedSegment.endLSN)
         log.setReplayPaused(true)
+        if afterRestart {
+            log.shutdown()
+            log = try fixture.open(paused: true)
+        }
         let next = successor([LogRecord(type: .epoch, lsn: 0, epoch: 2), LogRecord(type: .trim, lsn: 0, epoch: 2, offset: 0, length: 512)])
         try log.receive(segment: next.name, offset: 0, bytes: next.bytes)
         try log.commit()
@@ -618,5 +622,55 @@ extension HandoverTests {
         let size = Int(ReplicaFixture.deviceSize)
         #expect(try resource.device().read(count: size, at: 0) == fixtureB.device().read(count: size, at: 0))
         #expect(try resource.device().read(count: 1, at: 0) == [0x60])
+    }
+}
+
+extension HandoverTests {
+    /// Invariant 5 on the log side (docs/handover.md §4.2): a fenced engine refuses writes and
+    /// flushes with EIO, fails the FUA writes, flushes and writes that wait, and still appends and
+    /// writes back what it had acknowledged.
+    @Test func fencedEngineRefusesAndFailsWaiters() throws {
+        let resource = try SimulatedResource(segmentSize: 64 << 10, pending: 16 << 10)
+        let logControl = FileControl()
+        let engine = try LogEngine.open(
+            directory: ControlledDirectory(inner: resource.disk.directory("mars"), control: logControl), device: resource.device(),
+            deviceSize: resource.deviceSize, configuration: resource.configuration
+        )
+        logControl.blocked.withLock { $0 = true }
+        let target = Completions()
+        var acknowledged: [Int] = []
+        var waiting: [Int] = []
+        for token in 0..<8 {
+            let bytes = [UInt8](repeating: UInt8(token + 1), count: 4096)
+            switch engine.submit(offset: UInt64(token) * 4096, change: .write(bytes), fua: token == 0, target: target, token: token) {
+            case .acknowledged: acknowledged.append(token)
+            case .waiting: waiting.append(token)
+            case .refused(let error): Issue.record("refused: \(error)")
+            }
+        }
+        #expect(engine.flush(target: target, token: 100) == .waiting)
+        #expect(waiting.contains(0) && waiting.count > 1, "a FUA write and writes waiting for room")
+        engine.fence(epoch: 3, by: "hostB")
+        for token in waiting + [100] {
+            let error = target.wait(token)
+            #expect(error?.errno == EIO)
+            #expect(error?.message.hasPrefix("fenced: hostB is primary at epoch 3") == true)
+        }
+        guard case .refused(let refused) = engine.submit(offset: 0, change: .write([1]), fua: false, target: target, token: 200) else {
+            Issue.record("a fenced engine admitted a write")
+            return
+        }
+        #expect(refused.errno == EIO)
+        guard case .refused = engine.flush(target: target, token: 201) else {
+            Issue.record("a fenced engine took a flush")
+            return
+        }
+        // What it acknowledged still goes to its log and device.
+        logControl.blocked.withLock { $0 = false }
+        waitForWriteback(engine)
+        #expect(engine.shutdown().isComplete)
+        for token in acknowledged {
+            #expect(try resource.device().read(count: 1, at: UInt64(token) * 4096) == [UInt8(token + 1)])
+        }
     }
 }
