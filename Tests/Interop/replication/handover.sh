@@ -184,7 +184,7 @@ time.sleep(120)
 PY
 holder=$!
 pids+=($holder)
-eventually 10 grep -q connected "$W/holder.out"
+check "an NBD client holds $current's export" eventually 10 grep -q connected "$W/holder.out" || cat "$W/holder.out"
 target=${NEXT[$current]}
 adm "$target" primary vm1 --timeout 20 >"$W/refused.out" 2>&1
 rc=$?
