@@ -331,7 +331,7 @@ public struct RoleMachine: Sendable {
         }
     }
 
-    /// P1-P6 of a planned request, and the old primary's gossiped use (§2.2, §3 H1).
+    /// P1-P6 of a planned request (§2.2, §3 H1).
     static func plannedRefusal(_ inputs: RoleInputs, ignoreSync: Bool) -> RoleError? {
         let resource = inputs.resource
         let log = inputs.log
@@ -353,7 +353,8 @@ public struct RoleMachine: Sendable {
         if designated.primary == inputs.me {
             return RoleError("\(resource) is being made primary on this host already (epoch \(designated.epoch)): 'marsadm wait-resource \(resource) --until primary'")
         }
-        let members = inputs.members.sorted { $0.key < $1.key }
+        // This host's own state comes from its log (P1, P2), not from its gossiped entry, which may be a round old.
+        let members = inputs.members.filter { $0.key != inputs.me }.sorted { $0.key < $1.key }
         if !ignoreSync, let (host, _) = members.first(where: { $0.value.replication == "Syncing" || $0.value.replication == "PausedSync" }) {
             return RoleError(
                 "\(host) is syncing \(resource): a handover would restart its sync. Wait ('marsadm wait-resource \(resource) --until uptodate' there) or add --ignore-sync"
@@ -362,9 +363,8 @@ public struct RoleMachine: Sendable {
         if let (host, _) = members.first(where: { $0.value.fork != nil || $0.value.disk == "SplitBrain" || $0.value.replication == "SplitBrain" }) {
             return RoleError("\(host) reports a split brain of \(resource): repair it first (marsadm view \(resource) there)")
         }
-        if let use = inputs.members[designated.primary]?.inUse, !use.isEmpty {
-            return inUseRefusal(by: designated.primary, of: resource, use: use)
-        }
+        // The old primary's use is not checked here: its gossiped `inUse` is up to a round old
+        // (a device unmounted a moment ago would refuse), and the old primary checks anyway (P7).
         return nil
     }
 

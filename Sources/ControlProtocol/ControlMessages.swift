@@ -42,6 +42,21 @@ public struct ControlRequest: Codable, Sendable, Equatable {
         case detach
         /// Gives resource `name` `size` bytes (on its primary; growing, or shrinking with `force`).
         case resize
+        /// Makes this host the primary of resource `name`: a planned handover from the current
+        /// primary (it seals its log, this host replays to the seal and continues the history).
+        case primary
+        /// Withdraws this host's pending request to become primary of `name`.
+        case secondary
+    }
+
+    /// What wait-resource waits for.
+    public enum WaitTarget: String, Codable, Sendable, CaseIterable {
+        /// This host's replica replayed what the primary had made durable when the wait began.
+        case uptodate
+        /// This host is the resource's primary and serves its export.
+        case primary
+        /// This host is a secondary that fetches from a designated primary.
+        case secondary
     }
 
     public var command: Command
@@ -59,11 +74,21 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var size: UInt64?
     /// leave-resource: remove the logical volume made by --lvm too.
     public var removeVolume: Bool?
+    /// wait-resource: what to wait for (nil: uptodate).
+    public var until: WaitTarget?
+    /// primary: hand over although a member is syncing (its sync starts again from the new primary).
+    public var ignoreSync: Bool?
+    /// primary: attach /dev/mars/NAME on this host once it is primary.
+    public var attach: Bool?
 
     public init(
         command: Command, name: String? = nil, device: String? = nil, host: String? = nil, token: String? = nil, peer: String? = nil,
-        timeout: Double? = nil, force: Bool? = nil, volumeGroup: String? = nil, size: UInt64? = nil, removeVolume: Bool? = nil
+        timeout: Double? = nil, force: Bool? = nil, volumeGroup: String? = nil, size: UInt64? = nil, removeVolume: Bool? = nil,
+        until: WaitTarget? = nil, ignoreSync: Bool? = nil, attach: Bool? = nil
     ) {
+        self.until = until
+        self.ignoreSync = ignoreSync
+        self.attach = attach
         self.force = force
         self.volumeGroup = volumeGroup
         self.size = size

@@ -98,7 +98,7 @@ extension ResourceManager: PeerRequestHandler {
         {
             holds = stored.filter { !cluster.isDeleted(ClusterService.memberKey(resource, $0.key)) }
         }
-        for (member, entry) in cluster.members(of: resource) where member != host && entry.role == "secondary" {
+        for (member, entry) in cluster.members(of: resource) where member != host && entry.fetches {
             // A member let go (NeedsSync) holds nothing until it syncs again.
             guard cluster.value(String.self, ClusterService.needsSyncKey(resource, member)) == nil else {
                 holds[member] = nil
@@ -173,6 +173,9 @@ extension ResourceManager: PeerRequestHandler {
         }
         state.withLock { $0.resources[name] = Resource(config: config, directory: directory) }
         try await bringUp(name)
+        // Every member learns of this one now, not a gossip round later: a host that becomes
+        // primary keeps the log for the members it knows of.
+        await publishMembershipNow(inQueue: true)
         return "joined resource \(name) as a secondary of \(entry.primary); the initial sync of \(entry.size) bytes runs "
             + "('marsadm view' shows it, 'marsadm wait-resource \(name) --until uptodate' waits for it)"
     }
@@ -180,8 +183,21 @@ extension ResourceManager: PeerRequestHandler {
     /// Opens a replica: its log (replay paused until the sync is done or while the operator paused
     /// it), the fetch from the primary, and the sync if it has not finished.
     func bringUpReplica(_ name: String) async throws {
-        guard let resource = state.withLock({ $0.resources[name] }) else { return }
+        guard let found = state.withLock({ $0.resources[name] }) else { return }
+        var resource = found
+        if let sealed = resource.config.transition, sealed.kind == .handingOver, sealed.phase == .sealed, let end = sealed.finalLSN,
+            resource.config.sync?.startLSN != end || resource.config.sync?.endLSN != end
+        {
+            // A primary that sealed for a handover: its history ends at the seal, which is where
+            // this replica is complete (docs/handover.md §3.2); the members' holds are the new primary's.
+            try updateConfig(name) { config in
+                config.sync = SyncRecord(startLSN: end, startSegment: sealed.finalSegment ?? "", epoch: sealed.epoch, offset: config.size, endLSN: end)
+            }
+            try? resource.directory.remove(Self.retentionFileName)
+            resource.config = state.withLock { $0.resources[name]?.config } ?? resource.config
+        }
         let config = resource.config
+        let directory = resource.directory
         guard let sync = config.sync else {
             throw DaemonError("\(resource.directory.path)/\(ResourceConfig.fileName) has no sync record: join the resource again")
         }
@@ -199,7 +215,7 @@ extension ResourceManager: PeerRequestHandler {
                     throw DaemonError("the data device \(config.device) has \(device.size) bytes, the resource needs \(config.size)")
                 }
                 let log = try ReplicaLog.open(
-                    directory: resource.directory, device: POSIXFile(device: device), deviceSize: device.size,
+                    directory: directory, device: POSIXFile(device: device), deviceSize: device.size,
                     replayPaused: sync.endLSN == nil || config.replayPaused == true, spaceLimit: spaceLimit
                 ) { [logger = self.logger] message in logger.notice("replica log of \(name): \(message)") }
                 return (device, log)
@@ -213,7 +229,7 @@ extension ResourceManager: PeerRequestHandler {
                     let hosts = cluster.hosts()
                     let own = identity.flatMap { cluster.members(of: name)[$0.host]?.fetchedLSN } ?? 0
                     let others = cluster.members(of: name).filter {
-                        $0.key != entry.primary && $0.key != identity?.host && $0.value.role == "secondary" && $0.value.fetchedLSN > own
+                        $0.key != entry.primary && $0.key != identity?.host && $0.value.fetches && $0.value.fetchedLSN > own
                     }.sorted { $0.value.fetchedLSN > $1.value.fetchedLSN }.map(\.key)
                     return ([entry.primary] + others).compactMap { host in
                         hosts[host].flatMap { try? PeerAddress(parsing: $0.address) }.map { FetchSource(host: host, address: $0) }
@@ -226,7 +242,8 @@ extension ResourceManager: PeerRequestHandler {
                 state.resources[name]?.replica = replica
                 state.resources[name]?.error = nil
             }
-            if config.fetchPaused != true { fetcher.start() }
+            // A sealed old primary fetches once the cluster names the new one (its role machine starts it).
+            if config.fetchPaused != true && config.transition?.kind != .handingOver { fetcher.start() }
             if sync.endLSN == nil {
                 if config.syncPaused != true { startSync(name, replica: replica) }
             } else {
@@ -426,6 +443,7 @@ extension ResourceManager: PeerRequestHandler {
                 if let problem = log.fork ?? log.failure { throw DaemonError("\(name) cannot become UpToDate: \(problem)") }
                 if replica.fetcher.status.needsSync { throw DaemonError("\(name) needs a new sync: \(replica.fetcher.status.problem ?? "")") }
                 if let end = config.sync?.endLSN, log.consistent, log.replayedLSN >= max(end, target) {
+                    await publishMembershipNow()
                     return "\(name) is UpToDate: replayed to LSN \(log.replayedLSN) (the primary's durable end was \(target))"
                 }
                 if ContinuousClock.now >= deadline {
@@ -436,6 +454,38 @@ extension ResourceManager: PeerRequestHandler {
                 }
             } else if ContinuousClock.now >= deadline {
                 throw DaemonError("\(name) is not up on this host ('marsadm up \(name)')")
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+    }
+
+    /// Waits until this host is the primary of `name` and serves it, or a secondary fetching from
+    /// another host that the cluster names as primary.
+    func waitForRole(_ name: String, _ target: ControlRequest.WaitTarget, timeout: Double) async throws -> String {
+        let deadline = ContinuousClock.now + .milliseconds(Int64(timeout * 1000))
+        while true {
+            let designated = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name))?.primary
+            let me = identity?.host
+            let (role, serving) = state.withLock { state -> (String?, Bool) in
+                guard let resource = state.resources[name] else { return (nil, false) }
+                let serving = resource.config.role == "primary" ? resource.engine != nil
+                    : resource.replica.map { ![.stopped, .paused].contains($0.fetcher.status.link) } ?? false
+                return (resource.config.role, serving)
+            }
+            guard let role else { throw DaemonError("there is no resource '\(name)' on this host any more") }
+            switch target {
+            case .primary where role == "primary" && serving && designated == me:
+                return "\(name): this host is its primary and serves it"
+            case .secondary where role == "secondary" && serving && designated != nil && designated != me:
+                return "\(name): this host is a secondary of \(designated!)"
+            default:
+                break
+            }
+            if ContinuousClock.now >= deadline {
+                let now = role == "primary" ? (serving ? "primary" : "primary, but down") : (serving ? "a fetching secondary" : "a secondary, not fetching")
+                throw DaemonError(
+                    "\(name) is not \(target.rawValue) here after \(timeout) s: this host is \(now), and the cluster names \(designated ?? "no host") as primary"
+                )
             }
             try await Task.sleep(for: .milliseconds(100))
         }
@@ -526,6 +576,13 @@ extension ResourceManager: PeerRequestHandler {
     /// retention on primaries and replicas, this host's state of every resource published and
     /// gossiped with every other member.
     func runGossip() async {
+        await withDiscardingTaskGroup { tasks in
+            tasks.addTask { await self.runTransitions() }
+            await gossipRounds()
+        }
+    }
+
+    private func gossipRounds() async {
         while !Task.isCancelled {
             releaseFreeMemory()
             if let credentials {
@@ -533,7 +590,11 @@ extension ResourceManager: PeerRequestHandler {
                 holdForOtherMembers(credentials.local.host)
                 observePrimaries()
                 await commands.run { await self.advanceResizes(credentials.local.host) }
-                announceMembership(credentials.local.host)
+                // In the queue, as the role machines' own publishing: one writer of the member keys at a time.
+                await commands.run {
+                    await self.evaluateRoles()
+                    self.announceMembership(credentials.local.host)
+                }
                 await cluster.gossipRound(group: peerGroup, credentials: credentials)
             }
             try? await Task.sleep(for: ClusterService.gossipInterval)
@@ -556,7 +617,7 @@ extension ResourceManager: PeerRequestHandler {
         for (name, log) in replicas {
             let primary = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name))?.primary
             var holds: [String: UInt64] = [:]
-            for (member, entry) in cluster.members(of: name) where member != host && member != primary && entry.role == "secondary" {
+            for (member, entry) in cluster.members(of: name) where member != host && member != primary && entry.fetches {
                 holds[member] = entry.fetchedLSN
             }
             log.setRetentionHolds(holds)
@@ -609,21 +670,44 @@ extension ResourceManager: PeerRequestHandler {
         }
     }
 
-    private func announceMembership(_ host: String) {
+    /// Publishes this host's state of every resource and pushes it to every host at once (after a
+    /// join, or when wait-resource answers UpToDate: a command run next on another host, such as a
+    /// handover that checks for syncing members, must not see the state of a gossip round ago).
+    func publishMembershipNow(inQueue: Bool = false) async {
+        guard let credentials else { return }
+        if inQueue {
+            announceMembership(credentials.local.host)
+        } else {
+            await commands.run { self.announceMembership(credentials.local.host) }
+        }
+        await cluster.push(to: Array(cluster.hosts().keys), group: peerGroup, credentials: credentials)
+    }
+
+    func announceMembership(_ host: String) {
         let resources = state.withLock { Array($0.resources.values) }
         for resource in resources {
             let own = ownState(of: resource)
+            let key = ClusterService.memberKey(resource.config.name, host)
+            let old = cluster.value(MemberEntry.self, key)
+            let role = LocalRole(role: resource.config.role == "primary" ? .primary : .secondary, transition: resource.config.transition, fenced: resource.config.fenced)
             var entry = MemberEntry(
-                role: resource.config.role, disk: own.disk, replication: own.replication, fetchedLSN: own.fetchedLSN ?? 0,
+                role: role.viewName, disk: own.disk, replication: own.replication, fetchedLSN: own.fetchedLSN ?? 0,
                 replayedLSN: own.replayedLSN ?? 0, updated: wallClockMilliseconds()
             )
+            // The role machine owns the handover fields (it publishes them); positions and use are refreshed here.
+            entry.epoch = old?.epoch
+            entry.handover = old?.handover
+            entry.fenced = old?.fenced
+            entry.fork = old?.fork
+            entry.epochs = old?.epochs
+            let users = users(of: resource)
+            entry.inUse = users.isEmpty ? nil : users
             if cluster.value(ResourceEntry.self, ClusterService.resourceKey(resource.config.name))?.wanted != nil {
                 entry.readySize = readySize(of: resource)
                 entry.resizeProblem = resizeProblems.withLock { $0[resource.config.name] }
             }
             // The timestamp alone changes nothing worth a gossip: compare without it.
-            let key = ClusterService.memberKey(resource.config.name, host)
-            if let old = cluster.value(MemberEntry.self, key), old.sameState(as: entry) { continue }
+            if let old, old.sameState(as: entry) { continue }
             cluster.set(key, entry, by: host)
         }
     }

@@ -128,7 +128,7 @@ extension ResourceManager {
         else { return nil }
         var ready = [host: device.size]
         let members = cluster.members(of: name)
-        for (member, entry) in members where member != host && entry.role == "secondary" {
+        for (member, entry) in members where member != host && entry.fetches {
             // A member let go syncs everything again anyway, at the size of that time.
             guard cluster.value(String.self, ClusterService.needsSyncKey(name, member)) == nil else { continue }
             ready[member] = entry.readySize ?? 0

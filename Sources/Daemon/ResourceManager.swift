@@ -56,6 +56,8 @@ final class ResourceManager: Sendable {
         var config: ResourceConfig
         var directory: any StorageDirectory
         var engine: LogEngine?
+        /// The data device a primary's export serves (with `engine`).
+        var device: BlockDevice?
         var replica: Replica?
         var error: String?
         /// What the last `down` could not do (acknowledged writes not on the data device); shown
@@ -90,6 +92,8 @@ final class ResourceManager: Sendable {
     let resizeProblems = Mutex<[String: String]>([:])
     /// The event loops peer links run on.
     let peerGroup: any EventLoopGroup
+    /// The role machines (handover) and the commands waiting for them.
+    let roles = RoleDriver()
 
     init(settings: ResourceSettings, exports: ExportTable, peerGroup: any EventLoopGroup, logger: Logger) throws {
         self.settings = settings
@@ -151,6 +155,7 @@ final class ResourceManager: Sendable {
         for (name, problem) in unreadable {
             exports.setUnavailable(name, reason: "resource \(name) cannot be used: \(problem)")
         }
+        cluster.onRoleKeysChanged = { [weak self] names in self?.roleKeysChanged(names) }
     }
 
     static func downReason(_ name: String) -> String { "resource \(name) is down ('marsadm up \(name)' brings it up)" }
@@ -161,7 +166,7 @@ final class ResourceManager: Sendable {
     func expectWanted() {
         // Replicas have no export: nothing waits for them.
         let wanted = state.withLock { state in
-            state.resources.values.filter { $0.config.wanted == "up" && $0.engine == nil && $0.config.role == "primary" }.map(\.config.name)
+            state.resources.values.filter { $0.config.wanted == "up" && $0.engine == nil && $0.config.role == "primary" && $0.config.transition == nil }.map(\.config.name)
         }
         for name in wanted { exports.expect(name) }
     }
@@ -190,10 +195,18 @@ final class ResourceManager: Sendable {
         if request.command == .waitResource {
             do {
                 let name = try existingName(request)
-                return ControlResponse(message: try await waitUpToDate(name, timeout: request.timeout ?? 300))
+                let timeout = request.timeout ?? 300
+                switch request.until ?? .uptodate {
+                case .uptodate: return ControlResponse(message: try await waitUpToDate(name, timeout: timeout))
+                case .primary, .secondary: return ControlResponse(message: try await waitForRole(name, request.until!, timeout: timeout))
+                }
             } catch {
                 return ControlResponse(error: "\(error)")
             }
+        }
+        // A role command waits for other hosts (the seal, the replay): the machine answers it.
+        if request.command == .primary || request.command == .secondary {
+            return await requestRole(request)
         }
         if request.command == .leaveResource, request.removeVolume == true {
             return await leaveResourceRemovingVolume(request)
@@ -232,8 +245,8 @@ final class ResourceManager: Sendable {
                 case .pauseFetch, .resumeFetch, .pauseReplay, .resumeReplay, .pauseSync, .resumeSync:
                     let name = try self.existingName(request)
                     return ControlResponse(message: try await self.setSwitch(name, request.command))
-                case .waitResource:
-                    return ControlResponse(error: "wait-resource is answered outside the command queue")
+                case .waitResource, .primary, .secondary:
+                    return ControlResponse(error: "\(request.command.rawValue) is answered outside the command queue")
                 case .createResource:
                     guard let name = request.name else { throw DaemonError("create-resource needs a resource name") }
                     if let group = request.volumeGroup {
@@ -443,13 +456,35 @@ final class ResourceManager: Sendable {
     /// device that grew (an LV extended ahead of a resize) serves the same size. Recovery accepts
     /// records within the device itself (a forced shrink leaves records beyond the size in the
     /// log); a device that shrank below the size keeps the resource down with an error that says so.
+    /// A primary that was handing the resource over when it stopped opens its log but not its
+    /// export: its role machine finishes the handover (docs/handover.md §3.1).
     func bringUp(_ name: String) async throws {
         guard let resource = state.withLock({ $0.resources[name] }), resource.engine == nil, resource.replica == nil else { return }
         if resource.config.role == "secondary" {
             return try await bringUpReplica(name)
         }
+        let handingOver = resource.config.transition?.kind == .handingOver
         // Clients asking for it from now on wait for the outcome.
-        exports.expect(name)
+        if !handingOver { exports.expect(name) }
+        do {
+            try await openPrimaryLog(name)
+            if handingOver {
+                exports.setUnavailable(name, reason: "\(name) is being handed over to \(resource.config.transition!.peer)")
+            } else {
+                try openExport(name)
+            }
+            logger.info("resource up", metadata: ["resource": "\(name)", "device": "\(resource.config.device)"])
+        } catch {
+            // A recovery that failed told the waiting clients why already.
+            if exports.isPending(name) { exports.giveUp(name, reason: "resource \(name) failed to come up: \(error)") }
+            throw error
+        }
+    }
+
+    /// Opens the data device and the primary's log of `name` (recovery replays it onto the device);
+    /// with `promotion`, a replica's directory becomes the primary's at that epoch (docs/handover.md §3.2).
+    func openPrimaryLog(_ name: String, promotion: UInt64? = nil) async throws {
+        guard let resource = state.withLock({ $0.resources[name] }) else { return }
         let identityHost = state.withLock { $0.identity?.host } ?? ""
         let settings = self.settings
         let logger = self.logger
@@ -475,22 +510,18 @@ final class ResourceManager: Sendable {
                 let engine = try LogEngine.open(
                     directory: resource.directory, device: POSIXFile(device: device),
                     deviceSize: device.size, configuration: settings.engineConfiguration(host: identity.host),
-                    retentionHolds: holds
+                    retentionHolds: holds, promotion: promotion
                 ) { message in
                     logger.notice("recovery of \(name): \(message)")
                 }
                 return (device, engine)
             }
-            let export = ServedExport(
-                name: name, description: "swift-mars resource \(name)", device: device, size: resource.config.size, log: engine
-            )
-            exports.add(export)
             state.withLock { state in
                 state.resources[name]?.engine = engine
+                state.resources[name]?.device = device
                 state.resources[name]?.error = nil
                 state.resources[name]?.downProblem = nil
             }
-            logger.info("resource up", metadata: ["resource": "\(name)", "device": "\(resource.config.device)"])
         } catch let error as LogRecoveryError {
             // The error states what recovery found; what to do is said here, where an operator sees
             // it (marsadm's log commands print the facts only: they are the inspection this points to).
@@ -503,9 +534,17 @@ final class ResourceManager: Sendable {
             throw failure
         } catch {
             state.withLock { $0.resources[name]?.error = "\(error)" }
-            exports.giveUp(name, reason: "resource \(name) failed to come up: \(error)")
             throw error
         }
+    }
+
+    /// Serves the primary's log of `name` as its NBD export (once: an open export stays).
+    func openExport(_ name: String) throws {
+        guard let resource = state.withLock({ $0.resources[name] }), let engine = resource.engine, let device = resource.device else {
+            throw DaemonError("resource \(name) has no open log on this host to serve")
+        }
+        guard !exports.exports.contains(where: { $0.descriptor.name == name }) else { return }
+        exports.add(ServedExport(name: name, description: "swift-mars resource \(name)", device: device, size: resource.config.size, log: engine))
     }
 
     /// Closes the export, then drains the log onto the device. Returns what the log engine
@@ -531,6 +570,7 @@ final class ResourceManager: Sendable {
         let problem = result.isComplete ? nil : "down with acknowledged writes missing from the data device: \(result)"
         state.withLock { state in
             state.resources[name]?.engine = nil
+            state.resources[name]?.device = nil
             state.resources[name]?.downProblem = problem
         }
         if let problem {
@@ -543,6 +583,7 @@ final class ResourceManager: Sendable {
 
     /// Takes every resource down (marsd stopping); their wanted state stays as it was.
     func shutdown() async {
+        roles.answerAll(.failure(RoleError("marsd is stopping; the request stays and goes on when it starts again")))
         let names = state.withLock { Array($0.resources.keys) }
         for name in names.sorted() {
             _ = await commands.run { await self.takeDown(name) }

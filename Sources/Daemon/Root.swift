@@ -1,4 +1,5 @@
 import BlockStore
+import Cluster
 import FoundationEssentials
 import PeerProtocol
 import TransactionLog
@@ -58,6 +59,10 @@ struct ResourceConfig: Codable, Equatable {
     /// A secondary's data device equals the primary's (up to replay) below this offset; nil: the
     /// size. Beyond the size when a resize copied the new tail ahead of the primary raising it.
     var syncedSize: UInt64?
+    /// A role change under way (docs/handover.md §2): a restart resumes it from here.
+    var transition: RoleTransition?
+    /// This host was primary and learnt of a newer one: it admits no writes.
+    var fenced: FenceRecord?
 }
 
 /// The persisted state of a replica's initial sync (resumable after a restart of either side).

@@ -220,6 +220,8 @@ public struct LogEngineStatus: Sendable, Equatable {
     public var currentSegment: String
     public var groupCommits: Int
     public var failure: String?
+    /// The seal the log ends with, once durable: this primary handed over and admits nothing.
+    public var seal: Seal? = nil
 }
 
 /// The transaction log of one resource on its primary: every change is appended to the current
@@ -500,7 +502,7 @@ public final class LogEngine: PendingMemoryWaiter {
                 pendingChanges: state.pending.count, pendingBytes: state.pending.heldBytes, waitingWrites: state.waitingWrites.count,
                 logBytes: state.logBytes, spaceLimit: configuration.spaceLimit, segments: state.segments.count,
                 currentSegment: state.segments.last?.name.fileName ?? "", groupCommits: state.groupCommits,
-                failure: (state.logFailure ?? state.writebackFailure)?.message
+                failure: (state.logFailure ?? state.writebackFailure)?.message, seal: state.seal
             )
         }
     }

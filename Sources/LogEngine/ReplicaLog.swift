@@ -67,6 +67,8 @@ public struct ReplicaLogStatus: Sendable, Equatable {
     public var failure: String?
     /// The fork, when the fetched history is not this host's (split brain).
     public var fork: String?
+    /// The seal the replayed history ends with: the primary that wrote it handed over there.
+    public var seal: Seal? = nil
 
     public var consistent: Bool { replayedLSN >= consistentFrom && applyingLSN <= replayedLSN }
 }
@@ -268,7 +270,7 @@ public final class ReplicaLog: ShippingSource {
                 epoch: state.epoch, replayPaused: state.replayPaused, replaying: state.replaying, segments: state.segments.count,
                 logBytes: state.segments.reduce(0) { $0 + $1.size }, fetchSegment: fetchSegment,
                 lagSeconds: Double(seconds) + Double(attoseconds) / 1e18,
-                failure: state.failure?.description, fork: state.fork?.description
+                failure: state.failure?.description, fork: state.fork?.description, seal: state.seals.pending
             )
         }
     }

@@ -18,7 +18,7 @@ struct Marsadm: ParsableCommand {
             """,
         version: marsVersion,
         subcommands: [
-            CreateCluster.self, JoinCluster.self, CreateResource.self, JoinResource.self, Up.self, Down.self, View.self,
+            CreateCluster.self, JoinCluster.self, CreateResource.self, JoinResource.self, Up.self, Down.self, Primary.self, Secondary.self, View.self,
             WaitResource.self, PauseFetch.self, ResumeFetch.self, PauseReplay.self, ResumeReplay.self, PauseSync.self, ResumeSync.self,
             Invalidate.self, LeaveResource.self, DeleteResource.self, LeaveCluster.self, Attach.self, Detach.self, Resize.self, LogDump.self,
             LogVerify.self,
@@ -201,20 +201,20 @@ struct JoinResource: ParsableCommand {
 
 struct WaitResource: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Wait until this host's replica of a resource is UpToDate.",
+        abstract: "Wait until a resource reaches a state on this host.",
         discussion: """
-            Returns 0 once the replica has finished any sync and replayed everything the primary had made durable \
-            when the command started; non-zero with the positions reached when --timeout seconds pass first.
+            --until uptodate (the default): returns 0 once this host's replica has finished any sync and replayed \
+            everything the primary had made durable when the command started. --until primary: once this host is \
+            the resource's primary and serves its export. --until secondary: once this host is a secondary that \
+            fetches from a designated primary. Non-zero, with what was reached, when --timeout seconds pass first.
             """
     )
-
-    enum Target: String, ExpressibleByArgument { case uptodate }
 
     @Argument(help: "The resource name.")
     var name: String
 
-    @Option(help: "What to wait for: uptodate.")
-    var until: Target = .uptodate
+    @Option(help: "What to wait for: uptodate, primary or secondary.")
+    var until: ControlRequest.WaitTarget = .uptodate
 
     @OptionGroup var options: ControlOptions
 
@@ -223,8 +223,62 @@ struct WaitResource: ParsableCommand {
         var options = options
         let wait = options.timeout
         options.timeout = wait + 30
-        try options.perform(ControlRequest(command: .waitResource, name: name, timeout: wait))
+        try options.perform(ControlRequest(command: .waitResource, name: name, timeout: wait, until: until))
     }
+}
+
+extension ControlRequest.WaitTarget: ExpressibleByArgument {}
+
+struct Primary: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Make this host the primary of a resource (planned handover).",
+        discussion: """
+            Run it on the secondary that is to become primary. The current primary closes its export, writes \
+            the rest of its log and seals it; this host fetches and replays up to the seal, then continues the \
+            history at the next epoch and opens the export here. No acknowledged write is lost, and the old \
+            primary goes on as a secondary of this host. The other secondaries follow the new primary by \
+            themselves.
+
+            Refused, and nothing changes, while the resource is in use on the current primary (its \
+            /dev/mars/NAME mounted or open, or NBD clients connected: the message names them), while this \
+            host is not a consistent, synced replica, while its fetch or replay is paused, while a member is \
+            syncing (unless --ignore-sync: its sync starts again from the new primary), or during a split brain. \
+            Returns once this host is primary; after --timeout seconds it fails and says what it waits for \
+            (the request stays: 'marsadm secondary NAME' withdraws it).
+            """
+    )
+
+    @Argument(help: "The resource name.")
+    var name: String
+
+    @Flag(help: "Hand over although a member is syncing (its sync starts again from this host).")
+    var ignoreSync = false
+
+    @Flag(help: "Attach /dev/mars/NAME on this host once it is primary.")
+    var attach = false
+
+    @OptionGroup var options: ControlOptions
+
+    func run() throws {
+        var options = options
+        let wait = options.timeout
+        options.timeout = wait + 30
+        try options.perform(ControlRequest(command: .primary, name: name, timeout: wait, ignoreSync: ignoreSync, attach: attach))
+    }
+}
+
+struct Secondary: ResourceCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Withdraw this host's pending request to become primary of a resource.",
+        discussion: """
+            A 'marsadm primary' that timed out leaves its request standing, so the handover still happens when \
+            the old primary seals. This withdraws it, unless the old primary has sealed already (then this host \
+            finishes becoming primary: the history must go on somewhere).
+            """
+    )
+    @Argument(help: "The resource name.") var name: String
+    @OptionGroup var options: ControlOptions
+    static let command = ControlRequest.Command.secondary
 }
 
 struct PauseFetch: ResourceCommand {

@@ -99,7 +99,6 @@ struct RoleMachineTests {
         ("designatedMe", "vm1 is being made primary on this host already (epoch 3): 'marsadm wait-resource vm1 --until primary'"),
         ("syncing", "gamma is syncing vm1: a handover would restart its sync. Wait ('marsadm wait-resource vm1 --until uptodate' there) or add --ignore-sync"),
         ("splitBrain", "gamma reports a split brain of vm1: repair it first (marsadm view vm1 there)"),
-        ("inUse", "alpha refused the handover of vm1: /dev/mars/vm1 (/dev/nbd0) is mounted on /srv; 1 NBD connection from 10.0.0.5. Stop the guest/unmount there, then run 'marsadm primary vm1' again"),
     ])
     func preconditionsRefuseWithTheFix(_ condition: String, _ message: String) {
         var inputs = F.inputs("beta", F.secondary, command: F.ask)
@@ -115,12 +114,33 @@ struct RoleMachineTests {
         case "designatedMe": inputs.designated?.primary = "beta"
         case "syncing": inputs.members["gamma"]?.replication = "Syncing"
         case "splitBrain": inputs.members["gamma"]?.fork = ForkState(lsn: nil, with: "alpha")
-        case "inUse": inputs.members["alpha"]?.inUse = ["/dev/mars/vm1 (/dev/nbd0) is mounted on /srv", "1 NBD connection from 10.0.0.5"]
         default: Issue.record("unknown condition \(condition)")
         }
         var machine = RoleMachine()
         #expect(machine.step(inputs) == [.finish(commandID: F.id, result: .failure(RoleError(message)))])
         #expect(machine.waiting.isEmpty)
+    }
+
+    /// This host's own gossiped entry may still say Syncing a moment after its sync ended: its
+    /// log facts decide for itself.
+    @Test func theOwnGossipedEntryDoesNotRefuse() {
+        var inputs = F.inputs("beta", F.secondary, command: F.ask)
+        inputs.members["beta"]?.replication = "Syncing"
+        inputs.members["beta"]?.disk = "SplitBrain"
+        var machine = RoleMachine()
+        let actions = machine.step(inputs)
+        #expect(actions.contains { if case .setWanted(let wanted?) = $0 { wanted.host == "beta" } else { false } }, "\(actions)")
+    }
+
+    /// The old primary's gossiped use may be a round old: the request goes out, and the old
+    /// primary, which sees its own use, decides (P7).
+    @Test func theRequesterLeavesTheUseCheckToTheOldPrimary() {
+        var inputs = F.inputs("beta", F.secondary, command: F.ask)
+        inputs.members["alpha"]?.inUse = ["/dev/mars/vm1 (/dev/nbd0) is mounted on /srv"]
+        var machine = RoleMachine()
+        let actions = machine.step(inputs)
+        #expect(actions.contains { if case .setWanted(let wanted?) = $0 { wanted.host == "beta" } else { false } }, "\(actions)")
+        #expect(machine.waiting.keys.contains(F.id))
     }
 
     @Test func ignoreSyncAsksDespiteASyncingMember() {

@@ -65,6 +65,7 @@ final class GossipHost: PeerRequestHandler, @unchecked Sendable {
     func gossip(_ entries: [UInt8], from peer: PeerIdentity) -> [UInt8] { service.receiveGossip(entries, from: peer) }
     func fetched(_ resource: String, by peer: PeerIdentity, upTo lsn: UInt64) {}
     func syncStarting(_ resource: String, by peer: PeerIdentity) {}
+    func staleSourceSeen(_ resource: String, epoch: UInt64, by peer: PeerIdentity) {}
 }
 
 /// ClusterService.push and onRoleKeysChanged (docs/handover.md §1.4): two services on port 0.

@@ -48,8 +48,9 @@ final class DaemonHarness {
         configuration.controlSocketPath = control
         configuration.nbd.unixSocketPath = nbd
         configuration.eventLoopThreads = 2
-        var logger = Logger(label: "daemon-test")
-        logger.logLevel = .critical
+        var logger = Logger(label: "daemon-test " + (peer ?? directory))
+        // MARS_TEST_LOG_LEVEL=notice (or debug...) shows what the in-process marsd log.
+        logger.logLevel = getenv("MARS_TEST_LOG_LEVEL").flatMap { Logger.Level(rawValue: String(cString: $0)) } ?? .critical
         let service = StandaloneServer(configuration: configuration, logger: logger)
         let group = ServiceGroup(configuration: .init(services: [.init(service: service)], logger: logger))
         self.group = group
