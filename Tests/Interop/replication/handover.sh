@@ -242,6 +242,7 @@ for n in $(seq "$KILLS"); do
         echo "kill rounds stop here: the cluster did not converge"
         break
     fi
+    current=$next
     check "kill round $n: $next exports vm1 as primary" adm "$next" wait-resource vm1 --until primary --timeout $CONVERGE_S
     settled=0
     for host in $HOSTS; do
@@ -256,7 +257,6 @@ for n in $(seq "$KILLS"); do
     new_epoch=$(field "$next" "r['log']['epoch']")
     check "kill round $n: the epoch grew ($epoch -> $new_epoch)" test "${new_epoch:-0}" -gt "$epoch"
     epoch=${new_epoch:-$epoch}
-    current=$next
     check_round "$current" || { dump_state; break; }
     kills=$((kills + 1))
 done
