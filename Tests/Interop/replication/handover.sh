@@ -247,8 +247,9 @@ for n in $(seq "$KILLS"); do
     settled=0
     for host in $HOSTS; do
         [ "$host" = "$next" ] && continue
-        adm "$host" wait-resource vm1 --until secondary --timeout $CONVERGE_S >/dev/null 2>&1 \
-            && adm "$host" wait-resource vm1 --until uptodate --timeout $CONVERGE_S >/dev/null 2>&1 || settled=1
+        adm "$host" wait-resource vm1 --until secondary --timeout $CONVERGE_S >"$W/wait.out" 2>&1 \
+            && adm "$host" wait-resource vm1 --until uptodate --timeout $CONVERGE_S >"$W/wait.out" 2>&1 \
+            || { settled=1; sed "s/^/  $host: /" "$W/wait.out"; }
     done
     if ! check "kill round $n: the two others are secondaries and UpToDate within $CONVERGE_S s" test $settled -eq 0; then
         dump_state
