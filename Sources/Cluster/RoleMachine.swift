@@ -637,8 +637,9 @@ public struct RoleMachine: Sendable {
     private mutating func promote(_ transition: RoleTransition, _ step: inout Step) {
         let role = LocalRole(role: .primary)
         step.actions += [.stopFetch, .promote(epoch: transition.nextEpoch), .setDesignated(epoch: transition.nextEpoch), .openExport]
-        if transition.attach == true { step.actions.append(.attachDevice) }
         step.actions.append(.persist(role))
+        // After the persist: only a primary gets a local device.
+        if transition.attach == true { step.actions.append(.attachDevice) }
         if step.inputs.wanted?.host == step.me { step.actions.append(.setWanted(nil)) }
         step.publish(role: role, epoch: transition.nextEpoch, handover: nil)
         step.actions.append(.push(to: step.others))

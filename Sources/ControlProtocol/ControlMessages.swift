@@ -247,6 +247,8 @@ public struct ResourceStatus: Codable, Sendable, Equatable {
     public var attached: String?
     /// A resize not settled yet: the size it wants and what it waits for.
     public var resize: String?
+    /// A role change under way here (a handover), in words: what it waits for.
+    public var transition: String?
 
     public init(
         name: String, device: String, size: UInt64, role: String, wanted: String, state: String, error: String? = nil, log: LogStatus? = nil,

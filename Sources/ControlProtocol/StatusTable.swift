@@ -58,6 +58,7 @@ public enum StatusTable {
             for resource in status.resources {
                 if let attached = resource.attached { lines.append("\(resource.name): local device \(attached)") }
                 if let resize = resource.resize { lines.append("\(resource.name): resize \(resize)") }
+                if let transition = resource.transition { lines.append("\(resource.name): \(transition)") }
                 if let error = resource.error { lines.append("\(resource.name): \(error)") }
                 if let failure = resource.log?.failure { lines.append("\(resource.name): \(failure)") }
                 if let waiting = resource.log?.waitingWrites, waiting > 0 {

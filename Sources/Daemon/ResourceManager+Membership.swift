@@ -13,6 +13,7 @@ extension ResourceManager {
     /// for it once the gossip tells it.
     func leaveResource(_ name: String) async throws -> String {
         guard let resource = state.withLock({ $0.resources[name] }), let host = identity?.host else { return "" }
+        try refuseDuringRoleChange(resource, doing: "leave it")
         guard resource.config.role == "secondary" else {
             throw DaemonError(
                 "this host is the primary of \(name): it cannot leave it; 'marsadm delete-resource \(name)' removes the resource once it is the last member"
@@ -34,6 +35,7 @@ extension ResourceManager {
     /// Removes `name` from the cluster, on its primary, once no other member holds it.
     func deleteResource(_ name: String) async throws -> String {
         guard let resource = state.withLock({ $0.resources[name] }), let host = identity?.host else { return "" }
+        try refuseDuringRoleChange(resource, doing: "delete it")
         guard resource.config.role == "primary" else {
             throw DaemonError("delete-resource runs on the primary of \(name); on this secondary, 'marsadm leave-resource \(name)' leaves it")
         }
@@ -55,6 +57,7 @@ extension ResourceManager {
     /// split brain on this host's side, or a damaged local log. Only chunks that differ travel.
     func invalidate(_ name: String) async throws -> String {
         guard let resource = state.withLock({ $0.resources[name] }) else { return "" }
+        try refuseDuringRoleChange(resource, doing: "sync it again")
         guard resource.config.role == "secondary" else {
             throw DaemonError("this host is the primary of \(name): invalidate repairs a secondary from its primary")
         }

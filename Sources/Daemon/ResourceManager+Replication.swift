@@ -190,6 +190,11 @@ extension ResourceManager: PeerRequestHandler {
         {
             // A primary that sealed for a handover: its history ends at the seal, which is where
             // this replica is complete (docs/handover.md §3.2); the members' holds are the new primary's.
+            let host = identity?.host ?? ""
+            let directory = resource.directory
+            _ = try await NIOThreadPool.singleton.runIfActive { [logger] in
+                try LogEngine.convertToReplica(directory: directory, host: host) { logger.notice("converting the log of \(name): \($0)") }
+            }
             try updateConfig(name) { config in
                 config.sync = SyncRecord(startLSN: end, startSegment: sealed.finalSegment ?? "", epoch: sealed.epoch, offset: config.size, endLSN: end)
             }

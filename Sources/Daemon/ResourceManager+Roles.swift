@@ -134,7 +134,9 @@ extension ResourceManager {
                 epoch: status.epoch, endLSN: status.fetchedLSN, replayedLSN: status.replayedLSN, sealedAt: status.seal?.endLSN,
                 sealSegment: status.seal?.segment.fileName, failure: status.failure,
                 fork: (status.fork != nil || fetch.forked) ? ForkState(lsn: nil, with: designated?.primary ?? "?") : nil,
-                synced: config.sync?.endLSN != nil && status.consistent, needsSync: fetch.needsSync || letGo,
+                // Synced once the copy is done: the replay that a handover runs up to the seal passes
+                // the sync's end and any batch a crash left half applied (the device is consistent there).
+                synced: config.sync?.endLSN != nil, needsSync: fetch.needsSync || letGo,
                 fetchPaused: config.fetchPaused == true, replayPaused: config.replayPaused == true, down: config.wanted != "up"
             )
         } else {
@@ -254,6 +256,36 @@ extension ResourceManager {
             Task { await cluster.push(to: hosts, group: peerGroup, credentials: credentials) }
         case .finish(let id, let result):
             roles.answer(id, result)
+        }
+    }
+}
+
+extension ResourceManager {
+    /// Leave, delete and invalidate would take away the log a handover needs (the new primary
+    /// replays the old one's up to the seal): refused until it ends.
+    func refuseDuringRoleChange(_ resource: Resource, doing action: String) throws {
+        guard let transition = resource.config.transition, let description = Self.describe(transition) else { return }
+        let name = resource.config.name
+        let withdraw = transition.kind == .becomingPrimary ? ", or withdraw the request with 'marsadm secondary \(name)'" : ""
+        throw DaemonError("\(name) is in a handover on this host (\(description)): wait until it ends ('marsadm view \(name)')\(withdraw), then \(action)")
+    }
+
+    /// What `view` says about a role change under way on this host.
+    static func describe(_ transition: RoleTransition?) -> String? {
+        guard let transition else { return nil }
+        let peer = transition.peer
+        let epoch = transition.nextEpoch
+        switch (transition.kind, transition.phase) {
+        case (.handingOver, .closing):
+            return "handing over to \(peer) (epoch \(epoch)): export closed, sealing the log"
+        case (.handingOver, _):
+            return "handed over to \(peer): sealed at LSN \(transition.finalLSN ?? 0) for epoch \(epoch); waiting for \(peer) to take over"
+        case (.becomingPrimary, .waitingForSeal):
+            return "becoming primary (epoch \(epoch)): waiting for \(peer) to seal its log; 'marsadm secondary' withdraws the request"
+        case (.becomingPrimary, .replaying):
+            return "becoming primary (epoch \(epoch)): \(peer) sealed at LSN \(transition.finalLSN ?? 0); replaying up to it"
+        case (.becomingPrimary, _):
+            return "becoming primary (epoch \(epoch)): starting the new epoch"
         }
     }
 }

@@ -607,6 +607,7 @@ final class ResourceManager: Sendable {
             var status = Self.status(of: resource, recovering: exports.isPending(resource.config.name), links: settings.deviceLinks)
             status.replication = replicationStatus(of: resource)
             status.resize = pendingResizeDescription(of: resource)
+            status.transition = Self.describe(resource.config.transition)
             return status
         } + broken).sorted { $0.name < $1.name }
     }

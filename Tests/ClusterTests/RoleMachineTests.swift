@@ -311,7 +311,8 @@ struct RoleMachineTests {
         #expect(machine.step(inputs) == [])
     }
 
-    /// A device the old primary detached is attached on the new one.
+    /// A device the old primary detached is attached on the new one, after its role is stored as
+    /// primary (the daemon gives only a primary a local device).
     @Test func aDetachedDeviceMovesWithThePrimary() {
         var machine = RoleMachine()
         var members = F.sealedMembers
@@ -321,7 +322,9 @@ struct RoleMachineTests {
         var replaying = F.becoming(.replaying, finalLSN: F.sealLSN)
         replaying.transition?.attach = true
         #expect(actions.first == .persist(replaying))
-        #expect(actions.contains(.attachDevice))
+        let attachAt = actions.firstIndex(of: .attachDevice)
+        let primaryAt = actions.firstIndex(of: .persist(LocalRole(role: .primary)))
+        #expect(attachAt != nil && primaryAt != nil && primaryAt! < attachAt!, "\(actions)")
         inputs.local = F.secondary
         #expect(!RoleMachine().stepped(inputs).contains(.attachDevice))
     }

@@ -108,4 +108,44 @@ extension DaemonTests {
         #expect(gammaEqual, "gamma's device equals alpha's")
         for host in hosts { try await host.stop() }
     }
+
+    /// A request to a primary that cannot answer (its resource is down) times out saying what it
+    /// waits for, stays (view shows it), and is withdrawn with `marsadm secondary`; the old
+    /// primary, up again, keeps its role.
+    @Test func aWaitingRequestTimesOutStaysAndIsWithdrawn() async throws {
+        let hosts = [DaemonHarness(), DaemonHarness()]
+        let (alpha, beta) = (hosts[0], hosts[1])
+        defer { for host in hosts { host.remove() } }
+        let port = Int.random(in: 20000..<60000)
+        for (index, host) in hosts.enumerated() { try await host.start(peer: "127.0.0.1:\(port + index)") }
+        let token = try #require(try alpha.send(ControlRequest(command: .createCluster, host: "alpha")).token)
+        #expect(try beta.send(ControlRequest(command: .joinCluster, host: "beta", token: token, peer: "127.0.0.1:\(port)")).error == nil)
+        let images = hosts.map { $0.image("vm1.img", size: 4 << 20) }
+        #expect(try alpha.send(ControlRequest(command: .createResource, name: "vm1", device: images[0])).error == nil)
+        let joined = try await eventually(20) { try beta.send(ControlRequest(command: .joinResource, name: "vm1", device: images[1])).error == nil }
+        try #require(joined, "beta could not join")
+        #expect(try beta.send(ControlRequest(command: .waitResource, name: "vm1", timeout: 60)).error == nil)
+        #expect(try alpha.send(ControlRequest(command: .down, name: "vm1")).error == nil)
+
+        let timedOut = try beta.send(ControlRequest(command: .primary, name: "vm1", timeout: 1))
+        #expect(timedOut.error?.contains("alpha (primary of vm1, epoch 1) has not sealed vm1 yet") == true, "\(timedOut)")
+        #expect(timedOut.error?.contains("The request stays") == true, "\(timedOut)")
+        #expect(try resource(beta)?.transition?.contains("becoming primary (epoch 2): waiting for alpha to seal its log") == true)
+        let leave = try beta.send(ControlRequest(command: .leaveResource, name: "vm1"))
+        #expect(leave.error?.contains("vm1 is in a handover on this host") == true, "\(leave)")
+        #expect(leave.error?.contains("or withdraw the request with 'marsadm secondary vm1', then leave it") == true, "\(leave)")
+        #expect(try beta.send(ControlRequest(command: .invalidate, name: "vm1")).error?.contains("then sync it again") == true)
+        let withdrawn = try beta.send(ControlRequest(command: .secondary, name: "vm1"))
+        #expect(withdrawn.message?.contains("withdrew this host's request to become primary of vm1") == true, "\(withdrawn)")
+        #expect(try resource(beta)?.transition == nil)
+
+        #expect(try alpha.send(ControlRequest(command: .up, name: "vm1")).error == nil)
+        try await Task.sleep(for: .seconds(1))
+        #expect(try resource(alpha)?.role == "primary")
+        #expect(try resource(alpha)?.log?.epoch == 1, "no handover happened")
+        var client = try TestClient.connected(alpha.nbd, export: "vm1")
+        #expect(try client.write(pattern(4096, seed: 5), at: 0, flags: .fua) == 0)
+        client = try TestClient.connected(alpha.nbd, export: "vm1")
+        for host in hosts { try await host.stop() }
+    }
 }
