@@ -3,7 +3,8 @@
 pids=()
 fails=0
 pass() { echo "PASS $1"; }
-fail() { echo "FAIL $1"; fails=$((fails + 1)); }
+fail() { echo "FAIL $1"; fails=$((fails + 1)); return 1; }
+# check NAME COMMAND...: a PASS or FAIL line; its status is COMMAND's, so 'check ... || explain' works.
 check() { if "${@:2}"; then pass "$1"; else fail "$1"; fi; }
 eventually() {  # eventually SECONDS COMMAND...: true once COMMAND succeeds within SECONDS
     local until=$((SECONDS + $1)); shift
