@@ -31,12 +31,15 @@ public struct LogFacts: Sendable, Equatable {
     public var replayPaused: Bool
     /// The resource is down here, or going down (`marsadm down`).
     public var down: Bool
+    /// Replica: the primary its fetcher last connected for; nil while it does not fetch.
+    public var fetchingFrom: String?
 
     public init(
         epoch: UInt64, endLSN: UInt64, replayedLSN: UInt64, sealedAt: UInt64? = nil, sealSegment: String? = nil, failure: String? = nil,
         fork: ForkState? = nil, synced: Bool = true, needsSync: Bool = false, fetchPaused: Bool = false, replayPaused: Bool = false,
-        down: Bool = false
+        down: Bool = false, fetchingFrom: String? = nil
     ) {
+        self.fetchingFrom = fetchingFrom
         self.epoch = epoch
         self.endLSN = endLSN
         self.replayedLSN = replayedLSN
@@ -235,8 +238,6 @@ public struct RoleMachine: Sendable {
     /// Control commands waiting for an answer: id → deadline (ms). Not persisted: after a restart
     /// nobody waits, while the request itself lives on in the persisted state and the keys.
     public private(set) var waiting: [UInt64: UInt64] = [:]
-    /// The designated primary the fetcher was last set up for, to notice a change.
-    private var fetchSource: String?
 
     public init() {}
 
@@ -548,12 +549,12 @@ public struct RoleMachine: Sendable {
         step.publish(role: step.local, epoch: sealed.epoch, handover: Self.sealedAnswer(sealed), pushTo: [sealed.peer])
     }
 
-    private mutating func secondaryRules(_ step: inout Step) {
-        let primary = step.inputs.designated?.primary
-        if let known = fetchSource, let primary, primary != known {
+    private func secondaryRules(_ step: inout Step) {
+        // Compared with the fetcher itself, not with what this machine saw last: a designation
+        // that moved before the first step (or while the fetcher connected) is followed too.
+        if let primary = step.inputs.designated?.primary, !primary.isEmpty, let from = step.inputs.log.fetchingFrom, from != primary {
             step.actions.append(.switchFetchSource)
         }
-        fetchSource = primary
         step.publish(role: step.local, epoch: step.inputs.log.epoch, handover: nil)
     }
 
@@ -645,7 +646,6 @@ public struct RoleMachine: Sendable {
         step.actions.append(.push(to: step.others))
         let from = transition.finalLSN.map { " from LSN \($0)" } ?? ""
         finishAll(.success("\(step.resource) is primary on this host at epoch \(transition.nextEpoch)\(from)"), &step)
-        fetchSource = nil
     }
 
     /// Back to a plain secondary: the request is gone, the waiting commands get `error`.

@@ -209,6 +209,7 @@ extension ResourceManager: PeerRequestHandler {
         do {
             let cacheMode = settings.cacheMode
             let spaceLimit = settings.spaceLimit
+            let holds = replicaHolds(of: name, except: identity?.host ?? "")
             let (device, log) = try await NIOThreadPool.singleton.runIfActive { () throws -> (BlockDevice, ReplicaLog) in
                 let device: BlockDevice
                 do {
@@ -221,7 +222,7 @@ extension ResourceManager: PeerRequestHandler {
                 }
                 let log = try ReplicaLog.open(
                     directory: directory, device: POSIXFile(device: device), deviceSize: device.size,
-                    replayPaused: sync.endLSN == nil || config.replayPaused == true, spaceLimit: spaceLimit
+                    replayPaused: sync.endLSN == nil || config.replayPaused == true, spaceLimit: spaceLimit, retentionHolds: holds
                 ) { [logger = self.logger] message in logger.notice("replica log of \(name): \(message)") }
                 return (device, log)
             }
@@ -422,13 +423,14 @@ extension ResourceManager: PeerRequestHandler {
     func waitUpToDate(_ name: String, timeout: Double) async throws -> String {
         guard let resource = state.withLock({ $0.resources[name] }) else { throw DaemonError("there is no resource '\(name)' on this host") }
         if resource.config.role == "primary" { return "\(name): this host is its primary (UpToDate)" }
-        guard let entry = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name)) else {
-            throw DaemonError("the cluster metadata has no primary for \(name)")
-        }
         let deadline = ContinuousClock.now + .milliseconds(Int64(timeout * 1000))
-        // The primary may be out of reach for a moment (a flapping link): ask until the deadline.
+        // The primary may be out of reach for a moment (a flapping link), or just handed over: ask
+        // the one the cluster names now, until the deadline.
         var known: UInt64?
         while known == nil {
+            guard let entry = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name)) else {
+                throw DaemonError("the cluster metadata has no primary for \(name)")
+            }
             do {
                 known = try await ask(entry.primary, .logPosition(resource: name)) { message in
                     if case .syncPosition(let position) = message { return position.lsn }
@@ -619,14 +621,19 @@ extension ResourceManager: PeerRequestHandler {
                 return (resource.config.name, replica.log)
             }
         }
-        for (name, log) in replicas {
-            let primary = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name))?.primary
-            var holds: [String: UInt64] = [:]
-            for (member, entry) in cluster.members(of: name) where member != host && member != primary && entry.fetches {
-                holds[member] = entry.fetchedLSN
-            }
-            log.setRetentionHolds(holds)
+        for (name, log) in replicas { log.setRetentionHolds(replicaHolds(of: name, except: host)) }
+    }
+
+    /// What the other secondaries of `name` have fetched, as gossiped: a replica keeps its
+    /// replayed segments from there on for them (they may fetch from it, e.g. from an old primary
+    /// that handed over while they were behind).
+    func replicaHolds(of name: String, except host: String) -> [String: UInt64] {
+        let primary = cluster.value(ResourceEntry.self, ClusterService.resourceKey(name))?.primary
+        var holds: [String: UInt64] = [:]
+        for (member, entry) in cluster.members(of: name) where member != host && member != primary && entry.fetches {
+            holds[member] = entry.fetchedLSN
         }
+        return holds
     }
 
     /// Notes the primaries' durable ends as gossiped, for the lag in seconds of what is not fetched yet.

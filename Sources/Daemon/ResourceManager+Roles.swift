@@ -137,7 +137,8 @@ extension ResourceManager {
                 // Synced once the copy is done: the replay that a handover runs up to the seal passes
                 // the sync's end and any batch a crash left half applied (the device is consistent there).
                 synced: config.sync?.endLSN != nil, needsSync: fetch.needsSync || letGo,
-                fetchPaused: config.fetchPaused == true, replayPaused: config.replayPaused == true, down: config.wanted != "up"
+                fetchPaused: config.fetchPaused == true, replayPaused: config.replayPaused == true, down: config.wanted != "up",
+                fetchingFrom: [.stopped, .paused].contains(fetch.link) ? nil : fetch.primary
             )
         } else {
             return nil

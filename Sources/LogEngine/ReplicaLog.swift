@@ -157,7 +157,8 @@ public final class ReplicaLog: ShippingSource {
     /// and starts replaying (unless `replayPaused`).
     public static func open(
         directory: any StorageDirectory, device: any StorageFile, deviceSize: UInt64, replayPaused: Bool,
-        batchBytes: UInt64 = 64 << 20, spaceLimit: UInt64 = 64 << 30, report: (String) -> Void = { _ in }
+        batchBytes: UInt64 = 64 << 20, spaceLimit: UInt64 = 64 << 30, retentionHolds: [String: UInt64] = [:],
+        report: (String) -> Void = { _ in }
     ) throws -> ReplicaLog {
         let position = try LogHistory.openPosition(in: directory)
         var segments: [LocalSegment] = []
@@ -215,11 +216,13 @@ public final class ReplicaLog: ShippingSource {
                 )
             }
         }
-        let state = State(
+        var state = State(
             segments: segments, replayedLSN: position.writebackLSN, applyingLSN: position.writebackLSN,
             consistentFrom: max(position.intentLSN, position.writebackLSN), epoch: position.epoch, seals: replaySeals,
             replayPaused: replayPaused
         )
+        // In force before replay first runs: a restart must not drop what other members still fetch from here.
+        state.retentionHolds = retentionHolds
         let log = ReplicaLog(
             directory: directory, device: device, deviceSize: deviceSize, state: state, position: position, appending: appending,
             batchBytes: batchBytes, spaceLimit: spaceLimit

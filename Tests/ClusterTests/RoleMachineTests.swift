@@ -467,11 +467,16 @@ struct RoleMachineTests {
         var machine = RoleMachine()
         var members = F.members
         members["gamma"]?.role = "secondary"
-        #expect(machine.step(F.inputs("gamma", F.secondary, members: members)) == [])
-        #expect(machine.step(F.inputs("gamma", F.secondary, members: members)) == [])
+        var fetching = LogFacts(epoch: 3, endLSN: 90000, replayedLSN: 90000, fetchingFrom: "alpha")
+        #expect(machine.step(F.inputs("gamma", F.secondary, log: fetching, members: members)) == [])
         let moved = ResourceEntry(size: 1 << 20, primary: "beta", epoch: 4)
-        #expect(machine.step(F.inputs("gamma", F.secondary, designated: moved, members: members)) == [.switchFetchSource])
-        #expect(machine.step(F.inputs("gamma", F.secondary, designated: moved, members: members)) == [])
+        // Also on the first step of a machine: what counts is whom the fetcher fetches for.
+        var fresh = RoleMachine()
+        #expect(fresh.step(F.inputs("gamma", F.secondary, log: fetching, designated: moved, members: members)) == [.switchFetchSource])
+        fetching.fetchingFrom = "beta"
+        #expect(machine.step(F.inputs("gamma", F.secondary, log: fetching, designated: moved, members: members)) == [])
+        fetching.fetchingFrom = nil
+        #expect(machine.step(F.inputs("gamma", F.secondary, log: fetching, designated: moved, members: members)) == [], "a stopped fetcher is not switched")
     }
 
     /// F1: a primary that sees a newer designation stops admitting.

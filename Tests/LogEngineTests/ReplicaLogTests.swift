@@ -144,6 +144,33 @@ func waitForReplay(_ log: ReplicaLog, to lsn: UInt64) {
         #expect(!(try fixture.disk.directory("mars").list().contains(Self.first.name.fileName)))
     }
 
+    /// Holds given at open are in force from the first replay: a replica restarted in the middle of
+    /// a handover keeps what another member still fetches from it (docs/handover.md §10.2).
+    @Test func holdsGivenAtOpenKeepReplayedSegments() throws {
+        let fixture = try ReplicaFixture()
+        let log = try ReplicaLog.open(
+            directory: fixture.disk.directory("mars"), device: fixture.device(), deviceSize: ReplicaFixture.deviceSize, replayPaused: false,
+            batchBytes: 4096, retentionHolds: ["gamma": Self.first.endLSN - 1]
+        )
+        defer { log.shutdown() }
+        try log.receive(segment: Self.first.name, offset: 0, bytes: Self.first.bytes)
+        let second = BuiltSegment(
+            sequence: 2, firstLSN: Self.first.endLSN, epoch: 1, previousDigest: Self.first.digest, records: [write(0, 0x77)]
+        )
+        try log.receive(segment: second.name, offset: 0, bytes: second.bytes)
+        try log.commit()
+        waitForReplay(log, to: second.endLSN)
+        usleep(300_000)
+        #expect(try fixture.disk.directory("mars").list().contains(Self.first.name.fileName), "gamma still needs its last record")
+        log.setRetentionHolds(["gamma": Self.first.endLSN + 1])
+        try log.receive(segment: second.name, offset: UInt64(second.bytes.count), bytes: BuiltSegment(
+            sequence: 2, firstLSN: second.endLSN, epoch: 1, previousDigest: second.digest, records: [write(0, 0x78)]
+        ).bytes.dropFirst(SegmentHeader.size).map { $0 })
+        try log.commit()
+        for _ in 0..<1000 where (try fixture.disk.directory("mars").list().contains(Self.first.name.fileName)) { usleep(1000) }
+        #expect(!(try fixture.disk.directory("mars").list().contains(Self.first.name.fileName)), "released once gamma has it")
+    }
+
     /// Invariant 6: a damaged record is never written or applied; the error names segment and byte.
     @Test(arguments: [100, 200, 1000, 5000])
     func aDamagedRecordIsNeverApplied(at position: Int) throws {
