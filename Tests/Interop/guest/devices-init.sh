@@ -186,6 +186,18 @@ scenario_attach_ioctl() {
     kill "$(marsd_pid i)"
     wait "$(marsd_pid i)" 2>/dev/null
     check attach-ioctl/device-ends-with-marsd sh -c "[ ! -e /sys/block/${kdev#/dev/}/pid ] && [ \"\$(cat /sys/block/${kdev#/dev/}/size)\" = 0 ]"
+    # The restarted marsd attaches the resource anew: a new device, served by one of its threads.
+    check attach-ioctl/marsd-restarts start_marsd i --nbd-interface ioctl || { marsd_log i; return; }
+    check attach-ioctl/reattached-after-restart wait_view i io1 "over the ioctl interface" || { marsd_log i; return; }
+    kdev=$(readlink /dev/mars/io1)
+    check attach-ioctl/reattached-device-served-by-the-new-marsd sh -c "test -d /proc/$(marsd_pid i)/task/\$(cat /sys/block/${kdev#/dev/}/pid)"
+    check attach-ioctl/remount-after-restart mount -t ext4 -o ro /dev/mars/io1 /mnt/io1 &&
+        check attach-ioctl/files-intact-after-restart verify_sets /mnt/io1 before after &&
+        umount /mnt/io1
+    check attach-ioctl/detach-after-restart adm i detach io1
+    check attach-ioctl/down adm i down io1
+    kill "$(marsd_pid i)"
+    wait "$(marsd_pid i)" 2>/dev/null
 }
 
 # Two hosts on loopback (marsd p: alpha, VG vga; marsd s: beta, VG vgb) for logical volumes made by marsd.
