@@ -163,18 +163,19 @@ public final class NBDKernelClient: Sendable {
             }
             do {
                 try Syscall.check("NBD_SET_SOCK/SIZE/FLAGS/TIMEOUT", path, configured)
-                try serve(device, index: index)
             } catch {
                 close(device)
                 throw error
             }
+            try serve(device, index: index)
             return index
         }
         throw SystemError("NBD_SET_SOCK", "every free /dev/nbd device (each is being set up by another process)", errno: EBUSY)
     }
 
-    /// Starts the thread that blocks in NBD_DO_IT on `device` (and closes it when that returns),
-    /// and waits until the kernel runs the device (its sysfs pid file appears).
+    /// Starts the thread that blocks in NBD_DO_IT on `device` (and closes it when that returns:
+    /// `device` is the thread's from here), and waits until the kernel runs the device (its sysfs
+    /// pid file appears).
     private func serve(_ device: Int32, index: Int32) throws(SystemError) {
         let served = IoctlDevice()
         ioctlDevices.withLock { $0[index] = served }
@@ -188,6 +189,7 @@ public final class NBDKernelClient: Sendable {
         }
         guard started else {
             ioctlDevices.withLock { $0[index] = nil }
+            close(device)
             throw SystemError("pthread_create (the thread for NBD_DO_IT of)", "/dev/nbd\(index)", errno: EAGAIN)
         }
         for _ in 0..<500 {
@@ -195,6 +197,8 @@ public final class NBDKernelClient: Sendable {
             if let result = served.ended { throw SystemError("NBD_DO_IT", "/dev/nbd\(index)", errno: result < 0 ? -result : EIO) }
             usleep(10_000)
         }
+        // Not left running behind a failed attach.
+        try? withDevice(index) { device in _ = cnbd_ioctl_disconnect(device) }
         throw SystemError("NBD_DO_IT (not running after 5 s)", "/dev/nbd\(index)", errno: ETIMEDOUT)
     }
 
