@@ -107,7 +107,7 @@ let package = Package(
         .executableTarget(
             name: "marsd",
             dependencies: [
-                "Daemon", "BlockStore", "NBDServer", "ControlProtocol", "Replication",
+                "Daemon", "BlockStore", "NBDServer", "ControlProtocol", "Replication", "LocalDevice",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

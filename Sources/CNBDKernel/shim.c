@@ -1,9 +1,11 @@
 #include <errno.h>
 #include <linux/genetlink.h>
 #include <linux/nbd-netlink.h>
+#include <linux/nbd.h>
 #include <linux/netlink.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -195,4 +197,44 @@ int cnbd_connected(int32_t index) {
     uint8_t value;
     memcpy(&value, (char *)connected + NLA_HDRLEN, 1);
     return value ? 1 : 0;
+}
+
+int cnbd_netlink_available(void) {
+    uint16_t family;
+    int result = nbd_family(&family);
+    if (result == -ENOENT) return 0;
+    return result < 0 ? result : 1;
+}
+
+static int nbd_ioctl(int device, unsigned long request, unsigned long argument) {
+    return ioctl(device, request, argument) < 0 ? -errno : 0;
+}
+
+int cnbd_ioctl_configure(int device, int socket, uint64_t size, uint64_t block_size, uint64_t server_flags,
+                         uint64_t timeout_seconds) {
+    // The socket first: it claims the device for this task (-EBUSY when another one has).
+    int result = nbd_ioctl(device, NBD_SET_SOCK, (unsigned long)socket);
+    if (result < 0) return result;
+    if ((result = nbd_ioctl(device, NBD_SET_BLKSIZE, block_size)) < 0 || (result = nbd_ioctl(device, NBD_SET_SIZE, size)) < 0 ||
+        (result = nbd_ioctl(device, NBD_SET_FLAGS, server_flags)) < 0 ||
+        (result = nbd_ioctl(device, NBD_SET_TIMEOUT, timeout_seconds)) < 0) {
+        nbd_ioctl(device, NBD_CLEAR_SOCK, 0);
+        return result;
+    }
+    return 0;
+}
+
+int cnbd_ioctl_serve(int device) {
+    // Not retried on EINTR: a signal has made the kernel shut the connection down already.
+    int result = nbd_ioctl(device, NBD_DO_IT, 0);
+    nbd_ioctl(device, NBD_CLEAR_SOCK, 0);
+    return result;
+}
+
+int cnbd_ioctl_resize(int device, uint64_t size) { return nbd_ioctl(device, NBD_SET_SIZE, size); }
+
+int cnbd_ioctl_disconnect(int device) {
+    int result = nbd_ioctl(device, NBD_DISCONNECT, 0);
+    if (result < 0) return result;
+    return nbd_ioctl(device, NBD_CLEAR_SOCK, 0);
 }

@@ -9,8 +9,9 @@ import Glibc
 #endif
 
 /// The local block device of a resource on its primary: the kernel's NBD client connected to
-/// marsd's own Unix socket, /dev/mars/NAME linked to the /dev/nbdN it got. The kernel keeps the
-/// device while marsd restarts (its requests wait for the reconnect that `restore` makes).
+/// marsd's own Unix socket, /dev/mars/NAME linked to the /dev/nbdN it got. A device set up over
+/// netlink stays while marsd restarts (its requests wait for the reconnect that `reattach` makes);
+/// one set up over ioctl ends with marsd, and `reattach` makes a new one.
 extension ResourceManager {
     var links: DeviceLinks { settings.deviceLinks }
 
@@ -21,19 +22,26 @@ extension ResourceManager {
         }
         guard resource.engine != nil else { throw DaemonError("resource \(name) is down: 'marsadm up \(name)' first, then attach it") }
         if let index = resource.config.attachedDevice {
-            return "resource \(name) is attached already: \(links.path(of: name)) -> /dev/nbd\(index)"
+            return "resource \(name) is attached already: \(deviceDescription(name, index))"
         }
         let index = try await connectKernelClient(name, at: nil)
         do {
             try setAttached(name, index)
             try links.create(name, target: "/dev/nbd\(index)")
         } catch {
-            try? NBDKernelClient.disconnect(index: index)
+            try? kernelClient.disconnect(index: index)
             try? setAttached(name, nil)
             throw DaemonError("cannot record the device of resource \(name): \(error); /dev/nbd\(index) is disconnected again")
         }
-        logger.info("resource attached", metadata: ["resource": "\(name)", "device": "/dev/nbd\(index)"])
-        return "resource \(name) is attached: \(links.path(of: name)) -> /dev/nbd\(index) (\(resource.config.size) bytes)"
+        logger.info("resource attached", metadata: ["resource": "\(name)", "device": "/dev/nbd\(index)", "interface": "\(kernelClient.interface(of: index))"])
+        return "resource \(name) is attached: \(deviceDescription(name, index)) (\(resource.config.size) bytes)"
+    }
+
+    /// "/dev/mars/NAME -> /dev/nbdN", with what an ioctl device cannot do (for attach and view).
+    func deviceDescription(_ name: String, _ index: Int32) -> String {
+        let link = "\(links.path(of: name)) -> /dev/nbd\(index)"
+        guard kernelClient.interface(of: index) == .ioctl else { return link }
+        return link + " over the ioctl interface: the device ends when marsd stops (a restart makes a new one; a filesystem mounted on the old one gets I/O errors)"
     }
 
     func detach(_ name: String, force: Bool) async throws -> String {
@@ -58,10 +66,12 @@ extension ResourceManager {
             }
         }
         do {
-            try NBDKernelClient.disconnect(index: index)
+            try kernelClient.disconnect(index: index)
         } catch {
             // EINVAL/ENOENT: not connected any more (its dead-connection time ran out, or the host rebooted).
-            guard error.errno == EINVAL || error.errno == ENOENT else { throw error }
+            guard error.errno == EINVAL || error.errno == ENOENT else {
+                throw DaemonError(NBDKernelClient.explanation(of: error, interface: kernelClient.interface(of: index)))
+            }
         }
         try links.remove(name)
         try setAttached(name, nil)
@@ -71,7 +81,8 @@ extension ResourceManager {
 
     /// After marsd (re)started and the resource came up: hands the kernel's device, whose
     /// connection died with the old marsd, a new connection; or connects it anew when the kernel
-    /// forgot it (a reboot, or the dead-connection time ran out).
+    /// forgot it (a reboot, the dead-connection time ran out, or it was an ioctl device, which
+    /// ended with the old marsd).
     func reattach(_ name: String) async {
         guard let index = state.withLock({ $0.resources[name]?.config.attachedDevice }) else { return }
         do {
@@ -97,18 +108,19 @@ extension ResourceManager {
         guard let socketPath = settings.nbdSocketPath else {
             throw DaemonError("a local device needs marsd's NBD Unix socket, which the kernel connects to: start marsd with --unix PATH")
         }
+        let kernelClient = self.kernelClient
         return try await NIOThreadPool.singleton.runIfActive {
             let (socket, export) = try NBDClientHandshake.connect(unixSocket: socketPath, export: name)
             // The kernel holds its own reference to the socket.
             defer { close(socket) }
             do {
-                if let index, try NBDKernelClient.isConnected(index: index) {
-                    try NBDKernelClient.reconnect(index: index, socket: socket)
+                if let index, try kernelClient.isConnected(index: index) {
+                    try kernelClient.reconnect(index: index, socket: socket)
                     return index
                 }
-                return try NBDKernelClient.connect(socket: socket, export: export, index: index)
-            } catch let error as SystemError where error.errno == ENOENT {
-                throw DaemonError("the kernel has no NBD client ('modprobe nbd' loads it; marsd uses its netlink interface)")
+                return try kernelClient.connect(socket: socket, export: export, index: index)
+            } catch let error as SystemError {
+                throw DaemonError(NBDKernelClient.explanation(of: error, interface: kernelClient.interfaceForNewDevice()))
             }
         }
     }

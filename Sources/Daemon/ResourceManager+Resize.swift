@@ -170,7 +170,7 @@ extension ResourceManager {
     func resizeAttachedDevice(_ name: String) throws {
         guard let config = state.withLock({ $0.resources[name]?.config }), let index = config.attachedDevice else { return }
         do {
-            try NBDKernelClient.resize(index: index, to: config.size)
+            try kernelClient.resize(index: index, to: config.size)
         } catch {
             throw DaemonError("\(links.path(of: name)) (/dev/nbd\(index)) keeps its old size: \(error); 'marsadm detach' and 'attach' give it the new one")
         }

@@ -36,6 +36,8 @@ public struct ResourceSettings: Sendable {
     public var nbdSocketPath: String?
     /// Where the links to attached resources' devices go.
     public var deviceLinks = DeviceLinks()
+    /// How attached resources' devices are set up in the kernel (`--nbd-interface`).
+    public var nbdInterface: NBDInterface = .auto
 
     public init() {}
 
@@ -94,12 +96,15 @@ final class ResourceManager: Sendable {
     let peerGroup: any EventLoopGroup
     /// The role machines (handover) and the commands waiting for them.
     let roles = RoleDriver()
+    /// The kernel's NBD client, which serves attached resources' /dev/nbdN.
+    let kernelClient: NBDKernelClient
 
     init(settings: ResourceSettings, exports: ExportTable, peerGroup: any EventLoopGroup, logger: Logger) throws {
         self.settings = settings
         self.exports = exports
         self.logger = logger
         self.peerGroup = peerGroup
+        kernelClient = NBDKernelClient(interface: settings.nbdInterface)
         do {
             root = try POSIXDirectory(path: settings.root, create: true)
         } catch {
@@ -604,7 +609,7 @@ final class ResourceManager: Sendable {
         }
         let exports = self.exports
         return (resources.map { resource in
-            var status = Self.status(of: resource, recovering: exports.isPending(resource.config.name), links: settings.deviceLinks)
+            var status = Self.status(of: resource, recovering: exports.isPending(resource.config.name), device: deviceDescription)
             status.replication = replicationStatus(of: resource)
             status.resize = pendingResizeDescription(of: resource)
             status.transition = Self.describe(resource.config.transition)
@@ -612,7 +617,7 @@ final class ResourceManager: Sendable {
         } + broken).sorted { $0.name < $1.name }
     }
 
-    private static func status(of resource: Resource, recovering: Bool, links: DeviceLinks) -> ResourceStatus {
+    private static func status(of resource: Resource, recovering: Bool, device: (String, Int32) -> String) -> ResourceStatus {
         let log = resource.engine.map { engine -> LogStatus in
             let status = engine.status
             return LogStatus(
@@ -627,7 +632,7 @@ final class ResourceManager: Sendable {
         return ResourceStatus(
             name: resource.config.name, device: resource.config.device, size: resource.config.size, role: resource.config.role,
             wanted: resource.config.wanted, state: state, error: resource.error ?? resource.downProblem, log: log,
-            attached: resource.config.attachedDevice.map { "\(links.path(of: resource.config.name)) -> /dev/nbd\($0)" }
+            attached: resource.config.attachedDevice.map { device(resource.config.name, $0) }
         )
     }
 

@@ -2,6 +2,7 @@ import ArgumentParser
 import BlockStore
 import ControlProtocol
 import Daemon
+import LocalDevice
 import LogEngine
 import Logging
 import Replication
@@ -74,6 +75,17 @@ struct Serve: AsyncParsableCommand {
         )
     )
     var tcp: String?
+
+    @Option(
+        help: """
+            How 'marsadm attach' sets up /dev/nbdN in the kernel's NBD client: auto (netlink when the kernel has it), netlink, or \
+            ioctl. Over netlink the device outlives marsd: after a restart (even kill -9) its requests wait up to 600 s and the new \
+            marsd reconnects it, so a mounted filesystem goes on. Over ioctl (for kernels without the nbd netlink interface) a \
+            thread of marsd serves the device, so the kernel tears it down when marsd ends: a restart attaches a fresh \
+            /dev/nbdN, and a filesystem still mounted on the old one gets I/O errors (unmount before stopping marsd).
+            """
+    )
+    var nbdInterface: NBDInterface = .auto
 
     @Option(help: "I/O engine for the data devices: auto (io_uring if the kernel allows it), uring, or posix (pread/pwrite on threads).")
     var ioEngine: IOEngine = .auto
@@ -169,6 +181,7 @@ struct Serve: AsyncParsableCommand {
         configuration.resources.segmentSize = UInt64(logSegmentMib) << 20
         configuration.resources.spaceLimit = UInt64(logSpaceMib) << 20
         configuration.resources.pendingMemory = PendingMemory(capacity: logPendingMib << 20)
+        configuration.resources.nbdInterface = nbdInterface
         configuration.resources.retentionLimit = logRetentionMib.map { UInt64($0) << 20 }
         configuration.cacheMode = cache
         configuration.controlSocketPath = control
@@ -197,6 +210,7 @@ struct Serve: AsyncParsableCommand {
 }
 
 extension IOEngine: ExpressibleByArgument {}
+extension NBDInterface: ExpressibleByArgument {}
 extension CacheMode: ExpressibleByArgument {}
 extension PageCacheWritePolicy: ExpressibleByArgument {}
 extension Logger.Level: @retroactive ExpressibleByArgument {}

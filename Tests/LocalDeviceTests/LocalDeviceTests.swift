@@ -121,3 +121,58 @@ struct LocalDeviceTests {
         #expect(DeviceUsers.mountPoints(of: "43:64", mountinfo: mountinfo).isEmpty)
     }
 }
+
+@Suite("The kernel's NBD client: choosing netlink or ioctl, free devices, messages")
+struct NBDKernelClientTests {
+    /// auto takes netlink only when the kernel has the "nbd" family; a forced interface stays.
+    @Test func interfaceSelection() {
+        #expect(NBDInterface.auto.resolved(netlinkAvailable: true) == .netlink)
+        #expect(NBDInterface.auto.resolved(netlinkAvailable: false) == .ioctl)
+        #expect(NBDInterface.netlink.resolved(netlinkAvailable: false) == .netlink)
+        #expect(NBDInterface.ioctl.resolved(netlinkAvailable: true) == .ioctl)
+    }
+
+    /// A device is free when sysfs has no pid file for it (no process serves it); other block
+    /// devices and odd names are not NBD devices; the order is numeric.
+    @Test func freeDevicesFromSysfs() throws {
+        let sysBlock = temporaryDirectory()
+        defer { _ = system("rm -rf '\(sysBlock)'") }
+        for name in ["nbd0", "nbd1", "nbd2", "nbd10", "nbd9", "vda", "nbd", "nbdx", "nbd01", "loop0"] {
+            #expect(mkdir("\(sysBlock)/\(name)", 0o755) == 0)
+        }
+        for served in ["nbd0", "nbd9", "loop0"] {
+            let fd = open("\(sysBlock)/\(served)/pid", O_CREAT | O_WRONLY, 0o644)
+            #expect(fd >= 0)
+            close(fd)
+        }
+        #expect(NBDKernelClient.freeDevices(sysBlock: sysBlock) == [1, 2, 10])
+    }
+
+    /// Without nbd.ko there is no /sys/block/nbd*: nothing is free, and an ioctl connect says to load it.
+    @Test func noDevicesWithoutTheModule() throws {
+        let sysBlock = temporaryDirectory()
+        defer { _ = system("rm -rf '\(sysBlock)'") }
+        #expect(mkdir("\(sysBlock)/vda", 0o755) == 0)
+        #expect(NBDKernelClient.freeDevices(sysBlock: sysBlock).isEmpty)
+        #expect(NBDKernelClient.freeDevices(sysBlock: sysBlock + "/missing").isEmpty)
+        let client = NBDKernelClient(interface: .ioctl, sysBlock: sysBlock)
+        let export = NegotiatedExport(size: 1 << 20, transmissionFlags: 0)
+        #expect(throws: SystemError("find a free NBD device in", sysBlock, errno: ENODEV)) {
+            try client.connect(socket: -1, export: export, index: nil)
+        }
+    }
+
+    /// Every refusal names what happened and to which device, and says what to do next.
+    @Test func messagesSayWhatToDo() {
+        let missing = SystemError("NBD_CMD_CONNECT", "a free /dev/nbd device", errno: ENOENT)
+        #expect(NBDKernelClient.explanation(of: missing, interface: .netlink).contains("--nbd-interface ioctl"))
+        #expect(NBDKernelClient.explanation(of: missing, interface: .netlink).contains("a free /dev/nbd device"))
+        let node = SystemError("open", "/dev/nbd3", errno: ENOENT)
+        #expect(NBDKernelClient.explanation(of: node, interface: .ioctl).contains("modprobe nbd"))
+        #expect(NBDKernelClient.explanation(of: node, interface: .ioctl).contains("/dev/nbd3"))
+        let busy = SystemError("NBD_SET_SOCK", "/dev/nbd0", errno: EBUSY)
+        #expect(NBDKernelClient.explanation(of: busy, interface: .ioctl).contains("nbds_max"))
+        let denied = SystemError("open", "/dev/nbd0", errno: EACCES)
+        #expect(NBDKernelClient.explanation(of: denied, interface: .ioctl).contains("root"))
+    }
+}

@@ -140,6 +140,66 @@ scenario_attach() {
     expect_refusal attach/attach-refused-while-down "is down" adm a attach ct1
 }
 
+# /dev/mars/io1 over the kernel's ioctl interface (marsd --nbd-interface ioctl, though this kernel
+# has netlink): a thread of marsd blocks in NBD_DO_IT; ext4, files, an online resize (NBD_SET_SIZE),
+# refusal while mounted, detach; the device ends with marsd.
+scenario_attach_ioctl() {
+    ensure_vga || return
+    check attach-ioctl/marsd start_marsd i --nbd-interface ioctl || { marsd_log i; return; }
+    adm i create-cluster --host guest >/dev/null
+    check attach-ioctl/create-resource adm i create-resource io1 --lvm vga --size 64M || { marsd_log i; return; }
+    check attach-ioctl/attach sh -c 'marsadm attach io1 --control /run/marsd-i/control.sock >/tmp/attach-ioctl.out' ||
+        { cat /tmp/attach-ioctl.out; marsd_log i; return; }
+    info attach-ioctl/attach-message "$(cat /tmp/attach-ioctl.out)"
+    check attach-ioctl/attach-names-ioctl grep -q "over the ioctl interface" /tmp/attach-ioctl.out
+    check attach-ioctl/view-names-ioctl view_says i io1 "over the ioctl interface: the device ends when marsd stops"
+    kdev=$(readlink /dev/mars/io1)
+    # /sys/block/nbdN/pid is the thread in NBD_DO_IT: one of marsd's, blocked in ioctl (16 on x86_64).
+    _tid=$(cat "/sys/block/${kdev#/dev/}/pid")
+    check attach-ioctl/served-by-a-marsd-thread test -d "/proc/$(marsd_pid i)/task/$_tid"
+    check attach-ioctl/thread-blocked-in-ioctl sh -c "read nr rest </proc/$(marsd_pid i)/task/$_tid/syscall && [ \"\$nr\" = 16 ]"
+    check attach-ioctl/size sh -c '[ "$(blockdev --getsize64 /dev/mars/io1)" = 67108864 ]'
+    check attach-ioctl/mkfs /sbin/mke2fs -t ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 /dev/mars/io1 || return
+    mkdir -p /mnt/io1
+    check attach-ioctl/mount mount -t ext4 /dev/mars/io1 /mnt/io1 || return
+    check attach-ioctl/write-before write_set /mnt/io1 before
+    check attach-ioctl/grow adm i resize io1 96M || marsd_log i
+    check attach-ioctl/kernel-device-grown sh -c '[ "$(blockdev --getsize64 /dev/mars/io1)" = 100663296 ]'
+    _before=$(fs_kib /mnt/io1)
+    check attach-ioctl/resize2fs-online /sbin/resize2fs /dev/mars/io1
+    check attach-ioctl/filesystem-grew test "$(fs_kib /mnt/io1)" -gt $((_before + 20000))
+    check attach-ioctl/write-beyond-the-old-end sh -c 'head -c 40000000 /dev/urandom >/mnt/io1/fill && sync'
+    check attach-ioctl/write-after write_set /mnt/io1 after
+    expect_refusal attach-ioctl/detach-refused-while-mounted "mounted at /mnt/io1" adm i detach io1
+    check attach-ioctl/umount umount /mnt/io1
+    echo 3 >/proc/sys/vm/drop_caches
+    check attach-ioctl/fsck /sbin/e2fsck -fn /dev/mars/io1
+    check attach-ioctl/remount mount -t ext4 -o ro /dev/mars/io1 /mnt/io1 &&
+        check attach-ioctl/files-intact verify_sets /mnt/io1 before after &&
+        umount /mnt/io1
+    check attach-ioctl/detach adm i detach io1
+    check attach-ioctl/kernel-device-disconnected sh -c "[ \"\$(cat /sys/block/${kdev#/dev/}/size)\" = 0 ] && [ ! -e /sys/block/${kdev#/dev/}/pid ]"
+    check attach-ioctl/serving-thread-ended test ! -d "/proc/$(marsd_pid i)/task/$_tid"
+    # The device ends with marsd: attached again, then marsd stops.
+    check attach-ioctl/attach-again adm i attach io1
+    kdev=$(readlink /dev/mars/io1)
+    kill "$(marsd_pid i)"
+    wait "$(marsd_pid i)" 2>/dev/null
+    check attach-ioctl/device-ends-with-marsd sh -c "[ ! -e /sys/block/${kdev#/dev/}/pid ] && [ \"\$(cat /sys/block/${kdev#/dev/}/size)\" = 0 ]"
+    # The restarted marsd attaches the resource anew: a new device, served by one of its threads.
+    check attach-ioctl/marsd-restarts start_marsd i --nbd-interface ioctl || { marsd_log i; return; }
+    check attach-ioctl/reattached-after-restart wait_view i io1 "over the ioctl interface" || { marsd_log i; return; }
+    kdev=$(readlink /dev/mars/io1)
+    check attach-ioctl/reattached-device-served-by-the-new-marsd sh -c "test -d /proc/$(marsd_pid i)/task/\$(cat /sys/block/${kdev#/dev/}/pid)"
+    check attach-ioctl/remount-after-restart mount -t ext4 -o ro /dev/mars/io1 /mnt/io1 &&
+        check attach-ioctl/files-intact-after-restart verify_sets /mnt/io1 before after &&
+        umount /mnt/io1
+    check attach-ioctl/detach-after-restart adm i detach io1
+    check attach-ioctl/down adm i down io1
+    kill "$(marsd_pid i)"
+    wait "$(marsd_pid i)" 2>/dev/null
+}
+
 # Two hosts on loopback (marsd p: alpha, VG vga; marsd s: beta, VG vgb) for logical volumes made by marsd.
 ensure_vgb() {
     vgs vgb >/dev/null 2>&1 || { pvcreate -q /dev/vdb && vgcreate -q vgb /dev/vdb; }
@@ -363,10 +423,10 @@ scenario_football() {
     wait "$(marsd_pid f)" "$(marsd_pid g)" 2>/dev/null
 }
 
-SCENARIOS_KNOWN=" smoke attach lvm resize football "
+SCENARIOS_KNOWN=" smoke attach attach-ioctl lvm resize football "
 for s in $SCENARIO; do
     case "$SCENARIOS_KNOWN" in
-        *" $s "*) info "time-$s" "$(now)"; "scenario_$s" ;;
+        *" $s "*) info "time-$s" "$(now)"; "scenario_$(echo "$s" | tr - _)" ;;
         *) fail "$s" "unknown scenario (known:$SCENARIOS_KNOWN)" ;;
     esac
 done

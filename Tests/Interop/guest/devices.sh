@@ -23,7 +23,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../../.." && pwd)
 MARSD=${MARSD:-$ROOT/.build/release/marsd}
-SCENARIOS=${DEVICES_SCENARIOS:-"smoke attach lvm resize football"}
+SCENARIOS=${DEVICES_SCENARIOS:-"smoke attach attach-ioctl lvm resize football"}
 TIMEOUT=420
 KERNEL=${GUEST_KERNEL:-}
 MEM=1024
