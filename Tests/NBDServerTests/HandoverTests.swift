@@ -27,6 +27,22 @@ extension DaemonTests {
         try #require(gone, "the server still counts the connection")
     }
 
+    /// Starts alpha and beta on two consecutive peer ports, makes them a cluster, creates vm1 on
+    /// alpha on an image of `size` bytes and joins beta, UpToDate. Returns the images and alpha's port.
+    func startPair(_ hosts: [DaemonHarness], size: Int) async throws -> (images: [String], port: Int) {
+        let (alpha, beta) = (hosts[0], hosts[1])
+        let port = Int.random(in: 20000..<60000)
+        for (index, host) in hosts.enumerated() { try await host.start(peer: "127.0.0.1:\(port + index)") }
+        let token = try #require(try alpha.send(ControlRequest(command: .createCluster, host: "alpha")).token)
+        #expect(try beta.send(ControlRequest(command: .joinCluster, host: "beta", token: token, peer: "127.0.0.1:\(port)")).error == nil)
+        let images = hosts.map { $0.image("vm1.img", size: size) }
+        #expect(try alpha.send(ControlRequest(command: .createResource, name: "vm1", device: images[0])).error == nil)
+        let joined = try await eventually(20) { try beta.send(ControlRequest(command: .joinResource, name: "vm1", device: images[1])).error == nil }
+        try #require(joined, "beta could not join")
+        #expect(try beta.send(ControlRequest(command: .waitResource, name: "vm1", timeout: 60)).error == nil)
+        return (images, port)
+    }
+
     @Test func plannedHandoverKeepsEveryAcknowledgedWrite() async throws {
         let hosts = [DaemonHarness(), DaemonHarness(), DaemonHarness()]
         let (alpha, beta, gamma) = (hosts[0], hosts[1], hosts[2])
@@ -116,15 +132,7 @@ extension DaemonTests {
         let hosts = [DaemonHarness(), DaemonHarness()]
         let (alpha, beta) = (hosts[0], hosts[1])
         defer { for host in hosts { host.remove() } }
-        let port = Int.random(in: 20000..<60000)
-        for (index, host) in hosts.enumerated() { try await host.start(peer: "127.0.0.1:\(port + index)") }
-        let token = try #require(try alpha.send(ControlRequest(command: .createCluster, host: "alpha")).token)
-        #expect(try beta.send(ControlRequest(command: .joinCluster, host: "beta", token: token, peer: "127.0.0.1:\(port)")).error == nil)
-        let images = hosts.map { $0.image("vm1.img", size: 4 << 20) }
-        #expect(try alpha.send(ControlRequest(command: .createResource, name: "vm1", device: images[0])).error == nil)
-        let joined = try await eventually(20) { try beta.send(ControlRequest(command: .joinResource, name: "vm1", device: images[1])).error == nil }
-        try #require(joined, "beta could not join")
-        #expect(try beta.send(ControlRequest(command: .waitResource, name: "vm1", timeout: 60)).error == nil)
+        _ = try await startPair(hosts, size: 4 << 20)
         #expect(try alpha.send(ControlRequest(command: .down, name: "vm1")).error == nil)
 
         let timedOut = try beta.send(ControlRequest(command: .primary, name: "vm1", timeout: 1))
@@ -143,9 +151,8 @@ extension DaemonTests {
         try await Task.sleep(for: .seconds(1))
         #expect(try resource(alpha)?.role == "primary")
         #expect(try resource(alpha)?.log?.epoch == 1, "no handover happened")
-        var client = try TestClient.connected(alpha.nbd, export: "vm1")
+        let client = try TestClient.connected(alpha.nbd, export: "vm1")
         #expect(try client.write(pattern(4096, seed: 5), at: 0, flags: .fua) == 0)
-        client = try TestClient.connected(alpha.nbd, export: "vm1")
         for host in hosts { try await host.stop() }
     }
 
@@ -156,16 +163,8 @@ extension DaemonTests {
         let hosts = [DaemonHarness(), DaemonHarness()]
         let (alpha, beta) = (hosts[0], hosts[1])
         defer { for host in hosts { host.remove() } }
-        let port = Int.random(in: 20000..<60000)
-        for (index, host) in hosts.enumerated() { try await host.start(peer: "127.0.0.1:\(port + index)") }
-        let token = try #require(try alpha.send(ControlRequest(command: .createCluster, host: "alpha")).token)
-        #expect(try beta.send(ControlRequest(command: .joinCluster, host: "beta", token: token, peer: "127.0.0.1:\(port)")).error == nil)
         let size = 4 << 20
-        let images = hosts.map { $0.image("vm1.img", size: size) }
-        #expect(try alpha.send(ControlRequest(command: .createResource, name: "vm1", device: images[0])).error == nil)
-        let joined = try await eventually(20) { try beta.send(ControlRequest(command: .joinResource, name: "vm1", device: images[1])).error == nil }
-        try #require(joined, "beta could not join")
-        #expect(try beta.send(ControlRequest(command: .waitResource, name: "vm1", timeout: 60)).error == nil)
+        let (images, port) = try await startPair(hosts, size: size)
         let written = pattern(65536, seed: 31)
         var client = try TestClient.connected(alpha.nbd, export: "vm1")
         #expect(try client.write(written, at: 1 << 20) == 0)
