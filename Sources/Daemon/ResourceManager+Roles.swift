@@ -239,8 +239,10 @@ extension ResourceManager {
         case .fence(let epoch, let by):
             guard let engine = state.withLock({ $0.resources[name]?.engine }) else { return }
             engine.fence(epoch: epoch, by: by)
-        case .convertToReplica(let finalLSN, let segment, let epoch):
-            try await convertToReplica(name, finalLSN: finalLSN, segment: segment, epoch: epoch)
+        case .convertToReplica:
+            // The seal's LSN, segment and epoch come from the persisted transition, the same
+            // source a restart between the two steps converts from.
+            try await convertToReplica(name)
         case .promote(let epoch):
             try await promote(name, epoch: epoch)
         case .startFetch:
@@ -307,7 +309,7 @@ extension ResourceManager {
 
     /// H5: the sealed primary's log is closed (writeback completes) and its directory opened as a
     /// replica's at the seal. Its fetch waits until the cluster names the new primary.
-    func convertToReplica(_ name: String, finalLSN: UInt64, segment: String, epoch: UInt64) async throws {
+    func convertToReplica(_ name: String) async throws {
         guard state.withLock({ $0.resources[name]?.replica == nil }) else { return }
         let peer = state.withLock { $0.resources[name]?.config.transition?.peer } ?? "another host"
         let result = await takeDown(name)
