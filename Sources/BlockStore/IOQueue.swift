@@ -101,10 +101,12 @@ public func keepRequestBuffersInHeap() {
     clinux_keep_large_allocations_in_heap()
 }
 
-/// Returns free heap memory of every malloc arena to the kernel. Each thread that allocated has an
-/// arena, and an arena keeps freed memory below its top, and up to 16 MiB at its top, for reuse: a
-/// quiet daemon gives it back this way (peak RSS of a primary serving writes, fetches and a sync: 316 -> 87 MiB when
+/// Returns request buffers the pool kept unused since the last call to malloc, and free heap memory
+/// of every malloc arena to the kernel. Each thread that allocated has an arena, and an arena keeps
+/// freed memory below its top, and up to 16 MiB at its top, for reuse: a quiet daemon gives it back
+/// this way (peak RSS of a primary serving writes, fetches and a sync: 316 -> 87 MiB when
 /// trimmed, BENCHMARKS.md).
 public func releaseFreeMemory() {
+    RequestBufferPool.shared.releaseIdle()
     clinux_release_free_memory()
 }

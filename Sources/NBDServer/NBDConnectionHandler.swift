@@ -102,7 +102,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     private var structured = false
     /// The export whose active-connection count includes this connection.
     private var countedExport: ServedExport?
-    private let allocator = ByteBufferAllocator()
+    private let allocator = pooledAllocator
     /// Where the log engine sends completions of this connection's requests (created on first use).
     private var logMailbox: LogMailbox?
 
@@ -464,8 +464,12 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             item.overlay = export.log?.overlay(offset: item.offset, length: item.length)
             let headerSize = ReplyEncoder.readHeaderSize(structured: structured)
             var buffer: ByteBuffer
-            if device.cacheMode == .direct {
-                // The data area starts on a page boundary, so the read can go straight to O_DIRECT.
+            if device.cacheMode == .direct || item.length > alignedReadSize {
+                // The data area starts on a page boundary, so the read can go straight to O_DIRECT,
+                // and the kernel's copy from the page cache runs at full speed: between addresses at
+                // different offsets in their pages it took about twice as long on this project's AMD
+                // machines (issue 18, BENCHMARKS.md). Large buffers are pooled, so the leading page
+                // costs nothing per request.
                 buffer = pageAlignedAllocator.buffer(capacity: directIOAlignment + item.length)
                 buffer.moveWriterIndex(to: directIOAlignment - headerSize)
                 buffer.moveReaderIndex(to: directIOAlignment - headerSize)
@@ -664,6 +668,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     }
 
     private let inlineWriteLimit = 1 << 20
+
+    /// READs larger than this get their data on a page boundary in buffered mode too (see `dispatch`).
+    private let alignedReadSize = RequestBufferPool.smallestPooled
 
     /// IOV_MAX on Linux: a WRITE gathered from more received buffers than this is copied into one.
     private let maxWriteVectors = 1024

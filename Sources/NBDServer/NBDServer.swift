@@ -106,6 +106,7 @@ public final class NBDServer: Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.autoRead, value: false)
             .childChannelOption(.recvAllocator, value: configuration.receiveBuffers)
+            .childChannelOption(.allocator, value: pooledAllocator)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
         if tcp {
             bootstrap = bootstrap.childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
