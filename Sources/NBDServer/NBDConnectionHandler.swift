@@ -106,8 +106,15 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     /// Where the log engine sends completions of this connection's requests (created on first use).
     private var logMailbox: LogMailbox?
 
-    init(exports: ExportTable, limits: ConnectionLimits, ioRegistry: LoopIORegistry, logger: Logger) {
+    /// Where the next received byte lands in its page: the payload's own offset while a WRITE is gathered.
+    private let receiveBuffers: PayloadAligningReceiveBuffers?
+
+    init(
+        exports: ExportTable, limits: ConnectionLimits, ioRegistry: LoopIORegistry,
+        receiveBuffers: PayloadAligningReceiveBuffers? = nil, logger: Logger
+    ) {
         self.exports = exports
+        self.receiveBuffers = receiveBuffers
         self.limits = limits
         self.ioRegistry = ioRegistry
         self.logger = logger
@@ -298,9 +305,12 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
             inboundShared = true
         }
         guard write.remaining == 0 else {
+            let received = UInt64(Int(write.header.length) - write.remaining)
+            receiveBuffers?.nextByteOffsetInPage = Int((write.header.offset + received) % UInt64(directIOAlignment))
             gathering = write
             return false
         }
+        receiveBuffers?.nextByteOffsetInPage = nil
         switch parser.finishWrite(write.header) {
         case .request(let request):
             dispatch(request, export, fragments: write.fragments, reserved: true)

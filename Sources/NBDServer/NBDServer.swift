@@ -101,11 +101,11 @@ public final class NBDServer: Sendable {
         let logger = self.logger
         let maxConnections = configuration.maxConnections
         let open = connections
+        let receiveSizes = configuration.receiveBuffers
         var bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.autoRead, value: false)
-            .childChannelOption(.recvAllocator, value: configuration.receiveBuffers)
             .childChannelOption(.allocator, value: pooledAllocator)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
         if tcp {
@@ -119,8 +119,13 @@ public final class NBDServer: Sendable {
                 return channel.close()
             }
             return channel.eventLoop.makeCompletedFuture {
+                let receiveBuffers = PayloadAligningReceiveBuffers(sizes: receiveSizes)
+                // Per connection: its handler moves where the next received byte lands.
+                try channel.syncOptions?.setOption(.recvAllocator, value: receiveBuffers)
                 try channel.pipeline.syncOperations.addHandler(
-                    NBDConnectionHandler(exports: exports, limits: limits, ioRegistry: registry, logger: logger)
+                    NBDConnectionHandler(
+                        exports: exports, limits: limits, ioRegistry: registry, receiveBuffers: receiveBuffers, logger: logger
+                    )
                 )
             }
         }
