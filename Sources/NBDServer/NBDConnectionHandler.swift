@@ -107,11 +107,11 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     private var logMailbox: LogMailbox?
 
     /// Where the next received byte lands in its page: the payload's own offset while a WRITE is gathered.
-    private let receiveBuffers: PayloadAligningReceiveBuffers?
+    private let receiveBuffers: PayloadAligningReceiveBuffers
 
     init(
         exports: ExportTable, limits: ConnectionLimits, ioRegistry: LoopIORegistry,
-        receiveBuffers: PayloadAligningReceiveBuffers? = nil, logger: Logger
+        receiveBuffers: PayloadAligningReceiveBuffers, logger: Logger
     ) {
         self.exports = exports
         self.receiveBuffers = receiveBuffers
@@ -306,11 +306,11 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         }
         guard write.remaining == 0 else {
             let received = UInt64(Int(write.header.length) - write.remaining)
-            receiveBuffers?.nextByteOffsetInPage = Int((write.header.offset + received) % UInt64(directIOAlignment))
+            receiveBuffers.nextByteOffsetInPage = Int((write.header.offset + received) % UInt64(directIOAlignment))
             gathering = write
             return false
         }
-        receiveBuffers?.nextByteOffsetInPage = nil
+        receiveBuffers.nextByteOffsetInPage = nil
         switch parser.finishWrite(write.header) {
         case .request(let request):
             dispatch(request, export, fragments: write.fragments, reserved: true)

@@ -126,12 +126,10 @@ func waitForReplay(_ log: ReplicaLog, to lsn: UInt64) {
         #expect(throws: ReplicaLogError.self) { try log.receive(segment: chained.name, offset: 0, bytes: chained.bytes) }
     }
 
-    /// A segment that continues the history is accepted across the boundary, and the replayed
-    /// segment before it is removed.
-    @Test func aChainedSegmentContinues() throws {
-        let fixture = try ReplicaFixture()
-        let log = try fixture.open()
-        defer { log.shutdown() }
+    /// Receives `first` and a segment chained to it (one write of 0x77 at 0), commits, and waits
+    /// until both are replayed. Returns the second.
+    @discardableResult
+    private func replayTwoChainedSegments(_ log: ReplicaLog) throws -> BuiltSegment {
         try log.receive(segment: Self.first.name, offset: 0, bytes: Self.first.bytes)
         let second = BuiltSegment(
             sequence: 2, firstLSN: Self.first.endLSN, epoch: 1, previousDigest: Self.first.digest, records: [write(0, 0x77)]
@@ -139,6 +137,16 @@ func waitForReplay(_ log: ReplicaLog, to lsn: UInt64) {
         try log.receive(segment: second.name, offset: 0, bytes: second.bytes)
         try log.commit()
         waitForReplay(log, to: second.endLSN)
+        return second
+    }
+
+    /// A segment that continues the history is accepted across the boundary, and the replayed
+    /// segment before it is removed.
+    @Test func aChainedSegmentContinues() throws {
+        let fixture = try ReplicaFixture()
+        let log = try fixture.open()
+        defer { log.shutdown() }
+        try replayTwoChainedSegments(log)
         #expect(try fixture.device().read(count: 1, at: 0) == [0x77])
         for _ in 0..<1000 where (try fixture.disk.directory("mars").list().contains(Self.first.name.fileName)) { usleep(1000) }
         #expect(!(try fixture.disk.directory("mars").list().contains(Self.first.name.fileName)))
@@ -153,13 +161,7 @@ func waitForReplay(_ log: ReplicaLog, to lsn: UInt64) {
             batchBytes: 4096, retentionHolds: ["gamma": Self.first.endLSN - 1]
         )
         defer { log.shutdown() }
-        try log.receive(segment: Self.first.name, offset: 0, bytes: Self.first.bytes)
-        let second = BuiltSegment(
-            sequence: 2, firstLSN: Self.first.endLSN, epoch: 1, previousDigest: Self.first.digest, records: [write(0, 0x77)]
-        )
-        try log.receive(segment: second.name, offset: 0, bytes: second.bytes)
-        try log.commit()
-        waitForReplay(log, to: second.endLSN)
+        let second = try replayTwoChainedSegments(log)
         usleep(300_000)
         #expect(try fixture.disk.directory("mars").list().contains(Self.first.name.fileName), "gamma still needs its last record")
         log.setRetentionHolds(["gamma": Self.first.endLSN + 1])
