@@ -156,7 +156,7 @@ let package = Package(
         .testTarget(
             name: "NBDServerTests",
             dependencies: [
-                "NBDServer", "NBDProtocol", "BlockStore", "Daemon", "ControlProtocol", "TestSupport",
+                "NBDServer", "NBDProtocol", "BlockStore", "LogEngine", "Daemon", "ControlProtocol", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],

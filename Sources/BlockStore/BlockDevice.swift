@@ -120,7 +120,25 @@ public final class BlockDevice: Sendable {
         self.directFD = directFD
         self.directMemoryAlignment = memoryAlignment
         self.directOffsetAlignment = offsetAlignment
+        var cached: UInt64 = 0
+        self.canQueryPageCache = clinux_cached_pages(fd, 0, 1, &cached) == 0
     }
+
+    /// Whether the kernel answers `isCached` (cachestat, Linux 6.5).
+    public let canQueryPageCache: Bool
+
+    /// Whether every page of `[offset, offset+length)` is in the page cache now, so sending it from
+    /// there (sendfile) will not wait for the disk. False when the kernel cannot tell.
+    public func isCached(offset: UInt64, length: Int) -> Bool {
+        guard canQueryPageCache, length > 0, offset + UInt64(length) <= size else { return false }
+        let first = offset / Self.pageSize
+        let last = (offset + UInt64(length) - 1) / Self.pageSize
+        var cached: UInt64 = 0
+        guard clinux_cached_pages(bufferedFD, offset, UInt64(length), &cached) == 0 else { return false }
+        return cached == last - first + 1
+    }
+
+    private static let pageSize = UInt64(sysconf(Int32(_SC_PAGESIZE)))
 
     /// Reads the capacity again (a block device's size as the kernel has it now, a file's length)
     /// and returns it.

@@ -8,6 +8,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "CLinux.h"
@@ -56,6 +57,24 @@ int clinux_start_writeback(int fd, uint64_t offset, uint64_t length) {
 int clinux_wait_writeback(int fd, uint64_t offset, uint64_t length) {
     unsigned flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
     return sync_file_range(fd, (off_t)offset, (off_t)length, flags) == 0 ? 0 : -errno;
+}
+
+#ifndef __NR_cachestat
+#define __NR_cachestat 451  // The same number on every architecture (added in 6.5 to the generic table).
+#endif
+
+// The kernel's uapi structs (linux/mman.h from 6.5); declared here so older headers build.
+struct clinux_cachestat_range { uint64_t off; uint64_t len; };
+struct clinux_cachestat {
+    uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
+int clinux_cached_pages(int fd, uint64_t offset, uint64_t length, uint64_t *cached) {
+    struct clinux_cachestat_range range = { offset, length };
+    struct clinux_cachestat stat;
+    if (syscall(__NR_cachestat, fd, &range, &stat, 0) != 0) return -errno;
+    *cached = stat.nr_cache;
+    return 0;
 }
 
 int clinux_eventfd(void) {

@@ -11,6 +11,8 @@ public final class ExportStatistics: Sendable {
     public let bytesRead = Atomic<Int>(0)
     public let bytesWritten = Atomic<Int>(0)
     public let errors = Atomic<Int>(0)
+    /// READs answered with sendfile straight from the page cache (the rest are copied).
+    public let pageCacheReads = Atomic<Int>(0)
 
     init() {}
 }

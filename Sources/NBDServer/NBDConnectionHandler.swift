@@ -103,6 +103,11 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     /// The export whose active-connection count includes this connection.
     private var countedExport: ServedExport?
     private let allocator = pooledAllocator
+    /// The export's data device, duplicated for sendfile: READs served from the page cache (see
+    /// `sendFromPageCache`). Opened on first use, closed with the connection.
+    private var pageCacheFile: NIOFileHandle?
+    /// READs of at least this many bytes may be sent from the page cache; nil: none are.
+    private let smallestSentRead: Int?
     /// Where the log engine sends completions of this connection's requests (created on first use).
     private var logMailbox: LogMailbox?
 
@@ -111,9 +116,10 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
 
     init(
         exports: ExportTable, limits: ConnectionLimits, ioRegistry: LoopIORegistry,
-        receiveBuffers: PayloadAligningReceiveBuffers, logger: Logger
+        receiveBuffers: PayloadAligningReceiveBuffers, smallestSentRead: Int?, logger: Logger
     ) {
         self.exports = exports
+        self.smallestSentRead = smallestSentRead
         self.receiveBuffers = receiveBuffers
         self.limits = limits
         self.ioRegistry = ioRegistry
@@ -130,6 +136,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        // The channel is closed and its pending writes failed: no FileRegion uses the file now.
+        try? pageCacheFile?.close()
+        pageCacheFile = nil
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -453,6 +462,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         }
         let device = export.device
         export.statistics.requests.add(1, ordering: .relaxed)
+        if request.command == .read, sendFromPageCache(request, export) { return }
         if request.command == .read || request.command == .write {
             // Payload bytes this request holds until it completes: per connection and per loop.
             if !reserved { io.reserve(Int(request.length)) }
@@ -549,6 +559,46 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         case .disconnect:
             preconditionFailure("DISC is handled before dispatch")
         }
+    }
+
+    /// Replies to a large READ (`smallestSentRead`) whose bytes are all in the page cache, and not
+    /// changed by pending log records, with sendfile: the kernel sends the cached pages themselves,
+    /// so marsd copies nothing (the copy path copies each byte twice: page cache to buffer, buffer to
+    /// socket). Returns false, doing nothing, when the copy path must serve it.
+    ///
+    /// The bytes are read when the socket takes them, not now. That can only show a change made
+    /// after this READ arrived, which the client could not have waited for: the two are concurrent,
+    /// and either order is what the NBD spec allows. A device error while sending cannot become an
+    /// NBD error reply (the header is sent), so it closes the connection; cached pages make that
+    /// as rare as a memory error.
+    private func sendFromPageCache(_ request: Request, _ export: ServedExport) -> Bool {
+        let device = export.device
+        let length = Int(request.length)
+        guard let smallestSentRead, length >= smallestSentRead, device.cacheMode == .buffered, let context,
+            export.log?.overlay(offset: request.offset, length: length) == nil,
+            device.isCached(offset: request.offset, length: length),
+            let file = pageCacheFile(device)
+        else { return false }
+        appendReply(atMost: ReplyEncoder.readHeaderSize(structured: structured)) {
+            ReplyEncoder.writeReadHeader(&$0, structured: structured, cookie: request.cookie, offset: request.offset, length: length)
+        }
+        writeReplyBatch()
+        let start = Int(request.offset)
+        context.write(NIOAny(IOData.fileRegion(FileRegion(fileHandle: file, readerIndex: start, endIndex: start + length))), promise: nil)
+        export.statistics.bytesRead.add(length, ordering: .relaxed)
+        export.statistics.pageCacheReads.add(1, ordering: .relaxed)
+        return true
+    }
+
+    private func pageCacheFile(_ device: BlockDevice) -> NIOFileHandle? {
+        if let pageCacheFile { return pageCacheFile }
+        let fd = fcntl(device.bufferedFD, F_DUPFD_CLOEXEC, 0)
+        guard fd >= 0 else {
+            logger.warning("cannot duplicate the data device for sendfile; READs are copied", metadata: ["device": "\(device.path)", "errno": "\(errno)"])
+            return nil
+        }
+        pageCacheFile = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
+        return pageCacheFile
     }
 
     /// WRITE, TRIM, WRITE_ZEROES and FLUSH of a logged export go to its transaction log; the data

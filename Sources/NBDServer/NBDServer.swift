@@ -20,6 +20,13 @@ public struct NBDServerConfiguration: Sendable {
     public var maxConnections = 16384
     public var ioEngine: IOEngine = .auto
     public var pageCacheWrites: PageCacheWritePolicy = .inline
+    public var pageCacheReads: PageCacheReadPolicy = .sendfile
+    /// SO_SNDBUF of each Unix socket connection (the kernel caps it at net.core.wmem_max and doubles
+    /// it). A Unix socket's replies in flight are bounded by its sender's buffer, and Linux's default
+    /// (208 KiB) cut a 1 MiB READ reply into five sends, each waiting for the client to wake and
+    /// drain: 1 MiB READs ran at 1.9 GB/s with it, 3.4 (copied) and 4.5 (sendfile) with 1 MiB
+    /// (BENCHMARKS.md). TCP tunes its own buffers.
+    public var unixSendBuffer: Int32 = 1 << 20
     /// Payload bytes all connections of one event loop may hold together (see `LoopIO`).
     public var bufferBudgetPerLoop = 256 << 20
     /// Sizes of the buffers a connection's socket is read into: a WRITE payload is gathered from
@@ -102,6 +109,7 @@ public final class NBDServer: Sendable {
         let maxConnections = configuration.maxConnections
         let open = connections
         let receiveSizes = configuration.receiveBuffers
+        let smallestSentRead = configuration.pageCacheReads.smallestSent(tcp: tcp)
         var bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -110,6 +118,8 @@ public final class NBDServer: Sendable {
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
         if tcp {
             bootstrap = bootstrap.childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+        } else {
+            bootstrap = bootstrap.childChannelOption(.socketOption(.so_sndbuf), value: SocketOptionValue(configuration.unixSendBuffer))
         }
         return bootstrap.childChannelInitializer { channel in
             let count = open.value.add(1, ordering: .relaxed).newValue
@@ -124,7 +134,8 @@ public final class NBDServer: Sendable {
                 try channel.syncOptions?.setOption(.recvAllocator, value: receiveBuffers)
                 try channel.pipeline.syncOperations.addHandler(
                     NBDConnectionHandler(
-                        exports: exports, limits: limits, ioRegistry: registry, receiveBuffers: receiveBuffers, logger: logger
+                        exports: exports, limits: limits, ioRegistry: registry, receiveBuffers: receiveBuffers,
+                        smallestSentRead: smallestSentRead, logger: logger
                     )
                 )
             }

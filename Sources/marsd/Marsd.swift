@@ -96,6 +96,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Where page-aligned buffered writes of up to 1 MiB without FUA run: inline (on the event loop, a copy into the page cache) or engine (through the I/O engine, like all other I/O).")
     var pageCacheWrites: PageCacheWritePolicy = .inline
 
+    @Option(help: "How large READs whose bytes are all in the page cache are answered (at least 64 KiB over the Unix socket, 256 KiB over TCP): sendfile (the kernel sends the cached pages, marsd copies nothing) or copy (read into a buffer through the I/O engine, like every other READ).")
+    var pageCacheReads: PageCacheReadPolicy = .sendfile
+
     @Option(help: ArgumentHelp("Answer marsadm on this Unix socket.", valueName: "path"))
     var control: String?
 
@@ -195,6 +198,7 @@ struct Serve: AsyncParsableCommand {
         }
         configuration.nbd.ioEngine = ioEngine
         configuration.nbd.pageCacheWrites = pageCacheWrites
+        configuration.nbd.pageCacheReads = pageCacheReads
         configuration.nbd.maxConnections = maxConnections
         configuration.nbd.bufferBudgetPerLoop = maxBufferedMib << 20
         configuration.nbd.limits.maxInFlight = maxInflight
@@ -213,4 +217,5 @@ extension IOEngine: ExpressibleByArgument {}
 extension NBDInterface: ExpressibleByArgument {}
 extension CacheMode: ExpressibleByArgument {}
 extension PageCacheWritePolicy: ExpressibleByArgument {}
+extension PageCacheReadPolicy: ExpressibleByArgument {}
 extension Logger.Level: @retroactive ExpressibleByArgument {}

@@ -191,6 +191,32 @@ struct BlockStoreTests {
         #expect(device.allocationRuns(offset: 0, length: 1 << 20, maxRuns: 3).count == 3)
     }
 
+    /// `isCached` is true only when every page of the range is in the page cache: after the pages
+    /// are read, not after they are evicted, not when one page of the range is missing, never past
+    /// the end, and false (not an error) where the kernel cannot tell.
+    @Test func pageCacheResidency() throws {
+        let dir = TemporaryDirectory()
+        let device = try BlockDevice(path: dir.sparseFile("a.img", size: 1 << 20))
+        guard device.canQueryPageCache else {
+            print("SKIP pageCacheResidency: this kernel has no cachestat (Linux 6.5)")
+            #expect(!device.isCached(offset: 0, length: 4096))
+            return
+        }
+        let fd = device.bufferedFD
+        var buffer = [UInt8](repeating: 7, count: 1 << 20)
+        #expect(pwrite(fd, &buffer, buffer.count, 0) == buffer.count)
+        #expect(fdatasync(fd) == 0 && posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
+        #expect(!device.isCached(offset: 0, length: 1 << 20))
+        #expect(posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM) == 0)  // No readahead: only the pages read are cached.
+        #expect(pread(fd, &buffer, 64 << 10, 8192) == 64 << 10)
+        #expect(device.isCached(offset: 8192, length: 64 << 10))
+        #expect(device.isCached(offset: 8192 + 100, length: (64 << 10) - 200), "a range inside cached pages")
+        #expect(!device.isCached(offset: 8192 - 1, length: 64 << 10), "its first byte is on an uncached page")
+        #expect(!device.isCached(offset: 8192 + 1, length: 64 << 10), "its last byte is on an uncached page")
+        #expect(!device.isCached(offset: (1 << 20) - 4096, length: 8192), "past the end")
+        #expect(!device.isCached(offset: 8192, length: 0))
+    }
+
     /// Errors come back as -errno results, not crashes: writing a read-only descriptor fails with EBADF.
     @Test(arguments: engines())
     func errorsAreResults(engine: IOEngine) throws {

@@ -3,6 +3,8 @@
 # socket on a plain export, and per READ on a logged resource (Tests/Interop/buffers.py says why
 # and how). A logged WRITE copies its payload into arrays the log engine holds until writeback,
 # which malloc serves: not pooled yet (about 30 faults per 1 MiB WRITE, BENCHMARKS.md).
+# marsd runs with --page-cache-reads copy: by default a READ of cached pages is sent with sendfile
+# and takes no buffer at all, and this test is about the READs that do.
 set -u
 MARSD=${MARSD:-.build/release/marsd}
 MARSADM=${MARSADM:-.build/release/marsadm}
@@ -15,7 +17,7 @@ PORT=$((20000 + RANDOM % 20000))
 
 truncate -s 256M "$T/plain.img" "$T/vm1.img"
 "$MARSD" serve --root "$T/root" --unix "$T/nbd.sock" --tcp "127.0.0.1:$PORT" --control "$T/ctl.sock" \
-    --export "plain=$T/plain.img" --log-level notice 2>"$T/marsd.log" &
+    --export "plain=$T/plain.img" --page-cache-reads copy --log-level notice 2>"$T/marsd.log" &
 PID=$!
 for _ in $(seq 200); do [ -S "$T/ctl.sock" ] && [ -S "$T/nbd.sock" ] && break; sleep 0.05; done
 "$MARSADM" create-cluster --host bufhost --control "$T/ctl.sock" >/dev/null \

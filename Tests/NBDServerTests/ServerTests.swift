@@ -1,4 +1,5 @@
 import BlockStore
+import LogEngine
 import Logging
 import NBDProtocol
 import NIOCore
@@ -20,7 +21,16 @@ final class ServerHarness {
     let group: MultiThreadedEventLoopGroup
     let server: NBDServer
 
-    init(size: Int = 16 << 20, engine: IOEngine = .auto, cache: CacheMode = .buffered, configure: (inout NBDServerConfiguration) -> Void = { _ in }) async throws {
+    /// Opens a transaction log for the export's device (given the device and the test's directory).
+    struct LogOpener {
+        let open: (BlockDevice, String) throws -> LogEngine
+    }
+
+    /// With `log`, the export is a logged one.
+    init(
+        size: Int = 16 << 20, engine: IOEngine = .auto, cache: CacheMode = .buffered, log: LogOpener? = nil,
+        configure: (inout NBDServerConfiguration) -> Void = { _ in }
+    ) async throws {
         var template = Array("/var/tmp/marsd-srv-XXXXXX".utf8CString)
         directory = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
         socketPath = "\(directory)/nbd.sock"
@@ -36,7 +46,8 @@ final class ServerHarness {
         configure(&configuration)
         var logger = Logger(label: "test")
         logger.logLevel = .critical
-        server = try NBDServer(exports: ExportTable([ServedExport(name: "disk", device: device)]), configuration: configuration, group: group, logger: logger)
+        let export = ServedExport(name: "disk", device: device, log: try log?.open(device, directory))
+        server = try NBDServer(exports: ExportTable([export]), configuration: configuration, group: group, logger: logger)
         try await server.start()
     }
 

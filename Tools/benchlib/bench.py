@@ -54,6 +54,9 @@ FIO_JOBS = [
     dict(name="randwrite-64k-qd16", rw="randwrite", bs="64k", qd=16, numjobs=1, metric="mibs"),
     dict(name="seqwrite-1m-qd8", rw="write", bs="1m", qd=8, numjobs=1, metric="mibs"),
     dict(name="seqread-1m-qd8", rw="read", bs="1m", qd=8, numjobs=1, metric="mibs"),
+    # Medium READs: where sending cached pages (sendfile) and copying them trade places (issue 18).
+    dict(name="randread-64k-qd16", rw="randread", bs="64k", qd=16, numjobs=1, metric="mibs"),
+    dict(name="randread-256k-qd8", rw="randread", bs="256k", qd=8, numjobs=1, metric="mibs"),
     dict(name="randwrite-4k-qd32-2conn", rw="randwrite", bs="4k", qd=32, numjobs=2, metric="iops"),
     dict(name="randread-4k-qd32-2conn", rw="randread", bs="4k", qd=32, numjobs=2, metric="iops"),
 ]

@@ -34,6 +34,10 @@ int clinux_start_writeback(int fd, uint64_t offset, uint64_t length);
 /// durability point). Returns 0 or -errno.
 int clinux_wait_writeback(int fd, uint64_t offset, uint64_t length);
 
+/// How many of the pages in [offset, offset + length) of the file open on `fd` are in the page
+/// cache (cachestat(2), Linux 6.5). Returns 0, -ENOSYS where the kernel lacks it, or -errno.
+int clinux_cached_pages(int fd, uint64_t offset, uint64_t length, uint64_t *cached);
+
 /// A non-blocking, close-on-exec eventfd. Returns the fd or -errno.
 int clinux_eventfd(void);
 
