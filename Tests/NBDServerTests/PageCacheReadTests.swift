@@ -118,6 +118,22 @@ struct PageCacheReadTests {
         await harness.stop()
     }
 
+    /// Invariant 7 for sent READs: their replies hold no buffer, but each counts against the
+    /// channel's write water mark, so a client that never reads its replies still makes the server
+    /// stop reading its requests.
+    @Test func backpressureHoldsForSentReads() async throws {
+        let harness = try await Self.harness(.unix, size: 8 << 20)
+        let client = try Self.connect(harness, .unix)
+        #expect(try client.write(pattern(8 << 20, seed: 14), at: 0) == 0)
+        let (blocked, accepted) = try await floodUntilBlocked(client, client.requestBytes(.read, offset: 0, length: 8 << 20))
+        #expect(blocked, "the server kept reading \(accepted) requests of 8 MiB without the client reading replies")
+        // Taking requests stops once the replies queued pass the 4 MiB water mark: the first one.
+        let sent = Self.sentFromPageCache(harness)
+        #expect(sent > 0 && sent <= 4, "\(sent) READs of 8 MiB taken while the client read no reply")
+        #expect(harness.isServing())
+        await harness.stop()
+    }
+
     /// Invariant 2's read side: a logged export's data device lags its log until writeback, so a READ
     /// must see acknowledged WRITEs that are still only in the log. With writeback held, the device
     /// (old bytes, all cached) is exactly what sendfile would send; the READ must be copied and

@@ -64,6 +64,25 @@ final class ServerHarness {
     }
 }
 
+/// Sends `request` over and over without reading a reply, until the socket stays full (the server
+/// stopped reading) or 100000 were taken (a server that reads without bound takes them all).
+func floodUntilBlocked(_ client: TestClient, _ request: [UInt8]) async throws -> (blocked: Bool, accepted: Int) {
+    _ = fcntl(client.fd, F_SETFL, fcntl(client.fd, F_GETFL) | O_NONBLOCK)
+    var accepted = 0
+    for _ in 0..<100_000 {
+        let n = request.withUnsafeBytes { send(client.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        if n < 0 && errno == EAGAIN {
+            try await Task.sleep(for: .milliseconds(20))
+            let retry = request.withUnsafeBytes { send(client.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if retry < 0 && errno == EAGAIN { return (true, accepted) }
+        } else {
+            #expect(n == request.count)
+        }
+        accepted += 1
+    }
+    return (false, accepted)
+}
+
 func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
     (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ Int(seed)) }
 }
@@ -404,26 +423,7 @@ struct ServerTests {
     @Test func backpressureStopsReading() async throws {
         let harness = try await ServerHarness(size: 64 << 20)
         let client = try TestClient.connected(harness.socketPath)
-        _ = fcntl(client.fd, F_SETFL, fcntl(client.fd, F_GETFL) | O_NONBLOCK)
-        let request = client.requestBytes(.read, offset: 0, length: 32 << 20)
-        var accepted = 0
-        var blocked = false
-        // Keep offering requests for a while; a server that reads without bound accepts all 100000.
-        for _ in 0..<100_000 {
-            let n = request.withUnsafeBytes { send(client.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            if n < 0 && errno == EAGAIN {
-                try await Task.sleep(for: .milliseconds(20))
-                let retry = request.withUnsafeBytes { send(client.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-                if retry < 0 && errno == EAGAIN {
-                    blocked = true
-                    break
-                }
-                accepted += 1
-                continue
-            }
-            #expect(n == request.count)
-            accepted += 1
-        }
+        let (blocked, accepted) = try await floodUntilBlocked(client, client.requestBytes(.read, offset: 0, length: 32 << 20))
         #expect(blocked, "the server kept reading \(accepted) requests of 32 MiB without the client reading replies")
         #expect(harness.isServing())
         await harness.stop()
