@@ -122,7 +122,7 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         // Helpers shared by the test targets.
-        .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: swiftSettings),
+        .target(name: "TestSupport", dependencies: ["BlockStore"], path: "Tests/TestSupport", swiftSettings: swiftSettings),
         .testTarget(name: "LogEngineTests", dependencies: ["LogEngine", "TransactionLog", "BlockStore", "TestSupport"], swiftSettings: swiftSettings),
         .testTarget(
             name: "TransactionLogTests", dependencies: ["TransactionLog", "TestSupport"], swiftSettings: swiftSettings

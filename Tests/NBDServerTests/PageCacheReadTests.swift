@@ -141,7 +141,8 @@ struct PageCacheReadTests {
     @Test(arguments: Transport.allCases)
     func pendingLogChangesAreNeverSentFromThePageCache(transport: Transport) async throws {
         let size = 8 << 20
-        let gate = WritebackGate()
+        let writeback = FileControl()
+        writeback.blocked.withLock { $0 = true }
         let opener = ServerHarness.LogOpener { device, directory in
             let logDirectory = try POSIXDirectory(path: directory + "/log", create: true)
             var configuration = LogEngineConfiguration(host: "pagecache")
@@ -149,7 +150,7 @@ struct PageCacheReadTests {
             try LogEngine.create(in: logDirectory, configuration: configuration, epoch: 1)
             let file = try POSIXDirectory(path: directory).open("disk.img", create: false)
             return try LogEngine.open(
-                directory: logDirectory, device: HeldWriteback(file, gate: gate), deviceSize: device.size, configuration: configuration
+                directory: logDirectory, device: ControlledFile(file, control: writeback), deviceSize: device.size, configuration: configuration
             )
         }
         let harness = try await ServerHarness(size: size, log: opener) {
@@ -167,7 +168,7 @@ struct PageCacheReadTests {
         let straddling = try client.read(1 << 20, at: (3 << 20) - (512 << 10))  // Half the WRITE, half the device.
         #expect(straddling == Array(new[(512 << 10)...]) + [UInt8](repeating: 0, count: 512 << 10))
         #expect(Self.sentFromPageCache(harness) == 0)
-        gate.held.store(false, ordering: .releasing)
+        writeback.blocked.withLock { $0 = false }
         let log = try #require(harness.server.exports.exports[0].log)
         for _ in 0..<500 where log.status.pendingChanges > 0 { try await Task.sleep(for: .milliseconds(10)) }
         #expect(log.status.pendingChanges == 0, "writeback did not finish")
@@ -175,37 +176,5 @@ struct PageCacheReadTests {
         #expect(Self.sentFromPageCache(harness) == 1)
         #expect(log.shutdown().isComplete)
         await harness.stop()
-    }
-}
-
-final class WritebackGate: Sendable {
-    let held = Atomic<Bool>(true)
-}
-
-/// A data device whose writes wait while its gate is held: a log engine's writeback stops, and its
-/// acknowledged changes stay pending (in the log and its overlay, not on the device).
-final class HeldWriteback: StorageFile {
-    private let file: any StorageFile
-    private let gate: WritebackGate
-
-    init(_ file: any StorageFile, gate: WritebackGate) {
-        self.file = file
-        self.gate = gate
-    }
-
-    var name: String { file.name }
-    func size() throws(SystemError) -> UInt64 { try file.size() }
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
-        try file.read(into: buffer, at: offset)
-    }
-    func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(SystemError) {
-        while gate.held.load(ordering: .acquiring) { usleep(1000) }
-        try file.write(buffers, at: offset)
-    }
-    func sync() throws(SystemError) { try file.sync() }
-    func truncate(to size: UInt64) throws(SystemError) { try file.truncate(to: size) }
-    func preallocate(_ length: UInt64) throws(SystemError) { try file.preallocate(length) }
-    func zero(offset: UInt64, length: UInt64, keepAllocated: Bool) throws(SystemError) {
-        try file.zero(offset: offset, length: length, keepAllocated: keepAllocated)
     }
 }
