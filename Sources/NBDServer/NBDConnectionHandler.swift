@@ -106,6 +106,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
     /// The export's data device, duplicated for sendfile: READs served from the page cache (see
     /// `sendFromPageCache`). Opened on first use, closed with the connection.
     private var pageCacheFile: NIOFileHandle?
+    private var pageCacheFileFailed = false
     /// READs of at least this many bytes may be sent from the page cache; nil: none are.
     private let smallestSentRead: Int?
     /// Where the log engine sends completions of this connection's requests (created on first use).
@@ -592,9 +593,14 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
 
     private func pageCacheFile(_ device: BlockDevice) -> NIOFileHandle? {
         if let pageCacheFile { return pageCacheFile }
+        guard !pageCacheFileFailed else { return nil }
         let fd = fcntl(device.bufferedFD, F_DUPFD_CLOEXEC, 0)
         guard fd >= 0 else {
-            logger.warning("cannot duplicate the data device for sendfile; READs are copied", metadata: ["device": "\(device.path)", "errno": "\(errno)"])
+            pageCacheFileFailed = true  // Once per connection: no log line per READ while descriptors are short.
+            logger.warning(
+                "cannot duplicate the data device for sendfile; this connection's READs are copied (raise the open-file limit)",
+                metadata: ["device": "\(device.path)", "error": "\(String(cString: strerror(errno)))"]
+            )
             return nil
         }
         pageCacheFile = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
