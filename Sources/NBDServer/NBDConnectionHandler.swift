@@ -463,7 +463,13 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         }
         let device = export.device
         export.statistics.requests.add(1, ordering: .relaxed)
-        if request.command == .read, sendFromPageCache(request, export) { return }
+        var overlay: [PendingPiece]?
+        if request.command == .read {
+            // Taken before the device read (see `LogEngine.overlay`), and once: it also decides
+            // whether the READ may be sent from the page cache.
+            overlay = export.log?.overlay(offset: request.offset, length: Int(request.length))
+            if overlay == nil, sendFromPageCache(request, export) { return }
+        }
         if request.command == .read || request.command == .write {
             // Payload bytes this request holds until it completes: per connection and per loop.
             if !reserved { io.reserve(Int(request.length)) }
@@ -481,8 +487,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         }
         switch request.command {
         case .read:
-            // Taken before the device read: see `LogEngine.overlay`.
-            item.overlay = export.log?.overlay(offset: item.offset, length: item.length)
+            item.overlay = overlay
             let headerSize = ReplyEncoder.readHeaderSize(structured: structured)
             var buffer: ByteBuffer
             if device.cacheMode == .direct || item.length > alignedReadSize {
@@ -562,10 +567,11 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         }
     }
 
-    /// Replies to a large READ (`smallestSentRead`) whose bytes are all in the page cache, and not
-    /// changed by pending log records, with sendfile: the kernel sends the cached pages themselves,
-    /// so marsd copies nothing (the copy path copies each byte twice: page cache to buffer, buffer to
-    /// socket). Returns false, doing nothing, when the copy path must serve it.
+    /// Replies to a large READ (`smallestSentRead`) whose bytes are all in the page cache with
+    /// sendfile: the kernel sends the cached pages themselves, so marsd copies nothing (the copy path
+    /// copies each byte twice: page cache to buffer, buffer to socket). The caller passes only READs
+    /// that no pending log change overlaps. Returns false, doing nothing, when the copy path must
+    /// serve it.
     ///
     /// The bytes are read when the socket takes them, not now. That can only show a change made
     /// after this READ arrived, which the client could not have waited for: the two are concurrent,
@@ -576,7 +582,6 @@ final class NBDConnectionHandler: ChannelInboundHandler, IOCompletionTarget {
         let device = export.device
         let length = Int(request.length)
         guard let smallestSentRead, length >= smallestSentRead, device.cacheMode == .buffered, let context,
-            export.log?.overlay(offset: request.offset, length: length) == nil,
             device.isCached(offset: request.offset, length: length),
             let file = pageCacheFile(device)
         else { return false }

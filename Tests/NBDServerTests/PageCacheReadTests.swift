@@ -18,22 +18,8 @@ import Glibc
 /// logged export's changes not yet written back, a server told to copy.
 @Suite("READs sent from the page cache", .serialized)
 struct PageCacheReadTests {
-    enum Transport: CaseIterable { case unix, tcp }
-
     private static func harness(_ transport: Transport, size: Int, policy: PageCacheReadPolicy = .sendfile) async throws -> ServerHarness {
-        try await ServerHarness(size: size) {
-            $0.pageCacheReads = policy
-            if transport == .tcp {
-                $0.tcpHost = "127.0.0.1"
-                $0.tcpPort = 0
-            }
-        }
-    }
-
-    private static func connect(_ harness: ServerHarness, _ transport: Transport, structured: Bool = false) throws -> TestClient {
-        try transport == .tcp
-            ? TestClient.connected(tcpPort: harness.server.tcpPort!, structured: structured)
-            : TestClient.connected(harness.socketPath, structured: structured)
+        try await ServerHarness(size: size, transport: transport) { $0.pageCacheReads = policy }
     }
 
     private static func sentFromPageCache(_ harness: ServerHarness) -> Int {
@@ -53,7 +39,7 @@ struct PageCacheReadTests {
     @Test(arguments: Transport.allCases)
     func cachedLargeReadsAreSentFromThePageCache(transport: Transport) async throws {
         let harness = try await Self.harness(transport, size: 16 << 20)
-        let client = try Self.connect(harness, transport)
+        let client = try harness.connect()
         var random = SplitMix64(state: TestSeed.make("cachedLargeReadsAreSentFromThePageCache"))
         let model = randomBytes(16 << 20, &random)
         #expect(try client.write(model, at: 0) == 0)
@@ -79,7 +65,7 @@ struct PageCacheReadTests {
                 #expect(try client.receive(range.count) == Array(model[range]), "READ of \(range)")
             }
         }
-        let structured = try Self.connect(harness, transport, structured: true)
+        let structured = try harness.connect(structured: true)
         try structured.send(structured.requestBytes(.read, cookie: 9, offset: 5 << 20, length: 2 << 20))
         let chunk = try structured.receive(20)
         #expect(be32(chunk, 0) == NBDMagic.structuredReply && be16(chunk, 4) == NBDReplyFlag.done)
@@ -96,7 +82,7 @@ struct PageCacheReadTests {
     @Test(arguments: Transport.allCases)
     func uncachedReadsAreCopied(transport: Transport) async throws {
         let harness = try await Self.harness(transport, size: 8 << 20)
-        let client = try Self.connect(harness, transport)
+        let client = try harness.connect()
         let data = pattern(2 << 20, seed: 11)
         #expect(try client.write(data, at: 1 << 20) == 0)
         Self.evict(harness.imagePath)
@@ -110,7 +96,7 @@ struct PageCacheReadTests {
     /// `--page-cache-reads copy`: nothing is sent from the page cache, and the bytes are the same.
     @Test func theCopyPolicyNeverSendsFromThePageCache() async throws {
         let harness = try await Self.harness(.unix, size: 8 << 20, policy: .copy)
-        let client = try Self.connect(harness, .unix)
+        let client = try harness.connect()
         let data = pattern(4 << 20, seed: 12)
         #expect(try client.write(data, at: 0) == 0)
         #expect(try client.read(4 << 20, at: 0) == data)
@@ -123,7 +109,7 @@ struct PageCacheReadTests {
     /// stop reading its requests.
     @Test func backpressureHoldsForSentReads() async throws {
         let harness = try await Self.harness(.unix, size: 8 << 20)
-        let client = try Self.connect(harness, .unix)
+        let client = try harness.connect()
         #expect(try client.write(pattern(8 << 20, seed: 14), at: 0) == 0)
         let (blocked, accepted) = try await floodUntilBlocked(client, client.requestBytes(.read, offset: 0, length: 8 << 20))
         #expect(blocked, "the server kept reading \(accepted) requests of 8 MiB without the client reading replies")
@@ -153,13 +139,8 @@ struct PageCacheReadTests {
                 directory: logDirectory, device: ControlledFile(file, control: writeback), deviceSize: device.size, configuration: configuration
             )
         }
-        let harness = try await ServerHarness(size: size, log: opener) {
-            if transport == .tcp {
-                $0.tcpHost = "127.0.0.1"
-                $0.tcpPort = 0
-            }
-        }
-        let client = try Self.connect(harness, transport)
+        let harness = try await ServerHarness(size: size, transport: transport, log: opener)
+        let client = try harness.connect()
         let old = try client.read(1 << 20, at: 2 << 20)  // Caches the device's (zero) bytes.
         #expect(old == [UInt8](repeating: 0, count: 1 << 20))
         let new = pattern(1 << 20, seed: 13)

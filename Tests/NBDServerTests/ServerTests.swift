@@ -13,8 +13,13 @@ import Testing
 import Glibc
 #endif
 
-/// A running server on a temporary Unix socket over a sparse file, for one test.
+/// How a test's client reaches the server.
+enum Transport: CaseIterable { case unix, tcp }
+
+/// A running server on a temporary Unix socket (and with `.tcp`, on a free TCP port of 127.0.0.1)
+/// over a sparse file, for one test.
 final class ServerHarness {
+    let transport: Transport
     let directory: String
     let socketPath: String
     let imagePath: String
@@ -28,9 +33,10 @@ final class ServerHarness {
 
     /// With `log`, the export is a logged one.
     init(
-        size: Int = 16 << 20, engine: IOEngine = .auto, cache: CacheMode = .buffered, log: LogOpener? = nil,
-        configure: (inout NBDServerConfiguration) -> Void = { _ in }
+        size: Int = 16 << 20, engine: IOEngine = .auto, cache: CacheMode = .buffered, transport: Transport = .unix,
+        log: LogOpener? = nil, configure: (inout NBDServerConfiguration) -> Void = { _ in }
     ) async throws {
+        self.transport = transport
         var template = Array("/var/tmp/marsd-srv-XXXXXX".utf8CString)
         directory = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
         socketPath = "\(directory)/nbd.sock"
@@ -43,6 +49,10 @@ final class ServerHarness {
         var configuration = NBDServerConfiguration()
         configuration.unixSocketPath = socketPath
         configuration.ioEngine = engine
+        if transport == .tcp {
+            configuration.tcpHost = "127.0.0.1"
+            configuration.tcpPort = 0
+        }
         configure(&configuration)
         var logger = Logger(label: "test")
         logger.logLevel = .critical
@@ -55,6 +65,13 @@ final class ServerHarness {
         await server.stop()
         try? await group.shutdownGracefully()
         _ = system("rm -rf '\(directory)'")
+    }
+
+    /// A client over the harness's transport, past the handshake.
+    func connect(structured: Bool = false) throws -> TestClient {
+        try transport == .tcp
+            ? TestClient.connected(tcpPort: server.tcpPort!, structured: structured)
+            : TestClient.connected(socketPath, structured: structured)
     }
 
     /// The server still completes a handshake and a read for a new client.
@@ -202,19 +219,10 @@ struct ServerTests {
     /// Large and small READs pipelined with a WRITE keep their replies' framing, simple and
     /// structured, over both transports, from the page cache and from the disk. The data is random
     /// so that a wrong range shows.
-    @Test(arguments: [Transport.unix, .tcp])
+    @Test(arguments: Transport.allCases)
     func largeAndSmallReadsPipelined(transport: Transport) async throws {
-        let harness = try await ServerHarness(size: 16 << 20) {
-            if transport == .tcp {
-                $0.tcpHost = "127.0.0.1"
-                $0.tcpPort = 0
-            }
-        }
-        let port = harness.server.tcpPort
-        func connect(structured: Bool = false) throws -> TestClient {
-            try transport == .tcp ? TestClient.connected(tcpPort: port!, structured: structured) : TestClient.connected(harness.socketPath, structured: structured)
-        }
-        let client = try connect()
+        let harness = try await ServerHarness(size: 16 << 20, transport: transport)
+        let client = try harness.connect()
         var random = SplitMix64(state: TestSeed.make("largeAndSmallReadsPipelined"))
         let model = randomBytes(8 << 20, &random)
         #expect(try client.write(model, at: 0) == 0)
@@ -236,7 +244,7 @@ struct ServerTests {
             #expect(try client.receive(read.range.count) == Array(model[read.range]), "READ \(read.cookie)")
         }
         // Structured: one OFFSET_DATA chunk, then the bytes.
-        let structured = try connect(structured: true)
+        let structured = try harness.connect(structured: true)
         try structured.send(structured.requestBytes(.read, cookie: 7, offset: 1 << 20, length: 2 << 20))
         let chunk = try structured.receive(20)
         #expect(be32(chunk, 0) == NBDMagic.structuredReply && be16(chunk, 6) == NBDChunkType.offsetData.rawValue && be32(chunk, 16) == 8 + (2 << 20))
@@ -250,8 +258,6 @@ struct ServerTests {
         await harness.stop()
     }
 
-    enum Transport { case unix, tcp }
-
     /// Requests beyond the advertised maximum (32 MiB) up to the accepted one (64 MiB) are served,
     /// as nbd-tester-client's integrityhuge trace sends them (33-50 MiB, no block sizes negotiated):
     /// a seeded trace of pipelined WRITEs, then READs, checked against a model of the export, over
@@ -259,14 +265,8 @@ struct ServerTests {
     @Test(arguments: zip([Transport.tcp, .unix], [CacheMode.buffered, .direct]))
     func requestsBeyondTheAdvertisedMaximum(transport: Transport, cache: CacheMode) async throws {
         let size = 160 << 20
-        let harness = try await ServerHarness(size: size, cache: cache) {
-            if transport == .tcp {
-                $0.tcpHost = "127.0.0.1"
-                $0.tcpPort = 0
-            }
-        }
-        let port = harness.server.tcpPort
-        let client = try transport == .tcp ? TestClient.connected(tcpPort: port!) : TestClient.connected(harness.socketPath)
+        let harness = try await ServerHarness(size: size, cache: cache, transport: transport)
+        let client = try harness.connect()
         var random = SplitMix64(state: TestSeed.make("requestsBeyondTheAdvertisedMaximum"))
         var model = [UInt8](repeating: 0, count: size)
         // Two WRITEs in flight together, one in each half (so their order does not matter).
